@@ -1,0 +1,324 @@
+"""The only module that touches ComfyUI internals: ops class, ModelPatcher subclass and loader.
+
+Imported by the pack's nodes inside a running ComfyUI (``comfy`` must be importable).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+import comfy.lora
+import comfy.model_detection
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.ops
+import comfy.utils
+import comfy.weight_adapter as weight_adapter
+
+from .formats import BnbFluxError, TensorFile
+from .layers import QuantLinear, is_quantized_linear, quantized_linear_from_float
+from .lora import LazyLoraDelta, LoraTerm
+from .spec import QuantSpec
+
+log = logging.getLogger("comfyui-bnb-flux")
+
+# Linear layers left in the compute dtype: the small embedders and the output layer hold ~0.4 % of
+# FLUX's parameters and see raw inputs/outputs, where 4-bit error is most visible. Everything in the
+# double/single blocks and txt_in (99.6 %) is quantized.
+UNQUANTIZED_LINEARS = ("img_in", "time_in.", "vector_in.", "guidance_in.", "final_layer.")
+
+
+def default_should_quantize(name: str, in_features: int, spec: QuantSpec) -> bool:
+    if name == "img_in" or name.startswith(UNQUANTIZED_LINEARS):
+        return False
+    return spec.can_quantize(in_features)
+
+
+class DeferredLinear(comfy.ops.manual_cast.Linear):
+    """What FLUX's constructor gets for ``operations.Linear``: no storage until the loader streams the
+    layer's tensors in, then either replaced by a quantized layer or given its full-precision weights."""
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+        torch.nn.Module.__init__(self)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.deferred_bias = bias
+        self.register_parameter("weight", None)
+        self.register_parameter("bias", None)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        raise RuntimeError("DeferredLinear is loaded by quant_expand.comfy_adapter, not by load_state_dict")
+
+
+class BnbFluxOps(comfy.ops.manual_cast):
+    Linear = DeferredLinear
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+def _set_module(root: torch.nn.Module, name: str, module: torch.nn.Module):
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def resolve_compute_dtype(choice, parameters: int, model_config, load_device) -> torch.dtype:
+    """``auto`` is ComfyUI's own choice of FLUX dtype for the load device (fp32 on a CPU, bf16 on an
+    H100); quantized layers dequantize into it and activations run in it."""
+    if isinstance(choice, torch.dtype):
+        return choice
+    if choice in (None, "auto"):
+        dtype = mm.unet_dtype(load_device, model_params=parameters,
+                              supported_dtypes=model_config.supported_inference_dtypes)
+        return dtype if dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[choice]
+
+
+def detect_flux(tf: TensorFile):
+    """Model config from the file's header (logical shapes only: nothing is read or quantized yet)."""
+    meta = tf.meta_state_dict()
+    prefix = comfy.model_detection.unet_prefix_from_state_dict(meta)
+    keys = {k[len(prefix):]: k for k in meta if k.startswith(prefix)}
+    if not keys:  # as comfy.sd.load_diffusion_model_state_dict: no prefix means a bare diffusion model
+        keys = {k: k for k in meta}
+    stripped = {k: meta[v] for k, v in keys.items()}
+    config = comfy.model_detection.model_config_from_unet(stripped, "")
+    image_model = config.unet_config.get("image_model") if config is not None else None
+    if image_model != "flux":
+        found = f"a {image_model} model" if image_model else "no diffusion model ComfyUI recognises"
+        raise BnbFluxError(f"{tf.name}: not a FLUX.1 diffusion model (found {found}); Load BnB Flux reads "
+                           f"FLUX.1 dev/schnell safetensors with BFL key names")
+    return config, keys, stripped
+
+
+def load_bnb_flux(unet_path: str, options: dict, disable_dynamic: bool = False, progress=None):
+    """Build a quantized FLUX as a :class:`BnbModelPatcher`, quantizing tensor by tensor while streaming.
+
+    ``options``: ``quant_type``, ``double_quant``, ``compute_dtype`` (as the node's inputs). The
+    patcher always uses ComfyUI's non-dynamic loading (see :class:`BnbModelPatcher`), so
+    ``disable_dynamic`` is accepted for ``cached_patcher_init`` and changes nothing.
+    """
+    tf = TensorFile(unet_path)
+    model_config, key_map, meta = detect_flux(tf)
+    load_device = options.get("load_device") or mm.get_torch_device()
+    offload_device = options.get("offload_device") or mm.unet_offload_device()
+    parameters = comfy.utils.calculate_parameters(meta)
+    compute_dtype = resolve_compute_dtype(options.get("compute_dtype", "auto"), parameters, model_config, load_device)
+    spec = QuantSpec(options.get("quant_type", "nf4"), bool(options.get("double_quant", True)), 64, compute_dtype)
+
+    model_config.set_inference_dtype(compute_dtype, None, device=load_device)
+    model_config.custom_operations = BnbFluxOps
+    model = model_config.get_model({}, "")
+    # ComfyUI's names for file keys (FLUX renames *_norm.scale to *_norm.weight)
+    model_keys = model_config.process_unet_state_dict({k: k for k in key_map})
+    file_key = {mk: key_map[sk] for mk, sk in model_keys.items()}
+
+    quantize_device = load_device if mm.is_device_cuda(load_device) else torch.device("cpu")
+    dm = model.diffusion_model
+    linears = [(n, m) for n, m in dm.named_modules() if isinstance(m, DeferredLinear)]
+    bar = progress(len(linears) + 1) if progress is not None else None
+    loaded = set()
+    quantized = 0
+
+    def read(key, required=True):
+        src = file_key.get(key)
+        if src is None:
+            if required:
+                raise BnbFluxError(f"{tf.name}: tensor {key} is missing; the file is not a complete FLUX.1 model")
+            return None
+        loaded.add(key)
+        return tf.get(src)
+
+    for name, lin in linears:
+        weight = read(f"{name}.weight")
+        bias = read(f"{name}.bias", required=lin.deferred_bias)
+        if tuple(weight.shape) != (lin.out_features, lin.in_features):
+            raise BnbFluxError(f"{tf.name}: {name}.weight has shape {list(weight.shape)}, the detected model "
+                               f"expects {[lin.out_features, lin.in_features]}")
+        if default_should_quantize(name, lin.in_features, spec):
+            new = quantized_linear_from_float(weight, bias, spec, quantize_device=quantize_device,
+                                              store_device=offload_device)
+            _set_module(dm, name, new)
+            quantized += 1
+        else:
+            lin.weight = torch.nn.Parameter(weight.to(offload_device, compute_dtype), requires_grad=False)
+            if bias is not None:
+                lin.bias = torch.nn.Parameter(bias.to(offload_device, compute_dtype), requires_grad=False)
+        del weight, bias
+        if bar is not None:
+            bar.update(1)
+
+    for key in model_keys:
+        full = f"diffusion_model.{key}"
+        if key in loaded:
+            continue
+        tensor = read(key)
+        comfy.utils.set_attr_param(model, full, tensor.to(offload_device, compute_dtype))
+    unloaded = [n for n, p in dm.named_parameters() if p is None or p.device.type == "meta"]
+    if unloaded:
+        raise BnbFluxError(f"{tf.name}: no tensors for {', '.join(unloaded[:5])}; the file is not a complete FLUX.1 model")
+    if bar is not None:
+        bar.update(1)
+    tf.close()
+
+    patcher = BnbModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    patcher.bnb_info = {
+        "file": tf.name,
+        "quant": spec.describe(),
+        "compute_dtype": str(compute_dtype).replace("torch.", ""),
+        "quantized_layers": quantized,
+        "linear_layers": len(linears),
+        "size_bytes": patcher.model_size(),
+    }
+    log.info("Load BnB Flux: %s -> %s, %d of %d Linear layers quantized, compute %s, %.1f MiB",
+             tf.name, spec.describe(), quantized, len(linears), compute_dtype, patcher.model_size() / 2**20)
+    return patcher
+
+
+# -- patcher -------------------------------------------------------------------------------------
+
+# Adapters whose effect is "weight + something independent of weight": they commute with LoRA terms,
+# so they can run on the dequantized weight before the stacked low-rank update is added.
+_ADDITIVE_ADAPTERS = (weight_adapter.LoHaAdapter, weight_adapter.LoKrAdapter)
+
+
+def _plain_lora_term(patch, module, key) -> Optional[LoraTerm]:
+    """A LoRA patch that is exactly ``strength * alpha/rank * up @ down`` (on optional qkv rows)."""
+    strength, v, strength_model, offset, function = patch
+    if strength_model != 1.0 or function is not None or not isinstance(v, weight_adapter.LoRAAdapter):
+        return None
+    up, down, alpha, mid, dora_scale, reshape = v.weights
+    if mid is not None or dora_scale is not None or up.ndim != 2 or down.ndim != 2:
+        return None
+    if reshape is not None and list(reshape) != [module.out_features, module.in_features]:
+        return None
+    row_offset = 0
+    if offset is not None:
+        dim, start, length = offset
+        if dim != 0 or up.shape[0] != length:
+            return None
+        row_offset = start
+    elif up.shape[0] != module.out_features:
+        return None
+    if down.shape[1] > module.in_features:
+        return None
+    scale = strength * (float(alpha) / down.shape[0] if alpha is not None else 1.0)
+    return LoraTerm(down=down, up=up, scale=scale, row_offset=row_offset)
+
+
+def _is_additive(patch) -> bool:
+    strength, v, strength_model, offset, function = patch
+    if strength_model != 1.0 or function is not None or offset is not None:
+        return False
+    if isinstance(v, _ADDITIVE_ADAPTERS):
+        return True
+    return isinstance(v, tuple) and len(v) == 2 and v[0] == "diff" and len(v[1]) == 1
+
+
+def _full_weight_fn(patches, key):
+    def apply(weight: torch.Tensor) -> torch.Tensor:
+        # ComfyUI merges in float32 (comfy.lora.calculate_weight); do the same, per forward
+        return comfy.lora.calculate_weight(patches, weight.float(), key).to(weight.dtype)
+    return apply
+
+
+def build_lazy_delta(patches: list, module: QuantLinear, key: str) -> LazyLoraDelta:
+    terms, others = [], []
+    for p in patches:
+        term = _plain_lora_term(p, module, key)
+        if term is not None:
+            terms.append(term)
+        else:
+            others.append(p)
+    if others and not all(_is_additive(p) for p in others):
+        # order matters for set/OFT/DoRA/GLoRA...: apply every patch in ComfyUI's order
+        return LazyLoraDelta(module.out_features, module.in_features, weight_fn=_full_weight_fn(patches, key))
+    return LazyLoraDelta(module.out_features, module.in_features, terms,
+                         weight_fn=_full_weight_fn(others, key) if others else None)
+
+
+class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
+    """ModelPatcher for models holding :class:`QuantLinear` layers.
+
+    LoRA patches on quantized weights are never merged: ``patch_weight_to_device`` leaves them alone
+    and ``load`` installs a :class:`LazyLoraDelta` on each layer (moved and stacked on the load
+    device), removed again by ``unpatch_model``. Other keys (biases, norms, unquantized layers) follow
+    ComfyUI's usual merge-with-backup path.
+
+    It is a non-dynamic patcher even when ComfyUI runs with dynamic VRAM: dynamic VRAM streams and
+    requantizes raw weight tensors, which would rewrite quantized bytes; a 4-bit FLUX is small enough
+    to load whole or partially the classic way.
+    """
+
+    def _quantized_module(self, key: str):
+        module_name, _, param = key.rpartition(".")
+        if param != "weight":
+            return None
+        try:
+            module = comfy.utils.get_attr(self.model, module_name)
+        except AttributeError:
+            return None
+        return module if is_quantized_linear(module) else None
+
+    def patch_weight_to_device(self, key, device_to=None, inplace_update=False, return_weight=False, force_cast=False):
+        module = self._quantized_module(key)
+        if module is None:
+            return super().patch_weight_to_device(key, device_to=device_to, inplace_update=inplace_update,
+                                                  return_weight=return_weight, force_cast=force_cast)
+        if return_weight:  # a full-precision view for savers/merges; the stored bytes stay as they are
+            weight = module.dequantize(device_to, torch.float32)
+            if key in self.patches:
+                weight = comfy.lora.calculate_weight(self.patches[key], weight, key)
+            return weight
+        return None
+
+    def _compute_dtype(self):
+        return self.model.manual_cast_dtype or self.model.get_dtype()
+
+    def install_lazy_deltas(self, device=None):
+        """Give every quantized layer the delta of this patcher's patches (or none)."""
+        device = device or self.load_device
+        dtype = self._compute_dtype()
+        with self.use_ejected():
+            for name, module in self.model.named_modules():
+                if not is_quantized_linear(module):
+                    continue
+                key = f"{name}.weight"
+                if module.weight_function:
+                    # ComfyUI's lowvram path put a merge-per-forward patch here; the lazy delta replaces it
+                    module.weight_function = [f for f in module.weight_function
+                                              if not isinstance(f, comfy.model_patcher.LowVramPatch)]
+                patches = self.patches.get(key)
+                if not patches:
+                    module.lora_delta = None
+                    continue
+                delta = build_lazy_delta(patches, module, key)
+                delta.prepare(device, dtype)
+                module.lora_delta = delta
+
+    def clear_lazy_deltas(self):
+        for module in self.model.modules():
+            if is_quantized_linear(module):
+                module.lora_delta = None
+
+    def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+        super().load(device_to, lowvram_model_memory=lowvram_model_memory,
+                     force_patch_weights=force_patch_weights, full_load=full_load)
+        self.install_lazy_deltas(device_to)
+
+    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+        out = super().partially_load(device_to, extra_memory=extra_memory, force_patch_weights=force_patch_weights)
+        self.install_lazy_deltas(device_to)
+        return out
+
+    def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
+        out = super().partially_unload(device_to, memory_to_free=memory_to_free, force_patch_weights=force_patch_weights)
+        self.install_lazy_deltas(self.load_device)
+        return out
+
+    def unpatch_model(self, device_to=None, unpatch_weights=True):
+        super().unpatch_model(device_to, unpatch_weights)
+        if unpatch_weights:
+            self.clear_lazy_deltas()

@@ -1,0 +1,81 @@
+"""State dicts in: safetensors files read tensor by tensor, never all at once, never unpickled."""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Optional
+
+import torch
+from safetensors import safe_open
+
+# safetensors header dtype names -> torch dtypes
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2, torch.float64)
+
+
+class BnbFluxError(ValueError):
+    """A problem with the user's input that the node reports as is: it names the file and what to do."""
+
+
+class TensorFile:
+    """A safetensors file opened lazily: shapes come from the header, tensors one at a time."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.name = os.path.basename(path)
+        if not path.lower().endswith((".safetensors", ".sft")):
+            raise BnbFluxError(f"{self.name}: only .safetensors files are read (pickle-based .ckpt/.pt/.bin "
+                               f"files can run code when loaded); convert it to safetensors first")
+        try:
+            self._handle = safe_open(path, framework="pt", device="cpu")
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise BnbFluxError(f"{self.name}: not a readable safetensors file ({e}); "
+                               f"the download may be truncated or corrupted: download it again") from e
+        self._keys = list(self._handle.keys())
+        self.metadata = self._handle.metadata() or {}
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._handle_keys_set
+
+    @property
+    def _handle_keys_set(self):
+        s = self.__dict__.get("_key_set")
+        if s is None:
+            s = self.__dict__["_key_set"] = set(self._keys)
+        return s
+
+    def dtype(self, key: str) -> torch.dtype:
+        name = self._handle.get_slice(key).get_dtype()
+        if name not in _ST_DTYPES:
+            raise BnbFluxError(f"{self.name}: tensor {key} has dtype {name}, which this loader cannot read")
+        return _ST_DTYPES[name]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handle.get_slice(key).get_shape())
+
+    def meta_state_dict(self, keys: Optional[Iterable[str]] = None) -> dict[str, torch.Tensor]:
+        """Logical shapes and dtypes without reading any data (model detection needs only these)."""
+        keys = self._keys if keys is None else keys
+        return {k: torch.empty(self.shape(k), dtype=self.dtype(k), device="meta") for k in keys}
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self._handle.get_tensor(key)
+        except Exception as e:
+            raise BnbFluxError(f"{self.name}: could not read tensor {key} ({e}); the file may be truncated "
+                               f"or corrupted: download it again") from e
+
+    def close(self):
+        self._handle = None
+
+
+def strip_prefix(keys: Iterable[str], prefix: str) -> dict[str, str]:
+    """Map model keys (prefix removed) to file keys, for keys under ``prefix``."""
+    return {k[len(prefix):]: k for k in keys if k.startswith(prefix)}

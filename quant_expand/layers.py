@@ -1,0 +1,346 @@
+"""bitsandbytes-backed Linear layers that a host's model management can move, offload and patch.
+
+The layers are real ``bnb.nn.Linear4bit`` / ``bnb.nn.Linear8bitLt`` subclasses holding real
+``Params4bit`` / ``Int8Params`` weights, with three differences that make them safe inside ComfyUI:
+
+* ``weight.shape`` reports the logical ``[out_features, in_features]`` (bnb's packed 4-bit weight is
+  ``[N*K/2, 1]``; ComfyUI reads ``img_in.weight.shape[1]`` to count control channels).
+* ``forward`` dequantizes the stored bytes itself and runs the matmul in the activations' dtype, adding
+  the lazy LoRA delta; bnb's own CPU forward is never called because it repacks the weight in place.
+* device moves (``module.to``) carry the quantization state along without touching the packed bytes
+  and without casting them; transient moves (offloaded weights) copy, never move, the state.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Optional
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbf
+import torch
+import torch.nn.functional as F
+
+from .spec import QuantSpec
+
+
+class LogicalShapeMixin:
+    """A bnb parameter whose Python-visible ``shape`` is the logical (dequantized) shape.
+
+    Only Python reads of ``.shape`` change; kernels, ``nbytes`` and ``state_dict`` see the stored tensor
+    (``detach()`` returns a plain tensor), so memory accounting and saving stay byte-true.
+    """
+
+    @property
+    def shape(self):
+        logical = self.__dict__.get("logical_shape")
+        return logical if logical is not None else torch.Tensor.shape.__get__(self)
+
+
+class LogicalParams4bit(LogicalShapeMixin, bnb.nn.Params4bit):
+    pass
+
+
+class LogicalInt8Params(LogicalShapeMixin, bnb.nn.Int8Params):
+    pass
+
+
+def _copy_param(param: torch.nn.Parameter, data: torch.Tensor) -> torch.nn.Parameter:
+    """Same parameter class and attributes (whatever this bnb version keeps on it), new storage."""
+    new = torch.Tensor._make_subclass(type(param), data, False)
+    new.__dict__.update(param.__dict__)
+    return new
+
+
+def quant_state_to(quant_state, device: torch.device, dtype: Optional[torch.dtype] = None):
+    """A copy of a bnb ``QuantState`` on ``device``: ``QuantState.to`` moves in place, and the
+    state is shared by every ``Params4bit`` made from the same weight."""
+    qs = copy.copy(quant_state)
+    if qs.nested:
+        qs.state2 = copy.copy(quant_state.state2)
+    if dtype is not None:
+        qs.dtype = dtype
+    if qs.absmax.device != torch.device(device):
+        qs.to(device)
+    return qs
+
+
+def _target_device(fn: Callable, like: torch.Tensor) -> torch.device:
+    # nn.Module._apply only hands us an opaque function: read where it sends an empty tensor.
+    return fn(torch.empty(0, dtype=like.dtype, device=like.device)).device
+
+
+class QuantLinear:
+    """Mixin with the behaviour both quantized Linear kinds share.
+
+    ``comfy_cast_weights``, ``weight_function`` and ``bias_function`` are the attributes ComfyUI's
+    model management sets on its own ops (lowvram offload, weight hooks); they are honoured here.
+    ``lora_delta`` is a :class:`quant_expand.lora.LazyLoraDelta` installed at sampling time.
+    """
+
+    comfy_cast_weights = False
+    weight_function: list = []
+    bias_function: list = []
+    lora_delta = None
+
+    # -- shapes -----------------------------------------------------------------------------
+    @property
+    def stored_in_features(self) -> int:
+        raise NotImplementedError
+
+    def _set_logical_shape(self):
+        self.weight.logical_shape = torch.Size([self.out_features, self.in_features])
+
+    # -- dequantization -----------------------------------------------------------------------
+    def dequantize_stored(self, device=None, dtype=None) -> torch.Tensor:
+        """The stored weight ``[out, stored_in]`` as floats on ``device`` in ``dtype`` (a new tensor)."""
+        raise NotImplementedError
+
+    def dequantize(self, device=None, dtype=None) -> torch.Tensor:
+        """The logical weight ``[out, in_features]``; input columns beyond the stored ones are zero."""
+        w = self.dequantize_stored(device, dtype)
+        return _pad_columns(w, self.in_features)
+
+    def _bias_for(self, device, dtype):
+        bias = self.bias
+        if bias is None:
+            return None
+        bias = bias.to(device=device, dtype=dtype)
+        for f in self.bias_function:
+            bias = f(bias)
+        return bias
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device, dtype = x.device, x.dtype
+        bias = self._bias_for(device, dtype)
+        delta = self.lora_delta
+        if delta is not None:
+            delta_bias = delta.bias_on(device, dtype)
+            if delta_bias is not None:
+                bias = delta_bias if bias is None else bias + delta_bias
+        w = self.dequantize_stored(device, dtype)
+        stored = w.shape[1]
+        full_weight_fns = list(self.weight_function)
+        if delta is not None and delta.weight_fn is not None:
+            full_weight_fns.append(delta.weight_fn)
+        if full_weight_fns:
+            w = _pad_columns(w, self.in_features)
+            for f in full_weight_fns:
+                w = f(w)
+            stored = w.shape[1]
+        if delta is None or not delta.has_low_rank:
+            return _linear_prefix(x, w, bias, stored)
+        down, up = delta.stacked(device, dtype)
+        tokens = x.numel() // max(x.shape[-1], 1)
+        if delta.prefer_merged(tokens):
+            # one fused addmm_ into the transient dequantized buffer; the stored bytes never change
+            w = _pad_columns(w, self.in_features)
+            w.addmm_(up, down)
+            return F.linear(x, w, bias)
+        return _linear_prefix(x, w, bias, stored) + F.linear(F.linear(x, down), up)
+
+    # -- device moves -------------------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        weight = self._parameters.get("weight")
+        if weight is None or weight.device.type == "meta":
+            return super()._apply(fn, recurse)
+        # Hide the quantized weight from nn.Module._apply: it would cast the packed bytes with
+        # float conversions and bnb's Params.to moves shared state in place or drops it (Int8 SCB).
+        del self._parameters["weight"]
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._parameters["weight"] = weight
+        target = _target_device(fn, weight.data)
+        if target != weight.device:
+            self._parameters["weight"] = self._weight_on(target, non_blocking=False)
+        return self
+
+    def _weight_on(self, device, non_blocking=False):
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        base = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        if self.in_features != self.stored_in_features:
+            base += f", stored_in_features={self.stored_in_features}"
+        return base + f", quant={self.quant_spec().describe()}"
+
+
+def _pad_columns(w: torch.Tensor, width: int) -> torch.Tensor:
+    if w.shape[1] >= width:
+        return w
+    return F.pad(w, (0, width - w.shape[1]))
+
+
+def _linear_prefix(x, w, bias, stored):
+    # zero input columns contribute nothing: compute on the stored ones only
+    if stored < x.shape[-1]:
+        x = x[..., :stored]
+    return F.linear(x, w, bias)
+
+
+class QLinear4bit(QuantLinear, bnb.nn.Linear4bit):
+    """NF4/FP4 ``Linear4bit`` with logical shapes, self-dequantizing forward and lazy LoRA."""
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], spec: QuantSpec,
+                   quantize_device=None, store_device="cpu") -> "QLinear4bit":
+        out_features, in_features = weight.shape
+        compute_dtype = spec.compute_dtype or torch.float32
+        with torch.device("meta"):
+            layer = cls(in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype,
+                        compress_statistics=spec.double_quant, quant_type=spec.quant_type)
+        quantize_device = quantize_device or weight.device
+        # absmax from float32 whatever the file's dtype: the scale is then as exact as the data allows
+        w = weight.to(device=quantize_device, dtype=torch.float32)
+        packed, qs = bnbf.quantize_4bit(w, blocksize=spec.blocksize, compress_statistics=spec.double_quant,
+                                        quant_type=spec.quant_type, quant_storage=torch.uint8)
+        del w
+        qs.dtype = compute_dtype  # dequantize straight into the compute dtype
+        layer._install(packed.to(store_device), quant_state_to(qs, store_device), bias, compute_dtype, store_device)
+        return layer
+
+    @classmethod
+    def from_prequantized(cls, packed: torch.Tensor, quant_state, bias: Optional[torch.Tensor],
+                          compute_dtype: torch.dtype, store_device="cpu") -> "QLinear4bit":
+        out_features, in_features = quant_state.shape
+        with torch.device("meta"):
+            layer = cls(in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype,
+                        compress_statistics=quant_state.nested, quant_type=quant_state.quant_type,
+                        quant_storage=packed.dtype)
+        qs = quant_state_to(quant_state, store_device, compute_dtype)
+        layer._install(packed.to(store_device), qs, bias, compute_dtype, store_device)
+        return layer
+
+    def _install(self, packed, qs, bias, compute_dtype, store_device):
+        self.weight = LogicalParams4bit(packed, requires_grad=False, quant_state=qs, blocksize=qs.blocksize,
+                                        compress_statistics=qs.nested, quant_type=qs.quant_type,
+                                        quant_storage=packed.dtype, module=self, bnb_quantized=True)
+        self.quant_state = qs
+        self._set_logical_shape()
+        if bias is not None:
+            self.bias = torch.nn.Parameter(bias.to(device=store_device, dtype=compute_dtype), requires_grad=False)
+
+    @property
+    def stored_in_features(self) -> int:
+        return self.weight.quant_state.shape[1]
+
+    def quant_spec(self) -> QuantSpec:
+        qs = self.weight.quant_state
+        return QuantSpec(qs.quant_type, qs.nested, qs.blocksize, qs.dtype)
+
+    def dequantize_stored(self, device=None, dtype=None) -> torch.Tensor:
+        param = self.weight
+        qs = param.quant_state
+        device = torch.device(device) if device is not None else param.device
+        dtype = dtype or qs.dtype
+        if param.device != device or qs.dtype != dtype:
+            qs = quant_state_to(qs, device, dtype)
+        packed = param.data if param.device == device else param.data.to(device, non_blocking=True)
+        return bnbf.dequantize_4bit(packed, qs)
+
+    def _weight_on(self, device, non_blocking=False):
+        param = self.weight
+        new = _copy_param(param, param.data.to(device, non_blocking=non_blocking))
+        new.quant_state = quant_state_to(param.quant_state, device)
+        new.module = self
+        self.quant_state = new.quant_state
+        return new
+
+
+class QLinear8bit(QuantLinear, bnb.nn.Linear8bitLt):
+    """LLM.int8 storage (``Int8Params``: int8 rows ``CB`` + per-row absmax ``SCB``), run as
+    weight-only dequantize + matmul in the activations' dtype."""
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], spec: QuantSpec,
+                   quantize_device=None, store_device="cpu") -> "QLinear8bit":
+        quantize_device = quantize_device or weight.device
+        w = weight.to(device=quantize_device, dtype=torch.float32)
+        cb, scb, _ = bnbf.int8_vectorwise_quant(w)
+        del w
+        return cls.from_prequantized(cb, scb, bias, spec.compute_dtype or torch.float32, store_device)
+
+    @classmethod
+    def from_prequantized(cls, cb: torch.Tensor, scb: torch.Tensor, bias: Optional[torch.Tensor],
+                          compute_dtype: torch.dtype, store_device="cpu") -> "QLinear8bit":
+        out_features, in_features = cb.shape
+        with torch.device("meta"):
+            layer = cls(in_features, out_features, bias=bias is not None, has_fp16_weights=False, threshold=0.0)
+        cb = cb.to(store_device)
+        param = LogicalInt8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb,
+                                  SCB=scb.to(device=store_device, dtype=torch.float32))
+        layer.weight = param
+        layer.compute_dtype = compute_dtype
+        layer._set_logical_shape()
+        if bias is not None:
+            layer.bias = torch.nn.Parameter(bias.to(device=store_device, dtype=compute_dtype), requires_grad=False)
+        return layer
+
+    @property
+    def stored_in_features(self) -> int:
+        return self.weight.data.shape[1]
+
+    def quant_spec(self) -> QuantSpec:
+        return QuantSpec("int8", compute_dtype=getattr(self, "compute_dtype", None))
+
+    def dequantize_stored(self, device=None, dtype=None) -> torch.Tensor:
+        param = self.weight
+        device = torch.device(device) if device is not None else param.device
+        dtype = dtype or getattr(self, "compute_dtype", None) or torch.float32
+        cb = param.data.to(device, non_blocking=True)
+        # SCB / 127 is exact for a power-of-two row scale; bnb's own dequant multiplies by a
+        # rounded 1/127 and loses that exactness
+        scale = (param.SCB.to(device, non_blocking=True) / 127.0).to(dtype)
+        return cb.to(dtype) * scale[:, None]
+
+    def _weight_on(self, device, non_blocking=False):
+        param = self.weight
+        data = param.data.to(device, non_blocking=non_blocking)
+        new = _copy_param(param, data)
+        new.CB = data
+        new.SCB = param.SCB.to(device, non_blocking=non_blocking)
+        return new
+
+
+def is_quantized_linear(module) -> bool:
+    return isinstance(module, QuantLinear)
+
+
+def quantized_linear_from_float(weight, bias, spec: QuantSpec, quantize_device=None, store_device="cpu"):
+    cls = QLinear4bit if spec.is_4bit else QLinear8bit
+    return cls.from_float(weight, bias, spec, quantize_device=quantize_device, store_device=store_device)
+
+
+def quantized_bytes(module) -> dict[str, torch.Tensor]:
+    """Every tensor that holds a quantized layer's stored state (for byte-for-byte checks)."""
+    param = module.weight
+    out = {"weight": param.data}
+    if isinstance(module, QLinear4bit):
+        qs = param.quant_state
+        out["absmax"] = qs.absmax
+        out["code"] = qs.code
+        if qs.nested:
+            out["nested_absmax"] = qs.state2.absmax
+            out["nested_code"] = qs.state2.code
+            out["offset"] = torch.as_tensor(qs.offset)
+    else:
+        out["SCB"] = param.SCB
+    return out
+
+
+def dequantized_state_dict(root: torch.nn.Module, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """The module's weights as plain tensors (quantized layers dequantized, zero padding included):
+    what a full-precision model holding exactly the quantized values looks like."""
+    out = {}
+    quantized = {name: m for name, m in root.named_modules() if isinstance(m, QuantLinear)}
+    for name, m in quantized.items():
+        out[f"{name}.weight"] = m.dequantize(torch.device("cpu"), dtype)
+        if m.bias is not None:
+            out[f"{name}.bias"] = m.bias.detach().to("cpu", dtype)
+    for name, p in root.named_parameters():
+        owner = name.rpartition(".")[0]
+        if owner in quantized:
+            continue
+        out[name] = p.detach().to("cpu", dtype)
+    return out

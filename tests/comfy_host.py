@@ -1,0 +1,195 @@
+"""ComfyUI in-process for tests: the real executor, loaders, patcher and sampler, on CPU.
+
+A tiny FLUX cannot use ComfyUI's text encoders (FLUX's T5 is fixed at T5-XXL), so this module
+registers test-only nodes in the test process (never in the pack's node list): a conditioning
+node that makes ``[[tokens, {pooled_output, guidance, concat_latent_image}]]`` from a seed, a latent
+node, and a capture node that hands sampled latents back to the test.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+
+import torch
+
+CAPTURED: dict[str, torch.Tensor] = {}
+
+
+class BnbFluxTestConditioning:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
+                             "tokens": ("INT", {"default": 8, "min": 1, "max": 512}),
+                             "context_dim": ("INT", {"default": 64, "min": 1, "max": 8192}),
+                             "pooled_dim": ("INT", {"default": 64, "min": 1, "max": 8192}),
+                             "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0})},
+                "optional": {"control": ("LATENT",)}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "make"
+    CATEGORY = "_test"
+
+    def make(self, seed, tokens, context_dim, pooled_dim, guidance, control=None):
+        g = torch.Generator().manual_seed(seed)
+        cond = torch.randn(1, tokens, context_dim, generator=g)
+        extra = {"pooled_output": torch.randn(1, pooled_dim, generator=g), "guidance": guidance}
+        if control is not None:
+            extra["concat_latent_image"] = control["samples"]
+        return ([[cond, extra]],)
+
+
+class BnbFluxTestLatent:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
+                             "size": ("INT", {"default": 16, "min": 2, "max": 512}),
+                             "scale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0})}}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "make"
+    CATEGORY = "_test"
+
+    def make(self, seed, size, scale):
+        g = torch.Generator().manual_seed(seed)
+        return ({"samples": torch.randn(1, 16, size, size, generator=g) * scale},)
+
+
+class BnbFluxTestCapture:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",), "key": ("STRING", {"default": "out"})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "capture"
+    OUTPUT_NODE = True
+    CATEGORY = "_test"
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")  # always runs, so cached upstream results are captured too
+
+    def capture(self, samples, key):
+        CAPTURED[key] = samples["samples"].clone()
+        return {}
+
+
+TEST_NODES = {
+    "BnbFluxTestConditioning": BnbFluxTestConditioning,
+    "BnbFluxTestLatent": BnbFluxTestLatent,
+    "BnbFluxTestCapture": BnbFluxTestCapture,
+}
+
+
+class _ServerStub:
+    """What PromptExecutor needs of ComfyUI's PromptServer: a place to send progress messages."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.messages = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+    def queue_updated(self):
+        pass
+
+
+class ComfyHost:
+    instance = None
+
+    @classmethod
+    def start(cls, comfy_path: str, repo_root: str, models_dir: str) -> "ComfyHost":
+        if cls.instance is not None:
+            return cls.instance
+        comfy_path = os.path.abspath(comfy_path)
+        if comfy_path not in sys.path:
+            sys.path.insert(0, comfy_path)
+        # ComfyUI parses its command line at import: force CPU (no NVIDIA driver here) and classic caching
+        sys.argv = [sys.argv[0], "--cpu", "--cache-classic"]
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        import folder_paths
+        import nodes
+        import execution
+
+        for sub in ("diffusion_models", "loras", "checkpoints"):
+            os.makedirs(os.path.join(models_dir, sub), exist_ok=True)
+            folder_paths.add_model_folder_path(sub, os.path.join(models_dir, sub), is_default=True)
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+        ok = asyncio.run(nodes.load_custom_node(repo_root))
+        if not ok:
+            raise RuntimeError(f"ComfyUI could not load the pack from {repo_root}")
+        nodes.NODE_CLASS_MAPPINGS.update(TEST_NODES)
+        host = cls()
+        host.models_dir = models_dir
+        host.repo_root = repo_root
+        host.pack_name = repo_root.replace(".", "_x_")
+        host.nodes = nodes
+        host.execution = execution
+        host.server = _ServerStub()
+        host.executor = execution.PromptExecutor(host.server, cache_type=execution.CacheType.CLASSIC,
+                                                 cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
+        cls.instance = host
+        return host
+
+    def pack_module(self, name: str):
+        return sys.modules[f"{self.pack_name}.{name}"]
+
+    def model_path(self, kind: str, filename: str) -> str:
+        return os.path.join(self.models_dir, kind, filename)
+
+    def run(self, prompt: dict, expect_error: bool = False):
+        """Validate and execute an API-format prompt; returns CAPTURED (latents by capture key)."""
+        CAPTURED.clear()
+        prompt_id = str(uuid.uuid4())
+        valid = asyncio.run(self.execution.validate_prompt(prompt_id, prompt, None))
+        if not valid[0]:
+            if expect_error:
+                return {"validation": valid}
+            raise AssertionError(f"prompt rejected by ComfyUI's validator: {valid[1]} {valid[3]}")
+        self.server.messages.clear()
+        self.executor.execute(prompt, prompt_id, {}, valid[2])
+        errors = [d for e, d in self.server.messages if e == "execution_error"]
+        if expect_error:
+            return {"errors": errors, "captured": dict(CAPTURED)}
+        if errors or not self.executor.success:
+            raise AssertionError(f"prompt failed: {errors}")
+        return dict(CAPTURED)
+
+
+def sampling_graph(model_nodes: dict, model_ref, *, seed=0, steps=2, size=16, cfg=1.0, key="out",
+                   control_seed=None, cond_seed=1, context_dim=64, pooled_dim=64, prefix="s"):
+    """Nodes for: conditioning (+ optional control latent) -> KSampler on ``model_ref`` -> capture."""
+    g = dict(model_nodes)
+    g[f"{prefix}_lat"] = {"class_type": "BnbFluxTestLatent", "inputs": {"seed": seed, "size": size, "scale": 0.0}}
+    cond_inputs = {"seed": cond_seed, "tokens": 8, "context_dim": context_dim, "pooled_dim": pooled_dim, "guidance": 3.5}
+    if control_seed is not None:
+        g[f"{prefix}_ctl"] = {"class_type": "BnbFluxTestLatent", "inputs": {"seed": control_seed, "size": size, "scale": 1.0}}
+        cond_inputs["control"] = [f"{prefix}_ctl", 0]
+    g[f"{prefix}_pos"] = {"class_type": "BnbFluxTestConditioning", "inputs": cond_inputs}
+    g[f"{prefix}_neg"] = {"class_type": "BnbFluxTestConditioning", "inputs": dict(cond_inputs, seed=cond_seed + 1000)}
+    g[f"{prefix}_ks"] = {"class_type": "KSampler", "inputs": {
+        "model": model_ref, "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler",
+        "scheduler": "simple", "positive": [f"{prefix}_pos", 0], "negative": [f"{prefix}_neg", 0],
+        "latent_image": [f"{prefix}_lat", 0], "denoise": 1.0}}
+    g[f"{prefix}_cap"] = {"class_type": "BnbFluxTestCapture", "inputs": {"samples": [f"{prefix}_ks", 0], "key": key}}
+    return g
+
+
+def sample_direct(patcher, *, seed=0, steps=2, size=16, cond_seed=1, control=None, context_dim=64, pooled_dim=64):
+    """ComfyUI's sampler (comfy.sample.sample, model management included) called from Python."""
+    import comfy.sample
+
+    cond = BnbFluxTestConditioning().make(cond_seed, 8, context_dim, pooled_dim, 3.5,
+                                          None if control is None else {"samples": control})[0]
+    neg = BnbFluxTestConditioning().make(cond_seed + 1000, 8, context_dim, pooled_dim, 3.5)[0]
+    latent = torch.zeros(1, 16, size, size)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    with torch.inference_mode():
+        return comfy.sample.sample(patcher, noise, steps, 1.0, "euler", "simple", cond, neg, latent,
+                                   denoise=1.0, seed=seed, disable_pbar=True)

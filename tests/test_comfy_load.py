@@ -1,0 +1,174 @@
+"""Load BnB Flux through ComfyUI's real executor, loaders, LoRA nodes, patcher and sampler (CPU).
+
+Reference for every comparison: ComfyUI's own full-precision path (UNETLoader, stock LoRA nodes)
+on a float32 file that holds exactly the values the quantized model stores (its dequantized weights).
+Tolerances (relative L2 error of whole latents after two euler steps, float32 on CPU):
+- no LoRA: 1e-6, the same float32 matmuls run on the same numbers (only kernel order may differ);
+- with LoRAs: 1e-5, ComfyUI merges ``W += s * (up @ down)`` while the lazy path computes
+  ``W + (s*up) @ down`` or ``up(down(x))``: the same sums in another order (float32 eps ~ 1e-7,
+  amplified a little by the sampler).
+"""
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from comfy_host import sample_direct, sampling_graph
+from quant_expand.synthetic import TinyFluxConfig, make_lora, make_tiny_flux, save_safetensors
+
+CFG = TinyFluxConfig()
+SCHEMES = [("nf4", False), ("nf4", True), ("fp4", False), ("fp4", True), ("int8", False)]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def files(host):
+    """Tiny FLUX files whose Linear weights survive each scheme exactly, plus one generic file."""
+    out = {}
+    for q in ("nf4", "fp4", "int8"):
+        name = f"tiny_exact_{q}.safetensors"
+        save_safetensors(make_tiny_flux(CFG, seed=0, exact_for=q), host.model_path("diffusion_models", name))
+        out[q] = name
+    name = "tiny_prefixed_bf16.safetensors"
+    sd = make_tiny_flux(CFG, seed=3, prefix="model.diffusion_model.")
+    save_safetensors({k: v.to(torch.bfloat16) for k, v in sd.items()}, host.model_path("diffusion_models", name))
+    out["prefixed_bf16"] = name
+    return out
+
+
+def load_node(file, quant, dq, dtype="float32"):
+    return {"class_type": "LoadBnbFlux", "inputs": {"unet_name": file, "quant_type": quant,
+                                                    "double_quant": dq, "compute_dtype": dtype}}
+
+
+def load_direct(host, file, quant, dq, dtype="float32"):
+    node = host.pack_module("nodes.load_bnb_flux").LoadBnbFlux
+    with torch.inference_mode():
+        return node.execute(file, quant, dq, dtype).result[0]
+
+
+def write_dequantized(host, patcher, name):
+    layers = host.pack_module("quant_expand.layers")
+    sd = layers.dequantized_state_dict(patcher.model.diffusion_model)
+    save_safetensors(sd, host.model_path("diffusion_models", name))
+    return name
+
+
+def quantized_hash(host, patcher) -> str:
+    layers = host.pack_module("quant_expand.layers")
+    h = hashlib.sha256()
+    for name, m in sorted(patcher.model.diffusion_model.named_modules(), key=lambda x: x[0]):
+        if layers.is_quantized_linear(m):
+            for k, t in sorted(layers.quantized_bytes(m).items()):
+                h.update(name.encode() + k.encode())
+                h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class TestLoadBnbFlux:
+    """The node builds a real quantized model ComfyUI recognises and samples like full precision."""
+
+    def test_model_is_quantized_with_logical_shapes(self, host, files):
+        patcher = load_direct(host, files["nf4"], "nf4", True)
+        layers = host.pack_module("quant_expand.layers")
+        dm = patcher.model.diffusion_model
+        quantized = [n for n, m in dm.named_modules() if layers.is_quantized_linear(m)]
+        assert "double_blocks.0.img_attn.qkv" in quantized and "txt_in" in quantized
+        assert not layers.is_quantized_linear(dm.img_in)
+        qkv = dm.double_blocks[0].img_attn.qkv
+        assert isinstance(qkv, layers.QLinear4bit)
+        assert qkv.weight.shape == (3 * CFG.hidden_size, CFG.hidden_size)  # logical, not packed
+        assert qkv.weight.data.shape[1] == 1 and qkv.weight.dtype == torch.uint8
+        assert qkv.weight.quant_state.quant_type == "nf4" and qkv.weight.quant_state.nested
+        # ComfyUI's model size sees the real (packed) bytes: far below float32's 4 bytes per weight
+        params = sum(p.numel() for p in make_tiny_flux(CFG).values())
+        assert patcher.model_size() < params * 4 * 0.25
+        assert patcher.bnb_info["quantized_layers"] == len(quantized)
+
+    @pytest.mark.parametrize("quant,dq", SCHEMES)
+    def test_sampling_equals_full_precision_of_dequantized_weights(self, host, files, quant, dq):
+        patcher = load_direct(host, files[quant], quant, dq)
+        deq = write_dequantized(host, patcher, f"deq_{quant}_{dq}.safetensors")
+        if not dq:  # exact-survival weights: the dequantized model is the original file, bit for bit
+            from safetensors.torch import load_file
+            orig, back = load_file(host.model_path("diffusion_models", files[quant])), \
+                load_file(host.model_path("diffusion_models", deq))
+            assert all(torch.equal(orig[k], back[k.replace("_norm.scale", "_norm.weight")]) for k in orig)
+        g = sampling_graph({"q": load_node(files[quant], quant, dq)}, ["q", 0], key="q", prefix="a")
+        g = sampling_graph({**g, "ref": {"class_type": "UNETLoader", "inputs": {"unet_name": deq, "weight_dtype": "default"}}},
+                           ["ref", 0], key="ref", prefix="b")
+        out = host.run(g)
+        assert torch.isfinite(out["q"]).all() and out["q"].abs().max() > 0
+        assert rel_err(out["q"], out["ref"]) < 1e-6
+
+    def test_prefixed_bf16_file_loads(self, host, files):
+        out = host.run(sampling_graph({"q": load_node(files["prefixed_bf16"], "fp4", True, "auto")}, ["q", 0], key="q"))
+        assert torch.isfinite(out["q"]).all()
+
+
+LORA_KINDS = ["lora", "kohya", "loha", "lokr", "diff", "glora", "oft", "boft"]
+
+
+@pytest.fixture(scope="module")
+def lora_files(host):
+    out = {}
+    for kind in LORA_KINDS:
+        name = f"tiny_{kind}.safetensors"
+        save_safetensors(make_lora(CFG, kind=kind, seed=11), host.model_path("loras", name))
+        out[kind] = name
+    return out
+
+
+def lora_node(model_ref, name, strength):
+    return {"class_type": "LoraLoaderModelOnly", "inputs": {"model": model_ref, "lora_name": name, "strength_model": strength}}
+
+
+class TestStockLoraNodes:
+    """Stock LoRA nodes on the quantized model equal the same LoRAs on full precision, applied lazily."""
+
+    @pytest.mark.parametrize("kind", LORA_KINDS)
+    @pytest.mark.parametrize("size", [16, 64])  # 64 img tokens (unmerged B(Ax)) / 1024 (merged into W)
+    def test_lora_matches_full_precision(self, host, files, lora_files, kind, size):
+        patcher = load_direct(host, files["nf4"], "nf4", False)
+        deq = write_dequantized(host, patcher, "deq_nf4_False.safetensors")
+        g = {"q": load_node(files["nf4"], "nf4", False),
+             "ql": lora_node(["q", 0], lora_files[kind], 0.8),
+             "r": {"class_type": "UNETLoader", "inputs": {"unet_name": deq, "weight_dtype": "default"}},
+             "rl": lora_node(["r", 0], lora_files[kind], 0.8)}
+        g = sampling_graph(g, ["ql", 0], key="q", size=size, steps=1, prefix="a")
+        g = sampling_graph(g, ["rl", 0], key="ref", size=size, steps=1, prefix="b")
+        g = sampling_graph(g, ["q", 0], key="base", size=size, steps=1, prefix="c")
+        out = host.run(g)
+        assert rel_err(out["q"], out["ref"]) < 1e-5
+        # the LoRA really acts: without it the result is clearly different
+        assert rel_err(out["base"], out["ref"]) > 1e-3
+
+    def test_other_branch_unaffected(self, host, files, lora_files):
+        alone = host.run(sampling_graph({"q": load_node(files["fp4"], "fp4", True)}, ["q", 0], key="alone"))["alone"]
+        g = {"q": load_node(files["fp4"], "fp4", True), "ql": lora_node(["q", 0], lora_files["lora"], 1.0),
+             "ql2": lora_node(["ql", 0], lora_files["loha"], 0.5)}
+        g = sampling_graph(g, ["ql2", 0], key="lora", prefix="a")
+        g = sampling_graph(g, ["q", 0], key="plain", prefix="b")
+        out = host.run(g)
+        assert torch.equal(out["plain"], alone)
+        assert rel_err(out["lora"], alone) > 1e-3
+
+    def test_quantized_bytes_unchanged_by_lora_apply_sample_remove(self, host, files, lora_files):
+        import comfy.sd
+        import comfy.utils
+
+        model = load_direct(host, files["nf4"], "nf4", True)
+        before = quantized_hash(host, model)
+        base = sample_direct(model)
+        for kind, strength in (("lora", 1.0), ("lokr", 0.5), ("oft", 1.0)):
+            lora_sd = comfy.utils.load_torch_file(host.model_path("loras", lora_files[kind]), safe_load=True)
+            patched, _ = comfy.sd.load_lora_for_models(model, None, lora_sd, strength, 0)
+            assert rel_err(sample_direct(patched), base) > 1e-3
+            assert quantized_hash(host, model) == before
+        assert torch.equal(sample_direct(model), base)  # removing the LoRAs restores the exact output
+        assert quantized_hash(host, model) == before
