@@ -234,10 +234,13 @@ class QLinear4bit(QuantLinear, bnb.nn.Linear4bit):
         qs = param.quant_state
         device = torch.device(device) if device is not None else param.device
         dtype = dtype or qs.dtype
-        if param.device != device or qs.dtype != dtype:
-            qs = quant_state_to(qs, device, dtype)
+        # bnb dequantizes into 16/32-bit floats only; anything else goes through float32
+        kernel_dtype = dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+        if param.device != device or qs.dtype != kernel_dtype:
+            qs = quant_state_to(qs, device, kernel_dtype)
         packed = param.data if param.device == device else param.data.to(device, non_blocking=True)
-        return bnbf.dequantize_4bit(packed, qs)
+        w = bnbf.dequantize_4bit(packed, qs)
+        return w if kernel_dtype == dtype else w.to(dtype)
 
     def _weight_on(self, device, non_blocking=False):
         param = self.weight

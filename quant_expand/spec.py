@@ -41,6 +41,8 @@ class QuantSpec:
             raise QuantSpecError(f"blocksize {self.blocksize} is not one bitsandbytes supports (64 is the default)")
         if self.compute_dtype is not None and self.compute_dtype not in COMPUTE_DTYPES.values():
             raise QuantSpecError(f"compute dtype {self.compute_dtype} is not bfloat16, float16 or float32")
+        if not self.is_4bit and self.double_quant:
+            object.__setattr__(self, "double_quant", False)  # int8 has one per-row scale: nothing to nest
 
     @property
     def is_4bit(self) -> bool:
@@ -48,6 +50,9 @@ class QuantSpec:
 
     def with_compute_dtype(self, dtype: torch.dtype) -> "QuantSpec":
         return replace(self, compute_dtype=dtype)
+
+    def __str__(self) -> str:
+        return self.describe()
 
     def describe(self) -> str:
         if self.is_4bit:

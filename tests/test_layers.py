@@ -1,0 +1,181 @@
+"""Core layers with real bitsandbytes on CPU (no ComfyUI): shapes, exact dequantization, forward, moves.
+
+Exactness: weights from ``synthetic.exact_4bit`` / ``exact_int8`` survive quantization bit for bit, so
+dequantization is compared with ``torch.equal``; forwards are compared with our own float32 matmul of
+the dequantized weight (bnb's CPU forward computes in bf16 and repacks the weight in place: FACTS.md).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from quant_expand import LazyLoraDelta, LoraTerm, QLinear4bit, QLinear8bit, QuantSpec, QuantSpecError
+from quant_expand.layers import dequantized_state_dict, quantized_bytes, quantized_linear_from_float
+from quant_expand.synthetic import exact_4bit, exact_int8
+
+SPECS = [QuantSpec("nf4", False), QuantSpec("nf4", True), QuantSpec("fp4", False), QuantSpec("fp4", True),
+         QuantSpec("int8")]
+
+
+def exact_weight(spec, out_f=192, in_f=128, seed=0):
+    w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed)) / in_f ** 0.5
+    return exact_int8(w) if spec.quant_type == "int8" else exact_4bit(w, spec.quant_type)
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_logical_shape_and_storage(spec):
+    w = exact_weight(spec)
+    layer = quantized_linear_from_float(w, torch.zeros(192), spec)
+    assert isinstance(layer, QLinear4bit if spec.is_4bit else QLinear8bit)
+    assert layer.weight.shape == (192, 128)  # what ComfyUI reads
+    if spec.is_4bit:
+        assert layer.weight.data.shape == (192 * 128 // 2, 1) and layer.weight.dtype == torch.uint8
+        assert layer.weight.quant_state.nested == spec.double_quant
+        assert layer.weight.quant_state.quant_type == spec.quant_type
+    else:
+        assert layer.weight.dtype == torch.int8 and layer.weight.SCB.shape == (192,)
+    # detach (used by state_dict) is the stored tensor: byte-true sizes and files
+    assert layer.weight.detach().shape == layer.weight.data.shape
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_dequantize_is_exact_for_exact_weights(spec):
+    w = exact_weight(spec)
+    layer = quantized_linear_from_float(w, None, spec)
+    deq = layer.dequantize(dtype=torch.float32)
+    if spec.double_quant:  # absmax itself is 8-bit quantized: close, not exact
+        assert 0 < rel(deq, w) < 2e-2
+    else:
+        assert torch.equal(deq, w)
+
+
+def test_generic_weights_do_not_survive_exactly():
+    # negative control: the exactness above comes from the weights, not from a no-op quantizer
+    w = torch.randn(64, 128)
+    for spec in (QuantSpec("nf4", False), QuantSpec("int8")):
+        assert not torch.equal(quantized_linear_from_float(w, None, spec).dequantize(dtype=torch.float32), w)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_forward_equals_matmul_of_dequantized_weight(spec):
+    layer = quantized_linear_from_float(exact_weight(spec), torch.randn(192), spec)
+    x = torch.randn(2, 7, 128)
+    expected = F.linear(x, layer.dequantize(dtype=torch.float32), layer.bias)
+    before = {k: v.clone() for k, v in quantized_bytes(layer).items()}
+    assert torch.equal(layer(x), expected)
+    # forward never repacks or rewrites the stored bytes (bnb's CPU forward would)
+    assert all(torch.equal(before[k], v) for k, v in quantized_bytes(layer).items())
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_bf16_forward_close_to_float32(spec):
+    layer = quantized_linear_from_float(exact_weight(spec), None, spec.with_compute_dtype(torch.bfloat16))
+    x = torch.randn(4, 128)
+    ref = F.linear(x, layer.dequantize(dtype=torch.float32))
+    assert rel(layer(x.bfloat16()).float(), ref) < 1e-2  # bf16 has 8 mantissa bits (~4e-3 per rounding)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_module_moves_keep_bytes_and_ignore_dtype_casts(spec):
+    layer = quantized_linear_from_float(exact_weight(spec), torch.randn(192), spec)
+    before = {k: v.clone() for k, v in quantized_bytes(layer).items()}
+    x = torch.randn(3, 128)
+    layer.to(torch.float16)  # a model-wide cast must not cast packed bytes
+    assert layer.weight.dtype == (torch.uint8 if spec.is_4bit else torch.int8)
+    assert layer.bias.dtype == torch.float16
+    layer.to(torch.float32).to("cpu")
+    assert all(torch.equal(before[k], v) for k, v in quantized_bytes(layer).items())
+    # the bias went through float16 and back; the weight did not move at all
+    assert torch.equal(layer(x), F.linear(x, exact_weight(spec) if not spec.double_quant else layer.dequantize(), layer.bias))
+
+
+def test_transient_device_copy_does_not_touch_shared_state():
+    spec = QuantSpec("nf4", True)
+    layer = quantized_linear_from_float(exact_weight(spec), None, spec)
+    qs = layer.weight.quant_state
+    ids = (id(qs.absmax), id(qs.state2.absmax), qs.dtype)
+    layer.dequantize_stored(torch.device("cpu"), torch.bfloat16)
+    assert (id(qs.absmax), id(qs.state2.absmax), qs.dtype) == ids
+
+
+def test_deepcopy_and_state_dict_roundtrip_keys():
+    spec = QuantSpec("nf4", True)
+    layer = quantized_linear_from_float(exact_weight(spec), torch.randn(192), spec)
+    keys = set(layer.state_dict())
+    assert {"weight", "bias", "weight.absmax", "weight.quant_map", "weight.quant_state.bitsandbytes__nf4"} <= keys
+    clone = copy.deepcopy(layer)
+    assert torch.equal(clone.dequantize(), layer.dequantize())
+    int8 = quantized_linear_from_float(exact_weight(QuantSpec("int8")), None, QuantSpec("int8"))
+    assert {"weight", "SCB", "weight_format"} <= set(int8.state_dict())
+
+
+def test_spec_validation():
+    with pytest.raises(QuantSpecError, match="unknown quant_type"):
+        QuantSpec("nf5")
+    with pytest.raises(QuantSpecError, match="blocksize"):
+        QuantSpec("nf4", blocksize=48)
+
+
+# -- lazy LoRA deltas ---------------------------------------------------------------------------
+
+def make_terms(out_f=192, in_f=128, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [LoraTerm(torch.randn(4, in_f, generator=g), torch.randn(out_f, 4, generator=g) * 0.1, 0.7),
+            LoraTerm(torch.randn(2, in_f, generator=g), torch.randn(64, 2, generator=g) * 0.1, -1.3, row_offset=64)]
+
+
+def merged_reference(layer, terms):
+    w = layer.dequantize(dtype=torch.float64)
+    for t in terms:
+        w[t.row_offset:t.row_offset + t.up.shape[0]] += t.scale * (t.up.double() @ t.down.double())
+    return w
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("tokens", [3, 4096])  # few tokens: unmerged B(Ax); many: merged into W
+def test_lazy_delta_matches_merged_weight(spec, tokens):
+    layer = quantized_linear_from_float(exact_weight(spec), torch.randn(192), spec)
+    terms = make_terms()
+    layer.lora_delta = LazyLoraDelta(192, 128, terms)
+    assert layer.lora_delta.prefer_merged(tokens) == (tokens > 192 * 128 / (192 + 128))
+    before = {k: v.clone() for k, v in quantized_bytes(layer).items()}
+    x = torch.randn(1, tokens, 128)
+    y = layer(x)
+    ref = F.linear(x.double(), merged_reference(layer, terms), layer.bias.double())
+    assert rel(y.double(), ref) < 1e-6  # float32 vs float64: only rounding differs
+    assert all(torch.equal(before[k], v) for k, v in quantized_bytes(layer).items())
+    layer.lora_delta = None
+    assert torch.equal(layer(x), F.linear(x, layer.dequantize(dtype=torch.float32), layer.bias))
+
+
+def test_lazy_delta_bias_and_weight_fn():
+    spec = QuantSpec("fp4", False)
+    layer = quantized_linear_from_float(exact_weight(spec), None, spec)
+    extra = torch.randn(192, 128) * 0.01
+    bias = torch.randn(192)
+    layer.lora_delta = LazyLoraDelta(192, 128, make_terms(), weight_fn=lambda w: w + extra, bias=bias)
+    x = torch.randn(5, 128)
+    ref = F.linear(x.double(), merged_reference(layer, make_terms()) + extra.double(), bias.double())
+    assert rel(layer(x).double(), ref) < 1e-6
+
+
+def test_lazy_delta_rejects_terms_that_do_not_fit():
+    with pytest.raises(ValueError, match="does not fit"):
+        LazyLoraDelta(64, 128, [LoraTerm(torch.randn(4, 128), torch.randn(65, 4), 1.0)])
+
+
+def test_dequantized_state_dict_names_every_parameter():
+    spec = QuantSpec("nf4", False)
+    root = torch.nn.Module()
+    root.q = quantized_linear_from_float(exact_weight(spec), torch.randn(192), spec)
+    root.norm = torch.nn.LayerNorm(128)
+    sd = dequantized_state_dict(root)
+    assert set(sd) == {"q.weight", "q.bias", "norm.weight", "norm.bias"}
+    assert torch.equal(sd["q.weight"], exact_weight(spec))
