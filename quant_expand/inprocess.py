@@ -1,9 +1,9 @@
-"""ComfyUI in-process for tests: the real executor, loaders, patcher and sampler, on CPU.
+"""ComfyUI in-process, for the tests and the demo: the real executor, loaders, patcher and sampler.
 
-A tiny FLUX cannot use ComfyUI's text encoders (FLUX's T5 is fixed at T5-XXL), so this module
-registers test-only nodes in the test process (never in the pack's node list): a conditioning
-node that makes ``[[tokens, {pooled_output, guidance, concat_latent_image}]]`` from a seed, a latent
-node, and a capture node that hands sampled latents back to the test.
+A tiny FLUX cannot use ComfyUI's text encoders (FLUX's T5 is fixed at T5-XXL), so the process that
+starts the host (a test run, the demo) registers helper nodes of its own — never part of the pack's
+node list: a conditioning node that makes ``[[tokens, {pooled_output, guidance, concat_latent_image}]]``
+from a seed, a latent node, and a capture node that hands sampled latents back to Python.
 """
 from __future__ import annotations
 
@@ -102,14 +102,15 @@ class ComfyHost:
     instance = None
 
     @classmethod
-    def start(cls, comfy_path: str, repo_root: str, models_dir: str) -> "ComfyHost":
+    def start(cls, comfy_path: str, repo_root: str, models_dir: str, cpu: bool = True) -> "ComfyHost":
         if cls.instance is not None:
             return cls.instance
         comfy_path = os.path.abspath(comfy_path)
         if comfy_path not in sys.path:
             sys.path.insert(0, comfy_path)
-        # ComfyUI parses its command line at import: force CPU (no NVIDIA driver here) and classic caching
-        sys.argv = [sys.argv[0], "--cpu", "--cache-classic"]
+        # ComfyUI parses its command line at import: CPU unless asked otherwise (without an NVIDIA
+        # driver, importing comfy.model_management fails) and classic caching
+        sys.argv = [sys.argv[0], "--cache-classic"] + (["--cpu"] if cpu else [])
         import comfy.options
 
         comfy.options.enable_args_parsing()
@@ -142,6 +143,13 @@ class ComfyHost:
 
     def model_path(self, kind: str, filename: str) -> str:
         return os.path.join(self.models_dir, kind, filename)
+
+    def node_output(self, node_id: str, index: int = 0):
+        """A node's cached output from the last prompt (the very object ComfyUI passes downstream)."""
+        entry = asyncio.run(self.executor.caches.outputs.get(node_id))
+        if entry is None:
+            raise KeyError(f"node {node_id} has no cached output")
+        return entry.outputs[index][0]
 
     def run(self, prompt: dict, expect_error: bool = False):
         """Validate and execute an API-format prompt; returns CAPTURED (latents by capture key)."""

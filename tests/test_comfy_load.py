@@ -172,3 +172,61 @@ class TestStockLoraNodes:
             assert quantized_hash(host, model) == before
         assert torch.equal(sample_direct(model), base)  # removing the LoRAs restores the exact output
         assert quantized_hash(host, model) == before
+
+
+def denoise_once(patcher, size=16, seed=5):
+    """One call of the FLUX denoiser (BaseModel.apply_model) with the patcher's current loading."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 16, size, size, generator=g)
+    ctx, pooled = torch.randn(1, 8, CFG.context_in_dim, generator=g), torch.randn(1, CFG.vec_in_dim, generator=g)
+    with torch.inference_mode():
+        return patcher.model.apply_model(x, torch.tensor([0.7]), c_crossattn=ctx, y=pooled,
+                                         guidance=torch.tensor([3.5]))
+
+
+class TestModelManagement:
+    """ComfyUI's legacy patcher paths: lowvram partial loading, clones, rebuilding from cached_patcher_init."""
+
+    def lora_model(self, host, files, lora_files):
+        import comfy.sd
+        import comfy.utils
+
+        model = load_direct(host, files["nf4"], "nf4", False)
+        lora_sd = comfy.utils.load_torch_file(host.model_path("loras", lora_files["lora"]), safe_load=True)
+        diff_sd = comfy.utils.load_torch_file(host.model_path("loras", lora_files["diff"]), safe_load=True)
+        patched, _ = comfy.sd.load_lora_for_models(model, None, lora_sd, 0.9, 0)
+        patched, _ = comfy.sd.load_lora_for_models(patched, None, diff_sd, 0.5, 0)
+        return model, patched
+
+    def test_lowvram_partial_load_equals_full_load(self, host, files, lora_files):
+        import comfy.model_management as mm
+
+        layers = host.pack_module("quant_expand.layers")
+        model, patched = self.lora_model(host, files, lora_files)
+        mm.unload_all_models()
+        patched.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=0)
+        full = denoise_once(patched)
+        patched.unpatch_model(torch.device("cpu"))
+        patched.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=patched.model_size() // 3)
+        dm = patched.model.diffusion_model
+        offloaded = [m for m in dm.modules() if getattr(m, "comfy_cast_weights", False) and layers.is_quantized_linear(m)]
+        assert patched.model.model_lowvram and offloaded, "the budget should force some quantized layers to lowvram"
+        assert all(m.lora_delta is not None for m in offloaded)  # lazy deltas replace ComfyUI's LowVramPatch
+        partial = denoise_once(patched)
+        assert rel_err(partial, full) < 1e-6
+        patched.unpatch_model(torch.device("cpu"))
+        assert all(m.lora_delta is None and not m.weight_function for m in dm.modules() if layers.is_quantized_linear(m))
+        plain = denoise_once(model)
+        assert rel_err(plain, full) > 1e-3
+
+    def test_clone_disable_dynamic_and_rebuild_from_cached_init(self, host, files, lora_files):
+        adapter = host.pack_module("quant_expand.comfy_adapter")
+        model, patched = self.lora_model(host, files, lora_files)
+        clone = patched.clone(disable_dynamic=True)
+        assert type(clone) is adapter.BnbModelPatcher
+        ref = sample_direct(patched)
+        assert torch.equal(sample_direct(clone), ref)
+        loader, args = model.cached_patcher_init
+        rebuilt = loader(*args, disable_dynamic=True)
+        assert type(rebuilt) is adapter.BnbModelPatcher and rebuilt.model is not model.model
+        assert torch.equal(sample_direct(rebuilt), sample_direct(model))
