@@ -1,0 +1,193 @@
+"""A real ComfyUI server process for end-to-end tests: loopback only, CPU, a throwaway base directory.
+
+The server runs ``COMFYUI_PATH/main.py`` with the Python that runs pytest. Its base directory holds
+the pack as ``custom_nodes/comfyui-bnb-flux`` (a symlink to this repo) and a test-only node file
+(``TEST_NODES_SOURCE``) that exists only in that temporary directory: a tiny FLUX cannot use
+ComfyUI's text encoders, so the test makes its conditioning and its empty latent with these nodes.
+HTTP uses the standard library only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+PACK_DIR_NAME = "comfyui-bnb-flux"
+
+# V1 API on purpose (NODE_CLASS_MAPPINGS), so the test nodes do not depend on the pack's V3 code.
+TEST_NODES_SOURCE = '''"""Test-only nodes written by tests/test_server_prompt.py into a temporary custom_nodes folder."""
+import torch
+
+
+class BnbFluxServerTestConditioning:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
+                             "tokens": ("INT", {"default": 8, "min": 1, "max": 512}),
+                             "context_dim": ("INT", {"default": 64, "min": 1, "max": 8192}),
+                             "pooled_dim": ("INT", {"default": 64, "min": 1, "max": 8192}),
+                             "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0})}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "make"
+    CATEGORY = "_test"
+
+    def make(self, seed, tokens, context_dim, pooled_dim, guidance):
+        g = torch.Generator().manual_seed(seed)
+        cond = torch.randn(1, tokens, context_dim, generator=g)
+        return ([[cond, {"pooled_output": torch.randn(1, pooled_dim, generator=g), "guidance": guidance}]],)
+
+
+class BnbFluxServerTestLatent:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"size": ("INT", {"default": 16, "min": 2, "max": 512})}}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "make"
+    CATEGORY = "_test"
+
+    def make(self, size):
+        return ({"samples": torch.zeros(1, 16, size, size)},)
+
+
+NODE_CLASS_MAPPINGS = {
+    "BnbFluxServerTestConditioning": BnbFluxServerTestConditioning,
+    "BnbFluxServerTestLatent": BnbFluxServerTestLatent,
+}
+'''
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_base_directory(base: str, repo_root: str) -> dict:
+    """ComfyUI's layout under ``base``; the pack is linked in (copied if links are not possible)."""
+    dirs = {name: os.path.join(base, *name.split("/")) for name in
+            ("custom_nodes", "models/diffusion_models", "models/loras", "input", "output", "user", "temp")}
+    for d in dirs.values():
+        os.makedirs(d, exist_ok=True)
+    pack = os.path.join(dirs["custom_nodes"], PACK_DIR_NAME)
+    try:
+        os.symlink(repo_root, pack, target_is_directory=True)
+        dirs["pack_linked"] = True
+    except OSError:  # no symlinks here: copy only what a user installs
+        import shutil
+
+        os.makedirs(pack)
+        shutil.copy2(os.path.join(repo_root, "__init__.py"), pack)
+        for sub in ("nodes", "quant_expand", "web"):
+            shutil.copytree(os.path.join(repo_root, sub), os.path.join(pack, sub),
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        dirs["pack_linked"] = False
+    with open(os.path.join(dirs["custom_nodes"], "bnb_flux_test_nodes.py"), "w") as f:
+        f.write(TEST_NODES_SOURCE)
+    return dirs
+
+
+class ComfyServer:
+    def __init__(self, comfy_path: str, base: str, log_path: str):
+        self.comfy_path = os.path.abspath(comfy_path)
+        self.base = base
+        self.log_path = log_path
+        self.port = None
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, ready_path: str = "/object_info/LoadBnbFlux", timeout: float = 120.0):
+        self.port = free_port()
+        cmd = [sys.executable, os.path.join(self.comfy_path, "main.py"), "--cpu",
+               "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory", self.base,
+               "--disable-auto-launch", "--disable-api-nodes",
+               # keep ComfyUI's own checkout untouched (its default database lives in COMFYUI_PATH/user)
+               "--database-url", "sqlite:///:memory:"]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=self.comfy_path, env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode} during start-up:\n{self.log_tail()}")
+            try:
+                status, body = self.get(ready_path, timeout=5)
+                if status == 200 and body:
+                    return self
+            except (urllib.error.URLError, ConnectionError, socket.timeout, OSError):
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(f"ComfyUI did not answer {ready_path} within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self):
+        """Bounded: terminate, wait 10 s, then kill."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
+            self._log = None
+
+    def log_tail(self, chars: int = 6000) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read().decode("utf-8", "replace")[-chars:]
+        except OSError:
+            return "(no log)"
+
+    # --- HTTP (stdlib only; a proxy-free opener, so traffic stays on loopback) -------------------
+    _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def _request(self, method: str, path: str, data: bytes | None = None, timeout: float = 30):
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"} if data is not None else {})
+        try:
+            with self._opener.open(req, timeout=timeout) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:  # 4xx/5xx still carry a body worth reading
+            return e.code, e.read()
+
+    def get(self, path: str, timeout: float = 30):
+        return self._request("GET", path, timeout=timeout)
+
+    def get_json(self, path: str, timeout: float = 30):
+        status, body = self.get(path, timeout)
+        assert status == 200, f"GET {path} -> {status}: {body[:500]!r}"
+        return json.loads(body)
+
+    def post_prompt(self, prompt: dict):
+        """``POST /prompt``: (HTTP status, decoded JSON answer)."""
+        status, body = self._request("POST", "/prompt", json.dumps({"prompt": prompt}).encode())
+        return status, json.loads(body)
+
+    def wait_history(self, prompt_id: str, timeout: float = 90.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            hist = self.get_json(f"/history/{prompt_id}")
+            entry = hist.get(prompt_id)
+            if entry and entry.get("status", {}).get("status_str") in ("success", "error"):
+                return entry
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI died while running {prompt_id}:\n{self.log_tail()}")
+            time.sleep(0.1)
+        raise TimeoutError(f"prompt {prompt_id} not finished after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def run_prompt(self, prompt: dict, timeout: float = 90.0) -> dict:
+        status, answer = self.post_prompt(prompt)
+        assert status == 200, f"POST /prompt -> {status}: {answer}"
+        assert not answer.get("node_errors"), answer
+        return self.wait_history(answer["prompt_id"], timeout)
