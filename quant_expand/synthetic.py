@@ -283,9 +283,11 @@ def make_lora(cfg: Optional[TinyFluxConfig] = None, kind: str = "lora", rank: in
 
     if kind == "set":
         # full replacement values for norm scales: near 1, clearly different from the base
-        names = list(targets) if targets is not None else [k[: -len(".scale")] for k in norm_scale_keys(cfg)]
+        norms = [k[: -len(".scale")] for k in norm_scale_keys(cfg)]
+        names = [n[: -len(".scale")] if n.endswith(".scale") else n for n in (targets or norms)]
+        if any(n not in norms for n in names):
+            raise ValueError(f"'set' targets must be QK-norm scales of this config, got {names}")
         for n in names:
-            n = n[: -len(".scale")] if n.endswith(".scale") else n
             sd[f"diffusion_model.{n}.set_weight"] = 1.0 + scale * _randn(g, HEAD_DIM).abs() + scale
         return sd
 

@@ -15,7 +15,8 @@ from safetensors import safe_open
 from quant_expand import synthetic as S
 
 CFG = S.TinyFluxConfig()
-SCHNELL = S.TinyFluxConfig(hidden_size=384, depth=2, depth_single_blocks=3, guidance_embed=False)
+SCHNELL = S.TinyFluxConfig(hidden_size=384, depth=1, depth_single_blocks=2, context_in_dim=96, vec_in_dim=32,
+                           guidance_embed=False)
 
 
 def _dequant_4bit_roundtrip(w, q):
