@@ -3,7 +3,7 @@
 Everything here runs with torch + bitsandbytes alone; only ``quant_expand.comfy_adapter`` imports ComfyUI.
 """
 from .spec import QuantSpec, QuantSpecError
-from .layers import QuantLinear, QLinear4bit, QLinear8bit, is_quantized_linear
+from .layers import QuantLinear, QLinear4bit, QLinear8bit, as_quant_linear, expand_in_features, is_quantized_linear, unexpand
 from .lora import LazyLoraDelta, LoraTerm
 
 __all__ = [
@@ -13,6 +13,9 @@ __all__ = [
     "QLinear4bit",
     "QLinear8bit",
     "is_quantized_linear",
+    "as_quant_linear",
+    "expand_in_features",
+    "unexpand",
     "LazyLoraDelta",
     "LoraTerm",
 ]
