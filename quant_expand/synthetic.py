@@ -27,6 +27,8 @@ __all__ = [
     "LORA_KINDS",
     "make_lora",
     "make_control_lora",
+    "diffusers_pieces",
+    "bfl_lora_to_diffusers",
 ]
 
 # ComfyUI's FLUX detection fixes these: head_dim = sum(axes_dim) = 128, patch 2x2, 16 latent
@@ -405,3 +407,74 @@ def make_control_lora(cfg: Optional[TinyFluxConfig] = None, rank: int = 16, seed
     for k in norm_scale_keys(cfg):
         sd[k] = 1.0 + 0.1 * _randn(g, HEAD_DIM)
     return {k: v.to(torch.float32).contiguous() for k, v in sd.items()}
+
+
+# ---------------------------------------------------------------- diffusers layout
+
+def diffusers_pieces(cfg: TinyFluxConfig) -> tuple[dict, dict]:
+    """BFL module -> [(diffusers name, first row, rows or None)], and BFL norm key -> diffusers norm name.
+
+    Written from diffusers' FluxTransformer2DModel layout, independently of the parser's table."""
+    h, mlp = cfg.hidden_size, cfg.mlp_hidden
+    full = lambda name: [(name, 0, None)]  # noqa: E731
+    t = {"img_in": full("x_embedder"), "txt_in": full("context_embedder"),
+         "time_in.in_layer": full("time_text_embed.timestep_embedder.linear_1"),
+         "time_in.out_layer": full("time_text_embed.timestep_embedder.linear_2"),
+         "vector_in.in_layer": full("time_text_embed.text_embedder.linear_1"),
+         "vector_in.out_layer": full("time_text_embed.text_embedder.linear_2"),
+         "guidance_in.in_layer": full("time_text_embed.guidance_embedder.linear_1"),
+         "guidance_in.out_layer": full("time_text_embed.guidance_embedder.linear_2"),
+         "final_layer.linear": full("proj_out"), "final_layer.adaLN_modulation.1": full("norm_out.linear")}
+    norms = {}
+    for i in range(cfg.depth):
+        d, x = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        t[d + "img_attn.qkv"] = [(x + "attn.to_q", 0, h), (x + "attn.to_k", h, h), (x + "attn.to_v", 2 * h, h)]
+        t[d + "txt_attn.qkv"] = [(x + "attn.add_q_proj", 0, h), (x + "attn.add_k_proj", h, h),
+                                 (x + "attn.add_v_proj", 2 * h, h)]
+        t[d + "img_attn.proj"] = full(x + "attn.to_out.0")
+        t[d + "txt_attn.proj"] = full(x + "attn.to_add_out")
+        t[d + "img_mlp.0"], t[d + "img_mlp.2"] = full(x + "ff.net.0.proj"), full(x + "ff.net.2")
+        t[d + "txt_mlp.0"], t[d + "txt_mlp.2"] = full(x + "ff_context.net.0.proj"), full(x + "ff_context.net.2")
+        t[d + "img_mod.lin"], t[d + "txt_mod.lin"] = full(x + "norm1.linear"), full(x + "norm1_context.linear")
+        for s, q, k in (("img", "norm_q", "norm_k"), ("txt", "norm_added_q", "norm_added_k")):
+            norms[f"{d}{s}_attn.norm.query_norm.scale"] = x + "attn." + q
+            norms[f"{d}{s}_attn.norm.key_norm.scale"] = x + "attn." + k
+    for i in range(cfg.depth_single_blocks):
+        d, x = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+        t[d + "linear1"] = [(x + "attn.to_q", 0, h), (x + "attn.to_k", h, h), (x + "attn.to_v", 2 * h, h),
+                            (x + "proj_mlp", 3 * h, mlp)]
+        t[d + "linear2"] = full(x + "proj_out")
+        t[d + "modulation.lin"] = full(x + "norm.linear")
+        norms[d + "norm.query_norm.scale"] = x + "attn.norm_q"
+        norms[d + "norm.key_norm.scale"] = x + "attn.norm_k"
+    return t, norms
+
+
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a])
+
+
+def bfl_lora_to_diffusers(bfl: dict, cfg: Optional[TinyFluxConfig] = None, prefix="transformer.", peft=False, swap_b=True, swap_a=False) -> dict:
+    """A BFL-named LoRA (or Control LoRA) in diffusers/PEFT key layout: fused rows split into q/k/v (and
+    proj_mlp), norm_out's scale/shift halves of lora_B and its bias swapped. ``swap_b=False`` /
+    ``swap_a=True`` write the two classic conversion mistakes, for negative tests."""
+    pieces, norms = diffusers_pieces(cfg or TinyFluxConfig())
+    a_sfx, b_sfx = (".lora_A.default.weight", ".lora_B.default.weight") if peft else (".lora_A.weight", ".lora_B.weight")
+    out = {}
+    for key, v in bfl.items():
+        key = key[len("diffusion_model."):] if key.startswith("diffusion_model.") else key
+        if key.endswith("_norm.scale"):
+            out[f"{prefix}{norms[key]}.weight"] = v.clone()
+            continue
+        for suffix, role in ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_B.bias", "bias"), (".alpha", "alpha")):
+            if key.endswith(suffix):
+                m = key[: -len(suffix)]
+                break
+        adaln = m == "final_layer.adaLN_modulation.1"
+        for name, start, rows in pieces[m]:
+            t = v if role in ("A", "alpha") or rows is None else v[start:start + rows]
+            if adaln and ((role in ("B", "bias") and swap_b) or (role == "A" and swap_a)):
+                t = _swap_halves(t)
+            out[prefix + name + {"A": a_sfx, "B": b_sfx, "bias": ".lora_B.bias", "alpha": ".alpha"}[role]] = t.clone()
+    return out
