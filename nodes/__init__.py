@@ -1,5 +1,5 @@
 """The pack's ComfyUI nodes (V3 API). Node ids and input names are public API: keep them stable."""
+from .apply_control_lora import ApplyControlLora, SetLoraScale
 from .load_bnb_flux import LoadBnbFlux
 
-NODES = [LoadBnbFlux]
-CATEGORY = "loaders/bnb flux"
+NODES = [LoadBnbFlux, ApplyControlLora, SetLoraScale]

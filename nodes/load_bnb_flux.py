@@ -40,14 +40,19 @@ class LoadBnbFlux(io.ComfyNode):
                                tooltip="dtype the weights are dequantized to and the model computes in. auto: "
                                        "ComfyUI's choice for FLUX on this device (bf16 on recent NVIDIA GPUs, "
                                        "fp32 on CPU)."),
+                io.Boolean.Input("quantize_img_in", default=False, optional=True,
+                                 tooltip="Also quantize img_in, the image input layer (0.005 % of the weights). Off "
+                                         "by default: it sees raw latents. A Control LoRA widens it either way, "
+                                         "without requantizing."),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, unet_name, quant_type, double_quant, compute_dtype) -> io.NodeOutput:
+    def execute(cls, unet_name, quant_type, double_quant, compute_dtype, quantize_img_in=False) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
-        options = {"quant_type": quant_type, "double_quant": bool(double_quant), "compute_dtype": compute_dtype}
+        options = {"quant_type": quant_type, "double_quant": bool(double_quant), "compute_dtype": compute_dtype,
+                   "quantize_img_in": bool(quantize_img_in)}
         model = load_bnb_flux(path, options, progress=_progress)
         # ComfyUI rebuilds a model through this when it needs a fresh copy (clone(disable_dynamic=True))
         model.cached_patcher_init = (load_bnb_flux, (path, options))

@@ -61,23 +61,26 @@ def demo(args) -> int:
     host = ComfyHost.start(comfy_path, REPO_ROOT, models, cpu=not args.gpu)
     print(f"started ComfyUI in-process with the pack loaded ({time.perf_counter() - t0:.1f} s)")
 
-    def model_chain(loader):
-        return {"m": loader,
-                "ctl": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["m", 0], "lora_name": "tiny_control_lora.safetensors", "strength_model": 0.85}},
-                "sty": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["ctl", 0], "lora_name": "tiny_style_lora.safetensors", "strength_model": 0.6}}}
+    def node(cls, **inputs):
+        return {"class_type": cls, "inputs": inputs}
 
-    bnb = model_chain({"class_type": "LoadBnbFlux", "inputs": {"unet_name": unet, "quant_type": args.quant,
-                                                              "double_quant": args.double_quant, "compute_dtype": "auto"}})
-    ref = model_chain({"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}})
+    bnb = {"m": node("LoadBnbFlux", unet_name=unet, quant_type=args.quant, double_quant=args.double_quant,
+                     compute_dtype="auto", quantize_img_in=args.quantize_img_in),
+           "ctl": node("ApplyControlLora", model=["m", 0], lora_name="tiny_control_lora.safetensors", strength=1.0),
+           "sty": node("ApplyControlLora", model=["ctl", 0], lora_name="tiny_style_lora.safetensors", strength=0.6),
+           "scale": node("SetLoraScale", model=["sty", 0], lora_name="tiny_control_lora.safetensors", strength=0.85)}
+    ref = {"m": node("UNETLoader", unet_name=unet, weight_dtype="default"),
+           "ctl": node("LoraLoaderModelOnly", model=["m", 0], lora_name="tiny_control_lora.safetensors", strength_model=0.85),
+           "sty": node("LoraLoaderModelOnly", model=["ctl", 0], lora_name="tiny_style_lora.safetensors", strength_model=0.6)}
     size = 32
-    g = sampling_graph({f"q_{k}": _rename(v, "q_") for k, v in bnb.items()}, ["q_sty", 0], key="bnb",
+    g = sampling_graph({f"q_{k}": _rename(v, "q_") for k, v in bnb.items()}, ["q_scale", 0], key="bnb",
                        size=size, steps=args.steps, control_seed=42, prefix="a")
     g = sampling_graph({**g, **{f"r_{k}": _rename(v, "r_") for k, v in ref.items()}}, ["r_sty", 0], key="full",
                        size=size, steps=args.steps, control_seed=42, prefix="b")
-    g = sampling_graph(g, ["q_sty", 0], key="bnb_other_control", size=size, steps=args.steps, control_seed=43, prefix="c")
-    print("graph: LoadBnbFlux -> LoraLoaderModelOnly(control, 0.85) -> LoraLoaderModelOnly(style, 0.6) -> KSampler "
-          f"(euler, {args.steps} steps, cfg 1, {size * 8}x{size * 8} px, control latent)\n"
-          "   vs: UNETLoader (full precision, same file) -> same LoRAs -> same KSampler")
+    g = sampling_graph(g, ["q_scale", 0], key="bnb_other_control", size=size, steps=args.steps, control_seed=43, prefix="c")
+    print("graph: LoadBnbFlux -> Apply Control LoRA(control, 1.0) -> Apply Control LoRA(style, 0.6) -> Set LoRA Scale"
+          f"(control, 0.85) -> KSampler (euler, {args.steps} steps, cfg 1, {size * 8}x{size * 8} px, control latent)\n"
+          "   vs: UNETLoader (full precision, same file) -> LoraLoaderModelOnly(control, 0.85) -> (style, 0.6) -> same KSampler")
     t0 = time.perf_counter()
     out = host.run(g)
     elapsed = time.perf_counter() - t0
@@ -112,6 +115,8 @@ def main(argv=None) -> int:
     d.add_argument("--double-quant", action="store_true", help="4-bit: quantize the block scales too")
     d.add_argument("--no-exact", dest="exact", action="store_false",
                    help="random weights instead of weights that survive quantization exactly")
+    d.add_argument("--keep-img-in", dest="quantize_img_in", action="store_false",
+                   help="leave img_in unquantized (default: quantize it too, so the Control LoRA widens a 4-bit layer)")
     d.add_argument("--steps", type=int, default=4)
     d.add_argument("--gpu", action="store_true", help="let ComfyUI use the GPU (default: --cpu)")
     args = parser.parse_args(argv)

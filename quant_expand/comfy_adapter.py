@@ -4,7 +4,9 @@ Imported by the pack's nodes inside a running ComfyUI (``comfy`` must be importa
 """
 from __future__ import annotations
 
+import copy
 import logging
+import uuid
 from typing import Optional
 
 import torch
@@ -18,7 +20,7 @@ import comfy.utils
 import comfy.weight_adapter as weight_adapter
 
 from .formats import BnbFluxError, TensorFile
-from .layers import QuantLinear, is_quantized_linear, quantized_linear_from_float
+from .layers import QuantLinear, expand_in_features, is_quantized_linear, quantized_linear_from_float
 from .lora import LazyLoraDelta, LoraTerm
 from .spec import QuantSpec
 
@@ -30,7 +32,9 @@ log = logging.getLogger("comfyui-bnb-flux")
 UNQUANTIZED_LINEARS = ("img_in", "time_in.", "vector_in.", "guidance_in.", "final_layer.")
 
 
-def default_should_quantize(name: str, in_features: int, spec: QuantSpec) -> bool:
+def default_should_quantize(name: str, in_features: int, spec: QuantSpec, quantize_img_in: bool = False) -> bool:
+    if name == "img_in" and quantize_img_in:
+        return spec.can_quantize(in_features)
     if name == "img_in" or name.startswith(UNQUANTIZED_LINEARS):
         return False
     return spec.can_quantize(in_features)
@@ -96,7 +100,7 @@ def detect_flux(tf: TensorFile):
 def load_bnb_flux(unet_path: str, options: dict, disable_dynamic: bool = False, progress=None):
     """Build a quantized FLUX as a :class:`BnbModelPatcher`, quantizing tensor by tensor while streaming.
 
-    ``options``: ``quant_type``, ``double_quant``, ``compute_dtype`` (as the node's inputs). The
+    ``options``: ``quant_type``, ``double_quant``, ``compute_dtype``, ``quantize_img_in`` (the node's inputs). The
     patcher always uses ComfyUI's non-dynamic loading (see :class:`BnbModelPatcher`), so
     ``disable_dynamic`` is accepted for ``cached_patcher_init`` and changes nothing.
     """
@@ -137,7 +141,7 @@ def load_bnb_flux(unet_path: str, options: dict, disable_dynamic: bool = False, 
         if tuple(weight.shape) != (lin.out_features, lin.in_features):
             raise BnbFluxError(f"{tf.name}: {name}.weight has shape {list(weight.shape)}, the detected model "
                                f"expects {[lin.out_features, lin.in_features]}")
-        if default_should_quantize(name, lin.in_features, spec):
+        if default_should_quantize(name, lin.in_features, spec, bool(options.get("quantize_img_in", False))):
             new = quantized_linear_from_float(weight, bias, spec, quantize_device=quantize_device,
                                               store_device=offload_device)
             _set_module(dm, name, new)
@@ -175,6 +179,33 @@ def load_bnb_flux(unet_path: str, options: dict, disable_dynamic: bool = False, 
     log.info("Load BnB Flux: %s -> %s, %d of %d Linear layers quantized, compute %s, %.1f MiB",
              tf.name, spec.describe(), quantized, len(linears), compute_dtype, patcher.model_size() / 2**20)
     return patcher
+
+
+def required_in_features(patch_list) -> Optional[int]:
+    """The input width a key's patches ask for (a Control LoRA's ``reshape`` or a padded diff), if any."""
+    width = None
+    for _strength, v, _sm, offset, _fn in patch_list:
+        if offset is not None:
+            continue
+        shape = None
+        if isinstance(v, weight_adapter.LoRAAdapter) and v.weights[5] is not None:
+            shape = v.weights[5]
+        elif isinstance(v, tuple) and len(v) == 2 and v[0] == "diff" and len(v[1]) > 1 and v[1][1].get("pad_weight"):
+            shape = v[1][0].shape
+        if shape is not None and len(shape) == 2:
+            width = max(width or 0, int(shape[1]))
+    return width
+
+
+def widened_linear(module: torch.nn.Linear, width: int) -> torch.nn.Linear:
+    if is_quantized_linear(module):
+        return expand_in_features(module, width)
+    new = copy.copy(module)
+    new._parameters = dict(module._parameters)
+    new.in_features = width
+    new.weight = torch.nn.Parameter(torch.nn.functional.pad(module.weight.detach(), (0, width - module.weight.shape[1])),
+                                    requires_grad=False)
+    return new
 
 
 # -- patcher -------------------------------------------------------------------------------------
@@ -274,6 +305,25 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
             return weight
         return None
 
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+        keys = super().add_patches(patches, strength_patch, strength_model)
+        self.widen_for_patches()
+        return keys
+
+    def widen_for_patches(self):
+        """A patch that widens a Linear's inputs (a Control LoRA's ``img_in``) gets a widened layer as an
+        object patch of this clone: quantized layers keep their bytes (``expand_in_features``), plain ones
+        get a zero-padded copy. ComfyUI's own path pads the weight at merge time instead, which fails when
+        the layer is offloaded (lowvram) and cannot work on packed 4-bit bytes."""
+        for key, patch_list in self.patches.items():
+            width = required_in_features(patch_list)
+            if width is None or not key.endswith(".weight"):
+                continue
+            name = key[: -len(".weight")]
+            current = self.get_model_object(name)
+            if isinstance(current, torch.nn.Linear) and width > current.in_features:
+                self.add_object_patch(name, widened_linear(current, width))
+
     def _compute_dtype(self):
         return self.model.manual_cast_dtype or self.model.get_dtype()
 
@@ -322,3 +372,116 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
         super().unpatch_model(device_to, unpatch_weights)
         if unpatch_weights:
             self.clear_lazy_deltas()
+
+
+# -- Apply Control LoRA / Set LoRA Scale ---------------------------------------------------------
+
+APPLIED_LORAS = "bnb_flux_applied_loras"
+
+
+class AppliedLoras:
+    """Which LoRAs a model had applied by Apply Control LoRA, by file name: their patch objects
+    (identified by identity inside ``ModelPatcher.patches``) and current strength. A patcher
+    attachment, copied on clone, so each branch of a graph keeps its own record."""
+
+    def __init__(self, entries=None):
+        self.entries: dict[str, dict] = dict(entries or {})
+
+    def on_model_patcher_clone(self):
+        return AppliedLoras({k: dict(v) for k, v in self.entries.items()})
+
+    @staticmethod
+    def of(patcher) -> "AppliedLoras":
+        return patcher.get_attachment(APPLIED_LORAS) or AppliedLoras()
+
+
+def linear_shapes(patcher) -> dict[str, tuple[int, int]]:
+    """BFL name -> (out, in) of every Linear of the diffusion model as this clone will run it
+    (a widened img_in counts with its new width)."""
+    dm = patcher.get_model_object("diffusion_model")
+    shapes = {}
+    for name, m in dm.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            current = patcher.get_model_object(f"diffusion_model.{name}")
+            shapes[name] = (current.out_features, current.in_features)
+    for key, patch_list in patcher.patches.items():  # widening queued on a stock patcher (ComfyUI's reshape)
+        width = required_in_features(patch_list)
+        name = key[len("diffusion_model."):-len(".weight")] if key.startswith("diffusion_model.") else None
+        if width and name in shapes and width > shapes[name][1]:
+            shapes[name] = (shapes[name][0], width)
+    return shapes
+
+
+def lora_patches(parsed, shapes: dict[str, tuple[int, int]]) -> dict:
+    """ComfyUI patches for a parsed LoRA: LoRA adapters (``lora_A`` zero-padded to the layer's logical
+    width; ``reshape`` where the LoRA widens the layer), bias diffs, and norm ``set`` patches."""
+    patches = {}
+    for layer in parsed.layers:
+        out_features, in_features = shapes[layer.module]
+        width = parsed.widened.get(layer.module, in_features)
+        down = layer.down
+        if down.shape[1] < width:
+            down = torch.nn.functional.pad(down, (0, width - down.shape[1]))
+        reshape = [out_features, width] if layer.module in parsed.widened else None
+        key = f"diffusion_model.{layer.module}.weight"
+        rows = layer.up.shape[0]
+        offset = None if (layer.row_offset == 0 and rows == out_features) else (0, layer.row_offset, rows)
+        patches[key if offset is None else (key, offset)] = weight_adapter.LoRAAdapter(
+            set(), (layer.up, down, layer.alpha, None, None, reshape))
+        if layer.bias is not None:
+            bkey = f"diffusion_model.{layer.module}.bias"
+            patches[bkey if offset is None else (bkey, offset)] = ("diff", (layer.bias,))
+    for module, bias in getattr(parsed, "bias_diffs", {}).items():
+        patches[f"diffusion_model.{module}.bias"] = ("diff", (bias,))
+    for key, value in parsed.norm_sets.items():
+        model_key = key[: -len(".scale")] + ".weight" if key.endswith("_norm.scale") else key
+        patches[f"diffusion_model.{model_key}"] = ("set", (value,))
+    return patches
+
+
+def apply_lora(model, parsed, strength: float, lora_name: str):
+    """A clone of ``model`` with the LoRA's patches at ``strength`` (0 included: the widening and the
+    norm sets are part of the model's shape, unlike ComfyUI's LoraLoader which skips at 0)."""
+    applied = AppliedLoras.of(model)
+    if lora_name in applied.entries:
+        raise BnbFluxError(f"{lora_name}: already applied to this model; use Set LoRA Scale to change its "
+                           f"strength instead of applying it twice")
+    if parsed.is_control:
+        other = [n for n, e in applied.entries.items() if e["control"]]
+        if other:
+            raise BnbFluxError(f"{lora_name}: a Control LoRA ({other[0]}) is already applied; two Control LoRAs "
+                               f"would both claim the control channels of img_in: use one per model")
+    shapes = linear_shapes(model)
+    patches = lora_patches(parsed, shapes)
+    m = model.clone()
+    accepted = set(m.add_patches(patches, strength))
+    missing = [k if isinstance(k, str) else k[0] for k in patches if k not in accepted]
+    if missing:
+        raise BnbFluxError(f"{lora_name}: the model has no {missing[0].removeprefix('diffusion_model.')} "
+                           f"({len(missing)} layer(s) not found); is this LoRA for FLUX.1?")
+    record = AppliedLoras.of(m).on_model_patcher_clone()
+    record.entries[lora_name] = {"strength": strength, "patch_ids": {id(v) for v in patches.values()},
+                                 "control": parsed.is_control, "layers": len(parsed.layers)}
+    m.set_attachments(APPLIED_LORAS, record)
+    return m
+
+
+def set_lora_scale(model, lora_name: str, strength: float):
+    """A clone whose patches of ``lora_name`` carry ``strength``: nothing is reloaded or requantized;
+    the next load re-stacks the lazy deltas with the new number."""
+    applied = AppliedLoras.of(model)
+    entry = applied.entries.get(lora_name)
+    if entry is None:
+        names = ", ".join(sorted(applied.entries)) or "none"
+        raise BnbFluxError(f"{lora_name}: not applied to this model (applied by Apply Control LoRA upstream: "
+                           f"{names}); pick one of those or add an Apply Control LoRA node for it")
+    m = model.clone()
+    ids = entry["patch_ids"]
+    for key, plist in m.patches.items():
+        if any(id(p[1]) in ids for p in plist):
+            m.patches[key] = [(strength,) + p[1:] if id(p[1]) in ids else p for p in plist]
+    m.patches_uuid = uuid.uuid4()
+    record = applied.on_model_patcher_clone()
+    record.entries[lora_name]["strength"] = strength
+    m.set_attachments(APPLIED_LORAS, record)
+    return m

@@ -97,6 +97,11 @@ class _ServerStub:
     def queue_updated(self):
         pass
 
+    class node_replace_manager:  # comfy_extras/nodes_replacements registers UI node replacements here
+        @staticmethod
+        def register(replacement):
+            pass
+
 
 class ComfyHost:
     instance = None
@@ -121,6 +126,11 @@ class ComfyHost:
         for sub in ("diffusion_models", "loras", "checkpoints"):
             os.makedirs(os.path.join(models_dir, sub), exist_ok=True)
             folder_paths.add_model_folder_path(sub, os.path.join(models_dir, sub), is_default=True)
+        server_stub = _ServerStub()
+        import server as comfy_server
+
+        if not hasattr(comfy_server.PromptServer, "instance"):  # nodes that message the UI find the stub
+            comfy_server.PromptServer.instance = server_stub
         asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
         ok = asyncio.run(nodes.load_custom_node(repo_root))
         if not ok:
@@ -132,7 +142,7 @@ class ComfyHost:
         host.pack_name = repo_root.replace(".", "_x_")
         host.nodes = nodes
         host.execution = execution
-        host.server = _ServerStub()
+        host.server = server_stub
         host.executor = execution.PromptExecutor(host.server, cache_type=execution.CacheType.CLASSIC,
                                                  cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
         cls.instance = host
@@ -162,7 +172,7 @@ class ComfyHost:
             raise AssertionError(f"prompt rejected by ComfyUI's validator: {valid[1]} {valid[3]}")
         self.server.messages.clear()
         self.executor.execute(prompt, prompt_id, {}, valid[2])
-        errors = [d for e, d in self.server.messages if e == "execution_error"]
+        errors = [d for e, d in self.executor.status_messages if e == "execution_error"]
         if expect_error:
             return {"errors": errors, "captured": dict(CAPTURED)}
         if errors or not self.executor.success:

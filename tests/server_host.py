@@ -107,7 +107,10 @@ class ComfyServer:
 
     def start(self, ready_path: str = "/object_info/LoadBnbFlux", timeout: float = 120.0):
         self.port = free_port()
-        cmd = [sys.executable, os.path.join(self.comfy_path, "main.py"), "--cpu",
+        # BNB_FLUX_SERVER_DEVICE=gpu (on the GPU machine): ComfyUI's defaults there, dynamic VRAM
+        # included, with float32 weights for the stock path so the float32 comparisons still hold
+        device_args = ["--fp32-unet"] if os.environ.get("BNB_FLUX_SERVER_DEVICE") == "gpu" else ["--cpu"]
+        cmd = [sys.executable, os.path.join(self.comfy_path, "main.py"), *device_args,
                "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory", self.base,
                "--disable-auto-launch", "--disable-api-nodes",
                # keep ComfyUI's own checkout untouched (its default database lives in COMFYUI_PATH/user)

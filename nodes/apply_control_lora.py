@@ -1,0 +1,89 @@
+"""Apply Control LoRA and Set LoRA Scale: LoRAs applied lazily, strengths changed without reloading."""
+from __future__ import annotations
+
+import math
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..quant_expand.comfy_adapter import apply_lora, linear_shapes, set_lora_scale
+from ..quant_expand.formats import BnbFluxError, TensorFile
+from ..quant_expand.lora_formats import parse_lora
+from .load_bnb_flux import CATEGORY
+
+STRENGTH_TOOLTIP = (
+    "Multiplies the LoRA's deltas (lora_B·lora_A and the lora_B bias). A Control LoRA's widening of img_in "
+    "(64 -> 128 inputs) and its QK-norm scales are part of the model's shape and stay at every strength, 0 "
+    "included - unlike ComfyUI's LoraLoader, which skips a LoRA at 0 - so Set LoRA Scale to s always equals "
+    "applying at s.")
+
+
+def check_strength(lora_name: str, strength: float):
+    # ComfyUI's validator rejects out-of-range numbers but lets NaN through (NaN < min is false)
+    if not math.isfinite(strength):
+        raise BnbFluxError(f"{lora_name}: strength is {strength}; use a finite number between -10 and 10")
+
+
+def lora_combo(tooltip: str):
+    return io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"), tooltip=tooltip)
+
+
+def strength_input():
+    return io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01, tooltip=STRENGTH_TOOLTIP)
+
+
+class ApplyControlLora(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ApplyControlLora",
+            display_name="Apply Control LoRA",
+            category=CATEGORY,
+            description=(
+                "Applies a FLUX LoRA: BFL Control LoRAs (Canny, Depth; widen img_in to 128 inputs so the "
+                "control latent from InstructPixToPixConditioning reaches the model) and ordinary LoRAs in "
+                "BFL, diffusers/PEFT, kohya or ComfyUI format. Chain several. On a Load BnB Flux model the "
+                "deltas are added at sampling time without touching the quantized weights; it also works on "
+                "full-precision models from ComfyUI's loaders."),
+            inputs=[
+                io.Model.Input("model"),
+                lora_combo("A FLUX LoRA or Control LoRA (safetensors) from models/loras."),
+                strength_input(),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, lora_name, strength) -> io.NodeOutput:
+        check_strength(lora_name, strength)
+        path = folder_paths.get_full_path_or_raise("loras", lora_name)
+        tensors = TensorFile(path)
+        try:
+            parsed = parse_lora(tensors, lora_name, linear_shapes(model))
+        finally:
+            tensors.close()
+        return io.NodeOutput(apply_lora(model, parsed, float(strength), lora_name))
+
+
+class SetLoraScale(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SetLoraScale",
+            display_name="Set LoRA Scale",
+            category=CATEGORY,
+            description=(
+                "Changes the strength of a LoRA applied upstream by Apply Control LoRA, with no reload and no "
+                "re-quantization: only the lazy deltas are re-stacked when sampling starts."),
+            inputs=[
+                io.Model.Input("model"),
+                lora_combo("The LoRA to rescale: the same file name given to Apply Control LoRA upstream."),
+                strength_input(),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, lora_name, strength) -> io.NodeOutput:
+        check_strength(lora_name, strength)
+        return io.NodeOutput(set_lora_scale(model, lora_name, float(strength)))

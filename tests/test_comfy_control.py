@@ -1,0 +1,249 @@
+"""Apply Control LoRA and Set LoRA Scale through ComfyUI's executor, loaders, patcher and sampler (CPU).
+
+Reference: ComfyUI's stock LoraLoaderModelOnly on a full-precision model holding exactly the values the
+quantized model stores (its dequantized weights). Tolerance: relative L2 error 1e-5 on whole latents
+(float32 on CPU; ComfyUI merges ``W += s*(B@A)`` where the lazy path adds ``(s*B)@A`` or ``B(Ax)``: the
+same sums in another order). Set LoRA Scale vs applying at the same strength builds the same patch
+list, so those compare bit for bit.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from comfy_host import sample_direct, sampling_graph
+from quant_expand.synthetic import (TinyFluxConfig, bfl_lora_to_diffusers, make_control_lora, make_lora, make_tiny_flux,
+                                   save_safetensors)
+
+CFG = TinyFluxConfig()
+CONTROL, STYLE, STYLE_IMG_IN = "tiny_canny_lora.safetensors", "tiny_style.safetensors", "tiny_style_img_in.safetensors"
+STYLE_IMG_IN_PADDED = "tiny_style_img_in_padded.safetensors"
+CONTROL_DIFFUSERS, STYLE_KOHYA = "tiny_canny_lora_diffusers.safetensors", "tiny_style_kohya.safetensors"
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def files(host):
+    for q in ("nf4", "fp4", "int8"):
+        save_safetensors(make_tiny_flux(CFG, seed=0, exact_for=q), host.model_path("diffusion_models", f"ctl_exact_{q}.safetensors"))
+    save_safetensors(make_control_lora(CFG, seed=2), host.model_path("loras", CONTROL))
+    save_safetensors(make_lora(CFG, kind="lora", seed=7), host.model_path("loras", STYLE))
+    # a style LoRA that also targets img_in at the original 64-input width
+    targets = ["img_in", "double_blocks.0.img_attn.qkv", "single_blocks.0.linear1"]
+    style_img_in = make_lora(CFG, kind="lora", seed=8, targets=targets)
+    save_safetensors(style_img_in, host.model_path("loras", STYLE_IMG_IN))
+    # what zero-padding the old-width lora_A means, written out for ComfyUI's own loader (which cannot
+    # apply a 64-input LoRA to a 128-input img_in: it logs a shape error and skips the layer)
+    padded = dict(style_img_in)
+    padded["diffusion_model.img_in.lora_A.weight"] = torch.nn.functional.pad(padded["diffusion_model.img_in.lora_A.weight"], (0, 64))
+    save_safetensors(padded, host.model_path("loras", STYLE_IMG_IN_PADDED))
+    save_safetensors(bfl_lora_to_diffusers(make_control_lora(CFG, seed=2), CFG), host.model_path("loras", CONTROL_DIFFUSERS))
+    save_safetensors(make_lora(CFG, kind="kohya", seed=9), host.model_path("loras", STYLE_KOHYA))
+    return {q: f"ctl_exact_{q}.safetensors" for q in ("nf4", "fp4", "int8")}
+
+
+def loader(file, quant, dq=False, img_in=False):
+    return {"class_type": "LoadBnbFlux", "inputs": {"unet_name": file, "quant_type": quant, "double_quant": dq,
+                                                    "compute_dtype": "float32", "quantize_img_in": img_in}}
+
+
+def apply(model_ref, name, strength):
+    return {"class_type": "ApplyControlLora", "inputs": {"model": model_ref, "lora_name": name, "strength": strength}}
+
+
+def set_scale(model_ref, name, strength):
+    return {"class_type": "SetLoraScale", "inputs": {"model": model_ref, "lora_name": name, "strength": strength}}
+
+
+def stock_lora(model_ref, name, strength):
+    return {"class_type": "LoraLoaderModelOnly", "inputs": {"model": model_ref, "lora_name": name, "strength_model": strength}}
+
+
+def dequantized_file(host, file, quant, dq, img_in, name):
+    node = host.pack_module("nodes.load_bnb_flux").LoadBnbFlux
+    layers = host.pack_module("quant_expand.layers")
+    with torch.inference_mode():
+        patcher = node.execute(file, quant, dq, "float32", img_in).result[0]
+    save_safetensors(layers.dequantized_state_dict(patcher.model.diffusion_model), host.model_path("diffusion_models", name))
+    return name, patcher
+
+
+def quantized_hash(host, patcher):
+    layers = host.pack_module("quant_expand.layers")
+    h = hashlib.sha256()
+    for name, m in sorted(patcher.model.diffusion_model.named_modules(), key=lambda x: x[0]):
+        if layers.is_quantized_linear(m):
+            for k, t in sorted(layers.quantized_bytes(m).items()):
+                h.update(f"{name}.{k}".encode() + t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class TestApplyControlLora:
+    """Control + style LoRAs on quantized models equal ComfyUI's own path on full precision."""
+
+    @pytest.mark.parametrize("quant,dq,img_in", [("nf4", False, True), ("nf4", True, False), ("fp4", True, True),
+                                                 ("int8", False, True)])
+    @pytest.mark.parametrize("size", [16, 64])
+    def test_control_and_style_match_stock_loras_on_full_precision(self, host, files, quant, dq, img_in, size):
+        deq, _ = dequantized_file(host, files[quant], quant, dq, img_in, f"ctl_deq_{quant}_{dq}_{img_in}.safetensors")
+        g = {"q": loader(files[quant], quant, dq, img_in), "qc": apply(["q", 0], CONTROL, 0.85),
+             "qs": apply(["qc", 0], STYLE, 0.6),
+             "r": {"class_type": "UNETLoader", "inputs": {"unet_name": deq, "weight_dtype": "default"}},
+             "rc": stock_lora(["r", 0], CONTROL, 0.85), "rs": stock_lora(["rc", 0], STYLE, 0.6)}
+        g = sampling_graph(g, ["qs", 0], key="q", size=size, steps=1, control_seed=42, prefix="a")
+        g = sampling_graph(g, ["rs", 0], key="ref", size=size, steps=1, control_seed=42, prefix="b")
+        g = sampling_graph(g, ["qs", 0], key="q_other", size=size, steps=1, control_seed=43, prefix="c")
+        out = host.run(g)
+        assert rel_err(out["q"], out["ref"]) < 1e-5
+        # the control latent reaches the model: another control image gives another result
+        assert rel_err(out["q_other"], out["q"]) > 1e-2
+
+    @pytest.mark.parametrize("quant,img_in", [("nf4", True), ("int8", True), ("fp4", False)])
+    def test_old_width_lora_on_widened_img_in_is_zero_padded(self, host, files, quant, img_in):
+        deq, _ = dequantized_file(host, files[quant], quant, False, img_in, f"ctl_deq_pad_{quant}_{img_in}.safetensors")
+        g = {"q": loader(files[quant], quant, False, img_in), "qc": apply(["q", 0], CONTROL, 0.85),
+             "qs": apply(["qc", 0], STYLE_IMG_IN, 0.6),
+             "r": {"class_type": "UNETLoader", "inputs": {"unet_name": deq, "weight_dtype": "default"}},
+             "rc": stock_lora(["r", 0], CONTROL, 0.85), "rs": stock_lora(["rc", 0], STYLE_IMG_IN_PADDED, 0.6)}
+        g = sampling_graph(g, ["qs", 0], key="q", control_seed=42, prefix="a")
+        g = sampling_graph(g, ["rs", 0], key="ref", control_seed=42, prefix="b")
+        g = sampling_graph(g, ["qc", 0], key="control_only", control_seed=42, prefix="c")
+        out = host.run(g)
+        assert rel_err(out["q"], out["ref"]) < 1e-5
+        assert rel_err(out["q"], out["control_only"]) > 1e-3
+
+    def test_diffusers_control_lora_equals_bfl_and_kohya_style_equals_stock(self, host, files):
+        """The same Control LoRA in diffusers layout (split q/k/v, swapped norm_out halves) gives the BFL
+        file's result (ComfyUI's own loader drops its img_in widening, biases and norms); a kohya style
+        LoRA matches ComfyUI's loader."""
+        q = loader(files["nf4"], "nf4", True, True)
+        g = {"q": q, "b": apply(["q", 0], CONTROL, 0.85), "d": apply(["q", 0], CONTROL_DIFFUSERS, 0.85),
+             "bk": apply(["b", 0], STYLE_KOHYA, 0.7), "sk": stock_lora(["b", 0], STYLE_KOHYA, 0.7)}
+        g = sampling_graph(g, ["b", 0], key="bfl", control_seed=42, prefix="a")
+        g = sampling_graph(g, ["d", 0], key="diffusers", control_seed=42, prefix="b")
+        g = sampling_graph(g, ["bk", 0], key="kohya_ours", control_seed=42, prefix="c")
+        g = sampling_graph(g, ["sk", 0], key="kohya_stock", control_seed=42, prefix="d")
+        out = host.run(g)
+        assert rel_err(out["diffusers"], out["bfl"]) < 1e-5
+        assert rel_err(out["kohya_ours"], out["kohya_stock"]) < 1e-5
+        assert rel_err(out["kohya_ours"], out["bfl"]) > 1e-3
+
+    def test_stock_lora_loader_on_quantized_img_in_goes_through_expansion(self, host, files):
+        deq, _ = dequantized_file(host, files["nf4"], "nf4", False, True, "ctl_deq_stock.safetensors")
+        g = {"q": loader(files["nf4"], "nf4", False, True), "qc": stock_lora(["q", 0], CONTROL, 0.85),
+             "r": {"class_type": "UNETLoader", "inputs": {"unet_name": deq, "weight_dtype": "default"}},
+             "rc": stock_lora(["r", 0], CONTROL, 0.85)}
+        g = sampling_graph(g, ["qc", 0], key="q", control_seed=42, prefix="a")
+        g = sampling_graph(g, ["rc", 0], key="ref", control_seed=42, prefix="b")
+        out = host.run(g)
+        assert rel_err(out["q"], out["ref"]) < 1e-5
+
+    def test_full_precision_model_from_comfy_loader(self, host, files):
+        g = {"r": {"class_type": "UNETLoader", "inputs": {"unet_name": files["fp4"], "weight_dtype": "default"}},
+             "a": apply(["r", 0], CONTROL, 0.85), "s": stock_lora(["r", 0], CONTROL, 0.85)}
+        g = sampling_graph(g, ["a", 0], key="ours", control_seed=42, prefix="a")
+        g = sampling_graph(g, ["s", 0], key="stock", control_seed=42, prefix="b")
+        out = host.run(g)
+        assert rel_err(out["ours"], out["stock"]) < 1e-6
+
+    def test_img_in_width_seen_by_concat_cond(self, host, files):
+        import comfy.sd
+        import comfy.utils
+
+        node = host.pack_module("nodes.apply_control_lora").ApplyControlLora
+        layers = host.pack_module("quant_expand.layers")
+        base = dequantized_file(host, files["nf4"], "nf4", True, True, "unused.safetensors")[1]
+        with torch.inference_mode():
+            patched = node.execute(base, CONTROL, 0.85).result[0]
+        noise = torch.randn(1, 16, 8, 8)
+        ctl = torch.randn(1, 16, 8, 8)
+        dm = base.model.diffusion_model
+        before = quantized_hash(host, base)
+        patched.patch_model()
+        try:
+            assert layers.is_quantized_linear(dm.img_in) and dm.img_in.weight.shape[1] == 128
+            assert dm.img_in.weight.quant_state.nested  # still the same kind of 4-bit layer
+            cc = patched.model.concat_cond(noise=noise, concat_latent_image=ctl, device=torch.device("cpu"))
+            assert cc is not None and cc.shape == (1, 16, 8, 8)
+        finally:
+            patched.unpatch_model()
+        assert dm.img_in.weight.shape[1] == 64 and dm.img_in.in_features == 64
+        assert base.model.concat_cond(noise=noise, concat_latent_image=ctl, device=torch.device("cpu")) is None
+        assert quantized_hash(host, base) == before
+
+
+class TestSetLoraScale:
+    def test_set_scale_equals_applying_at_that_strength(self, host, files):
+        q = loader(files["nf4"], "nf4", True, True)
+        g = {"q": q, "c1": apply(["q", 0], CONTROL, 1.0), "s1": apply(["c1", 0], STYLE, 0.3),
+             "set": set_scale(["s1", 0], CONTROL, 0.6), "set0": set_scale(["s1", 0], CONTROL, 0.0),
+             "c2": apply(["q", 0], CONTROL, 0.6), "s2": apply(["c2", 0], STYLE, 0.3),
+             "c0": apply(["q", 0], CONTROL, 0.0), "s0": apply(["c0", 0], STYLE, 0.3)}
+        g = sampling_graph(g, ["set", 0], key="set", control_seed=42, prefix="a")
+        g = sampling_graph(g, ["s2", 0], key="applied", control_seed=42, prefix="b")
+        g = sampling_graph(g, ["set0", 0], key="set0", control_seed=42, prefix="c")
+        g = sampling_graph(g, ["s0", 0], key="applied0", control_seed=42, prefix="d")
+        g = sampling_graph(g, ["s1", 0], key="full", control_seed=42, prefix="e")
+        out = host.run(g)
+        assert torch.equal(out["set"], out["applied"])
+        assert torch.equal(out["set0"], out["applied0"])
+        assert rel_err(out["set"], out["full"]) > 1e-3
+
+    def test_strength_zero_keeps_widening_and_norm_sets(self, host, files):
+        """At 0 the LoRA deltas vanish but the widening and the QK-norm scales stay (ComfyUI's LoraLoader
+        would skip the file): the result differs from the plain model through the replaced norm scales."""
+        g = {"q": loader(files["fp4"], "fp4", False, True), "c0": apply(["q", 0], CONTROL, 0.0)}
+        g = sampling_graph(g, ["c0", 0], key="zero", control_seed=42, prefix="a")
+        g = sampling_graph(g, ["q", 0], key="plain", control_seed=42, prefix="b")
+        out = host.run(g)
+        assert rel_err(out["zero"], out["plain"]) > 1e-4  # the norm scales were replaced
+
+    def test_bytes_unchanged_through_apply_rescale_remove(self, host, files):
+        node_mod = host.pack_module("nodes.apply_control_lora")
+        base = dequantized_file(host, files["nf4"], "nf4", True, True, "unused2.safetensors")[1]
+        before = quantized_hash(host, base)
+        ref = sample_direct(base)
+        with torch.inference_mode():
+            m = node_mod.ApplyControlLora.execute(base, CONTROL, 1.0).result[0]
+            m = node_mod.ApplyControlLora.execute(m, STYLE, 0.5).result[0]
+            a = sample_direct(m, control=torch.randn(1, 16, 16, 16))
+            m2 = node_mod.SetLoraScale.execute(m, STYLE, -0.7).result[0]
+            b = sample_direct(m2, control=torch.randn(1, 16, 16, 16))
+        assert rel_err(a, b) > 1e-4
+        assert quantized_hash(host, base) == before
+        assert torch.equal(sample_direct(base), ref)
+
+
+class TestNodeErrors:
+    def run_error(self, host, g):
+        res = host.run(g, expect_error=True)
+        assert res.get("errors"), res
+        return res["errors"][0]["exception_message"]
+
+    def test_set_scale_unknown_name_lists_applied(self, host, files):
+        g = {"q": loader(files["nf4"], "nf4"), "c": apply(["q", 0], CONTROL, 1.0), "x": set_scale(["c", 0], STYLE, 0.5)}
+        msg = self.run_error(host, sampling_graph(g, ["x", 0], key="x"))
+        assert STYLE in msg and CONTROL in msg and "not applied" in msg
+
+    def test_nan_strength(self, host, files):
+        g = {"q": loader(files["nf4"], "nf4"), "c": apply(["q", 0], CONTROL, float("nan"))}
+        msg = self.run_error(host, sampling_graph(g, ["c", 0], key="x"))
+        assert CONTROL in msg and "nan" in msg.lower()
+
+    def test_same_lora_twice_and_two_control_loras(self, host, files):
+        save_safetensors(make_control_lora(CFG, seed=5), host.model_path("loras", "tiny_depth_lora.safetensors"))
+        g = {"q": loader(files["nf4"], "nf4"), "c": apply(["q", 0], CONTROL, 1.0), "c2": apply(["c", 0], CONTROL, 0.5)}
+        assert "already applied" in self.run_error(host, sampling_graph(g, ["c2", 0], key="x"))
+        g = {"q": loader(files["nf4"], "nf4"), "c": apply(["q", 0], CONTROL, 1.0),
+             "d": apply(["c", 0], "tiny_depth_lora.safetensors", 1.0)}
+        msg = self.run_error(host, sampling_graph(g, ["d", 0], key="x"))
+        assert "tiny_depth_lora.safetensors" in msg and CONTROL in msg
+        # the cached model is intact: a good prompt afterwards gives the result it gave before
+        g = {"q": loader(files["nf4"], "nf4"), "c": apply(["q", 0], CONTROL, 1.0)}
+        first = host.run(sampling_graph(g, ["c", 0], key="ok", control_seed=42))["ok"]
+        assert torch.isfinite(first).all()
