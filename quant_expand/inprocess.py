@@ -103,22 +103,56 @@ class _ServerStub:
             pass
 
 
+def _enable_dynamic_vram() -> bool:
+    """What ComfyUI's main.py does before loading anything: start comfy-aimdo, register the devices,
+    and make ModelPatcherDynamic the core patcher."""
+    from comfy.cli_args import args
+    import comfy_aimdo.control
+
+    headroom = None if args.reserve_vram is None else int(args.reserve_vram * 1024 ** 3)
+    try:
+        comfy_aimdo.control.init(simple_vram_headroom=headroom, nvml_pressure=not args.disable_nvml_pressure)
+    except TypeError:  # older comfy-aimdo protocols
+        try:
+            comfy_aimdo.control.init(simple_vram_headroom=headroom)
+        except TypeError:
+            comfy_aimdo.control.init()
+    import comfy.memory_management
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    devices = mm.get_all_torch_devices()
+    try:
+        ok = comfy_aimdo.control.init_devices((d.index, int(args.vram_headroom * 1024 ** 3)) for d in devices)
+    except TypeError:
+        ok = comfy_aimdo.control.init_devices(d.index for d in devices)
+    if ok:
+        comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+        comfy.memory_management.aimdo_enabled = True
+    return bool(ok)
+
+
 class ComfyHost:
     instance = None
 
     @classmethod
-    def start(cls, comfy_path: str, repo_root: str, models_dir: str, cpu: bool = True) -> "ComfyHost":
+    def start(cls, comfy_path: str, repo_root: str, models_dir: str, cpu: bool = True,
+              dynamic_vram: bool = False, extra_args=()) -> "ComfyHost":
+        """``dynamic_vram``: turn ComfyUI's dynamic VRAM on the way its main.py does (NVIDIA only);
+        code that imports ComfyUI otherwise gets the legacy ModelPatcher."""
         if cls.instance is not None:
             return cls.instance
         comfy_path = os.path.abspath(comfy_path)
-        if comfy_path not in sys.path:
-            sys.path.insert(0, comfy_path)
+        # first on the path: ComfyUI's top-level ``nodes`` module must win over this repo's ``nodes/``
+        # package when the repo root is on sys.path too
+        sys.path[:] = [comfy_path] + [p for p in sys.path if os.path.abspath(p or ".") != comfy_path]
         # ComfyUI parses its command line at import: CPU unless asked otherwise (without an NVIDIA
         # driver, importing comfy.model_management fails) and classic caching
-        sys.argv = [sys.argv[0], "--cache-classic"] + (["--cpu"] if cpu else [])
+        sys.argv = [sys.argv[0], "--cache-classic", *extra_args] + (["--cpu"] if cpu else [])
         import comfy.options
 
         comfy.options.enable_args_parsing()
+        dynamic_on = _enable_dynamic_vram() if dynamic_vram else False
         import folder_paths
         import nodes
         import execution
@@ -127,10 +161,12 @@ class ComfyHost:
             os.makedirs(os.path.join(models_dir, sub), exist_ok=True)
             folder_paths.add_model_folder_path(sub, os.path.join(models_dir, sub), is_default=True)
         server_stub = _ServerStub()
-        import server as comfy_server
-
-        if not hasattr(comfy_server.PromptServer, "instance"):  # nodes that message the UI find the stub
-            comfy_server.PromptServer.instance = server_stub
+        try:
+            import server as comfy_server
+        except ImportError:  # a trimmed ComfyUI without the web server's packages (GPU kit)
+            comfy_server = None
+        if comfy_server is not None and not hasattr(comfy_server.PromptServer, "instance"):
+            comfy_server.PromptServer.instance = server_stub  # nodes that message the UI find the stub
         asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
         ok = asyncio.run(nodes.load_custom_node(repo_root))
         if not ok:
@@ -143,6 +179,7 @@ class ComfyHost:
         host.nodes = nodes
         host.execution = execution
         host.server = server_stub
+        host.dynamic_vram = dynamic_on
         host.executor = execution.PromptExecutor(host.server, cache_type=execution.CacheType.CLASSIC,
                                                  cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
         cls.instance = host

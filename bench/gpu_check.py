@@ -1,0 +1,97 @@
+"""Correctness on the GPU machine, through ComfyUI in-process (not a benchmark: no timings asserted).
+
+    python bench/gpu_check.py --comfyui PATH [--dynamic-vram] [--out FILE]
+
+Runs, in one ComfyUI process on CUDA with float32 weights for the stock path (``--fp32-unet``, so the
+comparison is exact up to float rounding): Load BnB Flux (nf4, quantized img_in) -> Apply Control LoRA
+-> Apply Control LoRA (style) -> KSampler, next to UNETLoader -> LoraLoaderModelOnly x2 -> KSampler,
+and reports the relative error, which patcher class each model got and where the weights live.
+``--dynamic-vram`` turns on ComfyUI's dynamic VRAM the way main.py does (the default on NVIDIA).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+from quant_expand.synthetic import (TinyFluxConfig, make_control_lora, make_lora, make_tiny_flux,  # noqa: E402
+                                    save_safetensors)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--comfyui", required=True)
+    ap.add_argument("--dynamic-vram", action="store_true")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+
+    import torch
+
+    cfg = TinyFluxConfig(hidden_size=1024, depth=2, depth_single_blocks=2)
+    models = tempfile.mkdtemp(prefix="bnb-gpu-check-")
+    save_safetensors(make_tiny_flux(cfg, seed=0, exact_for="nf4"), os.path.join(models, "diffusion_models", "m.safetensors"))
+    save_safetensors(make_control_lora(cfg, seed=2, rank=32), os.path.join(models, "loras", "control.safetensors"))
+    save_safetensors(make_lora(cfg, kind="lora", seed=7, rank=16), os.path.join(models, "loras", "style.safetensors"))
+
+    from quant_expand.inprocess import ComfyHost, sampling_graph
+
+    host = ComfyHost.start(args.comfyui, REPO_ROOT, models, cpu=False, dynamic_vram=args.dynamic_vram,
+                           extra_args=["--fp32-unet", "--force-fp32"])
+
+    import comfy.model_management as mm
+
+    # ComfyUI merges LoRAs in float16 on GPUs that favour it (model_management.lora_compute_dtype), which
+    # puts ~1e-3 of rounding into the *reference*; merge in float32 so the comparison is exact
+    # (--force-fp32 above does the same for every other float16 choice ComfyUI makes)
+    mm.LORA_COMPUTE_DTYPES[mm.get_torch_device()] = torch.float32
+
+    def n(cls, **inputs):
+        return {"class_type": cls, "inputs": inputs}
+
+    g = {"q": n("LoadBnbFlux", unet_name="m.safetensors", quant_type="nf4", double_quant=False, compute_dtype="auto",
+                quantize_img_in=True),
+         "qc": n("ApplyControlLora", model=["q", 0], lora_name="control.safetensors", strength=0.85),
+         "qs": n("ApplyControlLora", model=["qc", 0], lora_name="style.safetensors", strength=0.6),
+         "r": n("UNETLoader", unet_name="m.safetensors", weight_dtype="default"),
+         "rc": n("LoraLoaderModelOnly", model=["r", 0], lora_name="control.safetensors", strength_model=0.85),
+         "rs": n("LoraLoaderModelOnly", model=["rc", 0], lora_name="style.safetensors", strength_model=0.6)}
+    dims = dict(context_dim=cfg.context_in_dim, pooled_dim=cfg.vec_in_dim, size=64, steps=3, control_seed=42)
+    g = sampling_graph(g, ["qs", 0], key="bnb", prefix="a", **dims)
+    g = sampling_graph(g, ["rs", 0], key="full", prefix="b", **dims)
+    g = sampling_graph(g, ["q", 0], key="bnb_plain", prefix="c", **dims)
+    out = host.run(g)
+
+    def rel(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+    ours, stock = host.node_output("q"), host.node_output("r")
+    dm = ours.model.diffusion_model
+    report = {
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "dynamic_vram_requested": args.dynamic_vram,
+        "dynamic_vram_enabled": host.dynamic_vram,
+        "stock_patcher": type(stock).__name__,
+        "bnb_patcher": type(ours).__name__,
+        "bnb_compute_dtype": ours.bnb_info["compute_dtype"],
+        "bnb_weights_device_after_sampling": str(dm.double_blocks[0].img_attn.qkv.weight.device),
+        "loaded_models": [type(m.model).__name__ for m in mm.current_loaded_models],
+        "rel_err_bnb_control_style_vs_stock_full_precision": rel(out["bnb"], out["full"]),
+        "rel_effect_of_loras": rel(out["bnb_plain"], out["full"]),
+        "finite": bool(torch.isfinite(out["bnb"]).all()),
+    }
+    print(json.dumps(report, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    ok = report["finite"] and report["rel_err_bnb_control_style_vs_stock_full_precision"] < 1e-4
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
