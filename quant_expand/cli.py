@@ -1,10 +1,12 @@
 """Command line of comfyui-bnb-flux.
 
     python -m quant_expand.cli demo [--comfyui PATH] [--workdir DIR] [--quant nf4|fp4|int8] [--gpu]
+    python -m quant_expand.cli demo --gpu --unet FLUX --lora CANNY_LORA --clip-l F --t5 F --vae F --image IMG
 
 ``demo`` runs the pack's main job through ComfyUI's own executor: a Control-LoRA graph (Load BnB Flux
 -> Control LoRA + style LoRA -> KSampler with a control latent) on a tiny FLUX it generates, next to
 ComfyUI's full-precision path on the same weights, and prints what it did and how close they are.
+Given real files, it runs the Canny Control-LoRA graph on them instead and saves the image.
 """
 from __future__ import annotations
 
@@ -35,8 +37,69 @@ def _rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def canny_graph(unet, lora, clip_l, t5, vae, image, prompt, *, quant="nf4", double_quant=True, strength=0.85,
+                steps=20, seed=0, guidance=30.0, width_height=None, prefix="bnb_flux_canny"):
+    """The real-files main job (API format): Load BnB Flux -> Apply Control LoRA -> KSampler with
+    Canny edges of ``image`` through InstructPixToPixConditioning; text from CLIP-L + T5; VAE decode."""
+    def node(cls, **inputs):
+        return {"class_type": cls, "inputs": inputs}
+
+    return {
+        "unet": node("LoadBnbFlux", unet_name=unet, quant_type=quant, double_quant=double_quant, compute_dtype="auto"),
+        "lora": node("ApplyControlLora", model=["unet", 0], lora_name=lora, strength=strength),
+        "clip": node("DualCLIPLoader", clip_name1=clip_l, clip_name2=t5, type="flux", device="default"),
+        "pos": node("CLIPTextEncode", text=prompt, clip=["clip", 0]),
+        "neg": node("CLIPTextEncode", text="", clip=["clip", 0]),
+        "guid": node("FluxGuidance", conditioning=["pos", 0], guidance=guidance),
+        "vae": node("VAELoader", vae_name=vae),
+        "img": node("LoadImage", image=image),
+        "canny": node("Canny", image=["img", 0], low_threshold=0.15, high_threshold=0.3),
+        "ip2p": node("InstructPixToPixConditioning", positive=["guid", 0], negative=["neg", 0], vae=["vae", 0],
+                     pixels=["canny", 0]),
+        "ks": node("KSampler", model=["lora", 0], seed=seed, steps=steps, cfg=1.0, sampler_name="euler",
+                   scheduler="simple", positive=["ip2p", 0], negative=["ip2p", 1], latent_image=["ip2p", 2],
+                   denoise=1.0),
+        "dec": node("VAEDecode", samples=["ks", 0], vae=["vae", 0]),
+        "save": node("SaveImage", images=["dec", 0], filename_prefix=prefix),
+    }
+
+
+def demo_real_files(args, comfy_path: str) -> int:
+    """Run the Canny graph on the user's own files (found where they are: nothing is copied)."""
+    paths = {"unet": args.unet, "lora": args.lora, "clip_l": args.clip_l, "t5": args.t5, "vae": args.vae,
+             "image": args.image}
+    missing = [f"--{k.replace('_', '-')}" for k, v in paths.items() if not v]
+    if missing:
+        raise SystemExit(f"real files mode needs {', '.join(missing)} as well")
+    for k, v in paths.items():
+        if not os.path.isfile(v):
+            raise SystemExit(f"--{k.replace('_', '-')}: no such file: {v}")
+    from .inprocess import ComfyHost
+
+    host = ComfyHost.start(comfy_path, REPO_ROOT, os.path.join(args.workdir or tempfile.mkdtemp(), "models"),
+                           cpu=not args.gpu)
+    import folder_paths
+
+    for kind, key in (("diffusion_models", "unet"), ("loras", "lora"), ("text_encoders", "clip_l"),
+                      ("text_encoders", "t5"), ("vae", "vae")):
+        folder_paths.add_model_folder_path(kind, os.path.dirname(os.path.abspath(paths[key])))
+    folder_paths.set_input_directory(os.path.dirname(os.path.abspath(args.image)))
+    out_dir = args.workdir or os.getcwd()
+    folder_paths.set_output_directory(out_dir)
+    g = canny_graph(*(os.path.basename(paths[k]) for k in ("unet", "lora", "clip_l", "t5", "vae", "image")),
+                    args.prompt, quant=args.quant, double_quant=args.double_quant, steps=args.steps)
+    print("graph: LoadBnbFlux -> Apply Control LoRA -> KSampler <- InstructPixToPixConditioning(Canny(image)) "
+          f"-> VAEDecode -> SaveImage ({args.steps} steps, {args.quant})")
+    t0 = time.perf_counter()
+    host.run(g)
+    print(f"done in {time.perf_counter() - t0:.1f} s; image saved under {out_dir}")
+    return 0
+
+
 def demo(args) -> int:
     comfy_path = find_comfyui(args.comfyui)
+    if args.unet or args.lora:
+        return demo_real_files(args, comfy_path)
     workdir = args.workdir or tempfile.mkdtemp(prefix="bnb-flux-demo-")
     models = os.path.join(workdir, "models")
     print(f"ComfyUI: {comfy_path}\nwork dir: {workdir}")
@@ -119,6 +182,14 @@ def main(argv=None) -> int:
                    help="leave img_in unquantized (default: quantize it too, so the Control LoRA widens a 4-bit layer)")
     d.add_argument("--steps", type=int, default=4)
     d.add_argument("--gpu", action="store_true", help="let ComfyUI use the GPU (default: --cpu)")
+    real = d.add_argument_group("real files (instead of the generated tiny FLUX)")
+    real.add_argument("--unet", help="FLUX.1-dev diffusion model safetensors")
+    real.add_argument("--lora", help="Control LoRA, e.g. flux1-canny-dev-lora.safetensors")
+    real.add_argument("--clip-l", help="CLIP-L text encoder")
+    real.add_argument("--t5", help="T5-XXL text encoder")
+    real.add_argument("--vae", help="FLUX VAE (ae.safetensors)")
+    real.add_argument("--image", help="control image (its Canny edges guide the result)")
+    real.add_argument("--prompt", default="a photograph of a house by a lake, golden hour")
     args = parser.parse_args(argv)
     if args.command == "demo":
         return demo(args)

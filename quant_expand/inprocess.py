@@ -157,7 +157,7 @@ class ComfyHost:
         import nodes
         import execution
 
-        for sub in ("diffusion_models", "loras", "checkpoints"):
+        for sub in ("diffusion_models", "loras", "checkpoints", "text_encoders", "vae"):
             os.makedirs(os.path.join(models_dir, sub), exist_ok=True)
             folder_paths.add_model_folder_path(sub, os.path.join(models_dir, sub), is_default=True)
         server_stub = _ServerStub()
