@@ -359,9 +359,23 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
         self.install_lazy_deltas(device_to)
 
     def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+        if self._can_swap_patches_in_place(device_to, force_patch_weights):
+            # Another clone's LoRAs (or strengths) are on the loaded model. ComfyUI would unpatch by moving
+            # the whole model to the offload device and back; quantized weights carry no merged state, so
+            # restoring the few merged biases/norms and re-installing the deltas in place is enough.
+            with self.use_ejected(skip_and_inject_on_exit_only=True):
+                self.unpatch_model(None, unpatch_weights=True)
+                self.patch_model(device_to, lowvram_model_memory=0, load_weights=True)
+            return 0
         out = super().partially_load(device_to, extra_memory=extra_memory, force_patch_weights=force_patch_weights)
         self.install_lazy_deltas(device_to)
         return out
+
+    def _can_swap_patches_in_place(self, device_to, force_patch_weights) -> bool:
+        m = self.model
+        return (m.current_weight_patches_uuid is not None and m.current_weight_patches_uuid != self.patches_uuid
+                and not force_patch_weights and not m.model_lowvram and m.model_loaded_weight_memory > 0
+                and m.device == device_to)
 
     def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
         out = super().partially_unload(device_to, memory_to_free=memory_to_free, force_patch_weights=force_patch_weights)

@@ -295,7 +295,8 @@ class QLinear8bit(QuantLinear, bnb.nn.Linear8bitLt):
         # SCB / 127 is exact for a power-of-two row scale; bnb's own dequant multiplies by a
         # rounded 1/127 and loses that exactness
         scale = (param.SCB.to(device, non_blocking=True) / 127.0).to(dtype)
-        return cb.to(dtype) * scale[:, None]
+        # int8 * float promotes to the float dtype inside one kernel: no separate int8 -> float copy
+        return torch.mul(cb, scale[:, None])
 
     def _weight_on(self, device, non_blocking=False):
         param = self.weight

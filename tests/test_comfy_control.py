@@ -247,3 +247,31 @@ class TestNodeErrors:
         g = {"q": loader(files["nf4"], "nf4"), "c": apply(["q", 0], CONTROL, 1.0)}
         first = host.run(sampling_graph(g, ["c", 0], key="ok", control_seed=42))["ok"]
         assert torch.isfinite(first).all()
+
+
+class TestInPlaceSwap:
+    def test_switching_clones_swaps_patches_in_place_with_same_results(self, host, files):
+        """A loaded model that switches to a clone with other LoRA strengths is re-patched where it is
+        (ComfyUI would round-trip it through the offload device); results equal fresh loads."""
+        node_mod = host.pack_module("nodes.apply_control_lora")
+
+        def fresh(strength):
+            base = dequantized_file(host, files["fp4"], "fp4", True, True, "unused3.safetensors")[1]
+            with torch.inference_mode():
+                m = node_mod.ApplyControlLora.execute(base, CONTROL, 1.0).result[0]
+                m = node_mod.SetLoraScale.execute(m, CONTROL, strength).result[0]
+            return base, m
+
+        ctl = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(4))
+        _, ref_a = fresh(0.9)
+        expect_a = sample_direct(ref_a, control=ctl)
+        _, ref_b = fresh(-0.4)
+        expect_b = sample_direct(ref_b, control=ctl)
+        base, a = fresh(0.9)
+        with torch.inference_mode():
+            b = node_mod.SetLoraScale.execute(a, CONTROL, -0.4).result[0]
+        assert torch.equal(sample_direct(a, control=ctl), expect_a)
+        assert b._can_swap_patches_in_place(torch.device("cpu"), False)
+        assert torch.equal(sample_direct(b, control=ctl), expect_b)
+        assert torch.equal(sample_direct(a, control=ctl), expect_a)
+        assert torch.equal(sample_direct(base, control=ctl), sample_direct(fresh(0.9)[0], control=ctl))
