@@ -62,7 +62,8 @@ def delta_paths(shapes=((3072, 3072), (12288, 3072)), rank=128, tokens=(64, 512,
     for out_f, in_f in shapes:
         layer = quantized_linear_from_float(torch.randn(out_f, in_f) / in_f ** 0.5, None, QuantSpec("nf4", True))
         delta = LazyLoraDelta(out_f, in_f, [LoraTerm(torch.randn(rank, in_f) * 0.01, torch.randn(out_f, rank) * 0.01, 1.0)])
-        down, up = delta.stacked("cpu", torch.float32)
+        down, up, scale = delta.stacked("cpu", torch.float32)
+        up = up * scale
         for t in tokens:
             x = torch.randn(t, in_f)
 

@@ -255,7 +255,27 @@ def _full_weight_fn(patches, key):
     return apply
 
 
-def build_lazy_delta(patches: list, module: QuantLinear, key: str) -> LazyLoraDelta:
+def lazy_bias_terms(patches: list, out_features: int):
+    """Additive bias diffs (a Control LoRA's ``lora_B.bias``) as ``(full-length tensor, strength)``,
+    or None when some patch on the bias is anything else (then ComfyUI merges it as usual)."""
+    terms = []
+    for strength, v, strength_model, offset, function in patches:
+        if strength_model != 1.0 or function is not None or not (isinstance(v, tuple) and len(v) == 2 and
+                                                                  v[0] == "diff" and len(v[1]) == 1):
+            return None
+        diff = v[1][0]
+        if offset is not None:
+            dim, start, length = offset
+            if dim != 0 or diff.shape[0] != length:
+                return None
+            diff = torch.nn.functional.pad(diff, (start, out_features - start - length))
+        if diff.shape != (out_features,):
+            return None
+        terms.append((diff, strength))
+    return terms
+
+
+def build_lazy_delta(patches: list, module: QuantLinear, key: str, bias_terms=()) -> LazyLoraDelta:
     terms, others = [], []
     for p in patches:
         term = _plain_lora_term(p, module, key)
@@ -265,9 +285,10 @@ def build_lazy_delta(patches: list, module: QuantLinear, key: str) -> LazyLoraDe
             others.append(p)
     if others and not all(_is_additive(p) for p in others):
         # order matters for set/OFT/DoRA/GLoRA...: apply every patch in ComfyUI's order
-        return LazyLoraDelta(module.out_features, module.in_features, weight_fn=_full_weight_fn(patches, key))
+        return LazyLoraDelta(module.out_features, module.in_features, weight_fn=_full_weight_fn(patches, key),
+                             bias_terms=bias_terms)
     return LazyLoraDelta(module.out_features, module.in_features, terms,
-                         weight_fn=_full_weight_fn(others, key) if others else None)
+                         weight_fn=_full_weight_fn(others, key) if others else None, bias_terms=bias_terms)
 
 
 class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
@@ -283,9 +304,9 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
     to load whole or partially the classic way.
     """
 
-    def _quantized_module(self, key: str):
+    def _quantized_module(self, key: str, param_name: str = "weight"):
         module_name, _, param = key.rpartition(".")
-        if param != "weight":
+        if param != param_name:
             return None
         try:
             module = comfy.utils.get_attr(self.model, module_name)
@@ -296,6 +317,10 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
     def patch_weight_to_device(self, key, device_to=None, inplace_update=False, return_weight=False, force_cast=False):
         module = self._quantized_module(key)
         if module is None:
+            bias_owner = self._quantized_module(key, "bias")
+            if (bias_owner is not None and not return_weight and key in self.patches
+                    and lazy_bias_terms(self.patches[key], bias_owner.out_features) is not None):
+                return None  # added by the layer's lazy delta at run time (re-scaling costs nothing)
             return super().patch_weight_to_device(key, device_to=device_to, inplace_update=inplace_update,
                                                   return_weight=return_weight, force_cast=force_cast)
         if return_weight:  # a full-precision view for savers/merges; the stored bytes stay as they are
@@ -340,17 +365,27 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
                     # ComfyUI's lowvram path put a merge-per-forward patch here; the lazy delta replaces it
                     module.weight_function = [f for f in module.weight_function
                                               if not isinstance(f, comfy.model_patcher.LowVramPatch)]
+                bias_terms = lazy_bias_terms(self.patches.get(f"{name}.bias", []), module.out_features)
+                if bias_terms and module.bias_function:
+                    module.bias_function = [f for f in module.bias_function
+                                            if not isinstance(f, comfy.model_patcher.LowVramPatch)]
                 patches = self.patches.get(key)
-                if not patches:
-                    module.lora_delta = None
+                if not patches and not bias_terms:
+                    module.lora_delta = module.reusable_lora_delta = None
                     continue
-                delta = build_lazy_delta(patches, module, key)
+                delta = build_lazy_delta(patches or [], module, key, bias_terms or ())
+                # same LoRA tensors, new strengths: nothing is re-uploaded or re-stacked
+                delta.adopt_stack(module.lora_delta or getattr(module, "reusable_lora_delta", None))
                 delta.prepare(device, dtype)
                 module.lora_delta = delta
+                module.reusable_lora_delta = None
 
-    def clear_lazy_deltas(self):
+    def clear_lazy_deltas(self, keep_for_reuse=False):
+        """Remove every layer's delta; ``keep_for_reuse`` (the model stays where it is) lets the next
+        install take over the stacked device tensors of the same LoRAs."""
         for module in self.model.modules():
             if is_quantized_linear(module):
+                module.reusable_lora_delta = module.lora_delta if keep_for_reuse else None
                 module.lora_delta = None
 
     def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
@@ -383,9 +418,9 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
         return out
 
     def unpatch_model(self, device_to=None, unpatch_weights=True):
+        if unpatch_weights:  # before the object patches (a widened img_in) are taken out of the model
+            self.clear_lazy_deltas(keep_for_reuse=device_to is None)
         super().unpatch_model(device_to, unpatch_weights)
-        if unpatch_weights:
-            self.clear_lazy_deltas()
 
 
 # -- Apply Control LoRA / Set LoRA Scale ---------------------------------------------------------

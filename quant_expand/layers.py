@@ -81,6 +81,7 @@ class QuantLinear:
     weight_function: list = []
     bias_function: list = []
     lora_delta = None
+    reusable_lora_delta = None  # the last delta, kept while the model stays on its device (see comfy_adapter)
 
     # -- shapes -----------------------------------------------------------------------------
     @property
@@ -130,14 +131,14 @@ class QuantLinear:
             stored = w.shape[1]
         if delta is None or not delta.has_low_rank:
             return _linear_prefix(x, w, bias, stored)
-        down, up = delta.stacked(device, dtype)
+        down, up, scale = delta.stacked(device, dtype)
         tokens = x.numel() // max(x.shape[-1], 1)
         if delta.prefer_merged(tokens):
             # one fused addmm_ into the transient dequantized buffer; the stored bytes never change
             w = _pad_columns(w, self.in_features)
-            w.addmm_(up, down)
+            w.addmm_(up * scale, down)
             return F.linear(x, w, bias)
-        return _linear_prefix(x, w, bias, stored) + F.linear(F.linear(x, down), up)
+        return _linear_prefix(x, w, bias, stored) + F.linear(F.linear(x, down) * scale, up)
 
     # -- device moves -------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
@@ -260,7 +261,9 @@ class QLinear8bit(QuantLinear, bnb.nn.Linear8bitLt):
                    quantize_device=None, store_device="cpu") -> "QLinear8bit":
         quantize_device = quantize_device or weight.device
         w = weight.to(device=quantize_device, dtype=torch.float32)
-        cb, scb, _ = bnbf.int8_vectorwise_quant(w)
+        # bnb's CUDA kernel takes float16 only (as Int8Params quantizes); the same on CPU keeps the bytes
+        # identical whichever device quantized the file
+        cb, scb, _ = bnbf.int8_vectorwise_quant(w.to(torch.float16))
         del w
         return cls.from_prequantized(cb, scb, bias, spec.compute_dtype or torch.float32, store_device)
 

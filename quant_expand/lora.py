@@ -1,6 +1,7 @@
 """Lazy LoRA deltas: what a quantized layer adds at run time, never merged into its stored bytes."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -28,25 +29,32 @@ class LoraTerm:
 class LazyLoraDelta:
     """The LoRA state one quantized layer applies at every forward.
 
-    Low-rank terms are stacked into a single ``down`` ``[R, in]`` / ``up`` ``[out, R]`` pair with the
-    strengths folded into ``up``, once per device and dtype. ``weight_fn`` covers every other adapter
+    Low-rank terms are stacked once per device and dtype into one ``down`` ``[R, in]`` / ``up``
+    ``[out, R]`` pair (unscaled), plus a scale vector ``[R]`` holding each term's strength·alpha/rank.
+    Keeping the scales apart lets a new strength reuse the stacked tensors already on the device
+    (:meth:`adopt_stack`): Set LoRA Scale re-uploads nothing. ``weight_fn`` covers every other adapter
     (LoHa, LoKr, OFT, full diffs, ...): it maps the dequantized full-precision weight to the patched one.
-    ``bias`` is an additive bias delta already scaled by its strength.
+    ``bias_terms`` are additive bias deltas ``(tensor [out], scale)``.
     """
+
+    # "auto" (cost model), "merged" or "unmerged": a switch for benchmarks, never needed for results
+    strategy = os.environ.get("BNB_FLUX_LORA_PATH", "auto")
 
     def __init__(self, out_features: int, in_features: int, terms: Sequence[LoraTerm] = (),
                  weight_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                 bias: Optional[torch.Tensor] = None):
+                 bias: Optional[torch.Tensor] = None, bias_terms: Sequence[tuple] = ()):
         self.out_features = out_features
         self.in_features = in_features
         self.terms = list(terms)
         self.weight_fn = weight_fn
-        self.bias = bias
+        self.bias_terms = list(bias_terms) + ([(bias, 1.0)] if bias is not None else [])
         for t in self.terms:
             if t.down.shape[1] > in_features or t.row_offset + t.up.shape[0] > out_features:
                 raise ValueError(f"LoRA term {tuple(t.up.shape)}x{tuple(t.down.shape)} at row {t.row_offset} "
                                  f"does not fit a [{out_features}, {in_features}] layer")
-        self._cache: dict = {}
+        self._stack_cache: dict = {}  # (device, dtype) -> (down, up) unscaled
+        self._scale_cache: dict = {}
+        self._bias_cache: dict = {}
 
     @property
     def has_low_rank(self) -> bool:
@@ -56,42 +64,61 @@ class LazyLoraDelta:
     def rank(self) -> int:
         return sum(t.rank for t in self.terms)
 
-    def stacked(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _layout(self):
+        """What the stacked tensors depend on: the term tensors (by identity) and where they go."""
+        return tuple((id(t.down), id(t.up), t.row_offset) for t in self.terms)
+
+    def adopt_stack(self, previous: Optional["LazyLoraDelta"]):
+        """Reuse ``previous``'s stacked device tensors when it stacks the very same LoRA tensors."""
+        if previous is not None and previous is not self and previous.terms and \
+                previous._layout() == self._layout() and previous.in_features == self.in_features:
+            self._stack_cache = dict(previous._stack_cache)
+
+    def stacked(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``down`` [R, in], ``up`` [out, R] (unscaled) and the scale vector [R], on ``device`` in ``dtype``."""
         key = (torch.device(device), dtype)
-        hit = self._cache.get(key)
+        hit = self._stack_cache.get(key)
         if hit is None:
             hit = self._stack(*key)
-            self._cache = {key: hit}  # one compute device at a time
-        return hit
+            self._stack_cache = {key: hit}  # one compute device at a time
+        scale = self._scale_cache.get(key)
+        if scale is None:
+            scale = torch.cat([torch.full((t.rank,), float(t.scale)) for t in self.terms]).to(device=key[0], dtype=dtype)
+            self._scale_cache = {key: scale}
+        return hit[0], hit[1], scale
 
     def _stack(self, device, dtype):
-        rank = self.rank
-        down = torch.zeros(rank, self.in_features, device=device, dtype=torch.float32)
-        up = torch.zeros(self.out_features, rank, device=device, dtype=torch.float32)
+        down = torch.zeros(self.rank, self.in_features, device=device, dtype=dtype)
+        up = torch.zeros(self.out_features, self.rank, device=device, dtype=dtype)
         r = 0
         for t in self.terms:
-            d = t.down.to(device=device, dtype=torch.float32)
-            down[r:r + t.rank, : d.shape[1]] = d
-            up[t.row_offset:t.row_offset + t.up.shape[0], r:r + t.rank] = t.up.to(device=device, dtype=torch.float32) * t.scale
+            down[r:r + t.rank, : t.down.shape[1]] = t.down.to(device=device, dtype=dtype)
+            up[t.row_offset:t.row_offset + t.up.shape[0], r:r + t.rank] = t.up.to(device=device, dtype=dtype)
             r += t.rank
-        return down.to(dtype), up.to(dtype)
+        return down, up
 
     def bias_on(self, device, dtype):
-        if self.bias is None:
+        if not self.bias_terms:
             return None
-        return self.bias.to(device=device, dtype=dtype)
+        key = (torch.device(device), dtype)
+        hit = self._bias_cache.get(key)
+        if hit is None:
+            hit = sum(b.to(device=key[0], dtype=torch.float32) * float(s) for b, s in self.bias_terms).to(dtype)
+            self._bias_cache = {key: hit}
+        return hit
 
     def prepare(self, device, dtype):
         """Move and stack now (at model load), so the first sampling step pays nothing."""
         if self.terms:
             self.stacked(device, dtype)
-        if self.bias is not None:
-            self.bias = self.bias.to(device=device)
+        self.bias_on(device, dtype)
 
     def prefer_merged(self, tokens: int) -> bool:
         """Merged (``W + up @ down`` into the transient dequantized buffer) costs ``out*in*R``
         multiply-adds per forward; unmerged (``up(down(x))``) costs ``tokens*R*(in+out)``.
         Both are exact; pick the cheaper for this layer and token count."""
+        if self.strategy != "auto":
+            return self.strategy == "merged"
         return self.out_features * self.in_features < tokens * (self.in_features + self.out_features)
 
     def nbytes(self) -> int:
