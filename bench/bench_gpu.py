@@ -1,0 +1,404 @@
+"""GPU benchmark: full-size FLUX.1-dev architecture (random weights, no download) through the pack's own
+loader and nodes, ComfyUI's model management and ComfyUI's sampler, ratios to bf16 measured in the
+same run.
+
+    python bench/bench_gpu.py --comfyui PATH --phase legacy  --workdir DIR --out FILE
+    python bench/bench_gpu.py --comfyui PATH --phase dynamic --workdir DIR --out FILE
+    python bench/bench_gpu.py --comfyui PATH --phase legacy --small --cpu ...   (a quick dry run)
+
+legacy (ComfyUI's classic ModelPatcher): writes a bf16 safetensors of the 11.9 B-parameter model to
+DIR (kept for the next phase), times a cold read of it and quantize-on-load (peak RssAnon sampled),
+then samples at 1024x1024 (euler, 1 + STEPS steps; the first is reported apart): bf16 (UNETLoader),
+NF4, NF4 + Control LoRA (rank 128 on all 314 Linears, widened img_in, norm sets), Set LoRA Scale on
+it (time to the first step, bytes requantized), NF4 + Control + two rank-32 style LoRAs, NF4 + Control
+at 512x512, FP4, int8, and NF4 + Control with VRAM held back so the model does not fit (lowvram).
+dynamic (ComfyUI's dynamic VRAM, set up as main.py does): bf16, NF4, NF4 + Control, and NF4 + Control
+under torch.compile (ComfyUI's TorchCompileModel node) with graph breaks counted.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+from quant_expand.synthetic import TinyFluxConfig, flux_shapes, linear_modules  # noqa: E402
+
+FULL = TinyFluxConfig(hidden_size=3072, depth=19, depth_single_blocks=38, context_in_dim=4096, vec_in_dim=768)
+SMALL = TinyFluxConfig(hidden_size=256, depth=2, depth_single_blocks=2, context_in_dim=64, vec_in_dim=64)
+GIB = 2 ** 30
+
+
+# -- files -----------------------------------------------------------------------------------------
+
+def write_model(path, cfg, device, log):
+    """Random bf16 FLUX.1-dev (std 0.02 weights, unit norm scales, zero biases), generated on ``device``."""
+    import torch
+    from safetensors.torch import save_file
+
+    if os.path.exists(path):
+        log(f"model file exists: {path}")
+        return
+    t = time.perf_counter()
+    g = torch.Generator(device=device).manual_seed(0)
+    sd = {}
+    for key, shape in flux_shapes(cfg).items():
+        if key.endswith(".scale"):
+            sd[key] = torch.ones(shape, dtype=torch.bfloat16)
+        elif key.endswith(".bias"):
+            sd[key] = torch.zeros(shape, dtype=torch.bfloat16)
+        else:
+            sd[key] = (torch.randn(shape, generator=g, device=device) * 0.02).to(torch.bfloat16).cpu()
+    save_file(sd, path)
+    n = sum(v.numel() for v in sd.values())
+    del sd
+    gc.collect()
+    log(f"wrote {n / 1e9:.2f} B params ({os.path.getsize(path) / GIB:.1f} GiB) in {time.perf_counter() - t:.0f} s")
+
+
+def write_lora(path, cfg, rank, targets, control, seed):
+    """BFL-format LoRA; ``control``: lora_B biases, img_in widened to 2x inputs, QK-norm scale sets."""
+    import torch
+    from safetensors.torch import save_file
+
+    if os.path.exists(path):
+        return
+    g = torch.Generator().manual_seed(seed)
+    shapes = flux_shapes(cfg)
+    sd = {}
+    for m in targets:
+        out_f, in_f = shapes[f"{m}.weight"]
+        if control and m == "img_in":
+            in_f *= 2
+        r = min(rank, in_f, out_f)
+        sd[f"{m}.lora_A.weight"] = (torch.randn(r, in_f, generator=g) / in_f ** 0.5).to(torch.bfloat16)
+        sd[f"{m}.lora_B.weight"] = (torch.randn(out_f, r, generator=g) * 0.002).to(torch.bfloat16)
+        if control:
+            sd[f"{m}.lora_B.bias"] = (torch.randn(out_f, generator=g) * 0.001).to(torch.bfloat16)
+    if control:
+        for key in shapes:
+            if key.endswith("_norm.scale"):
+                sd[key] = (1.0 + 0.01 * torch.randn(shapes[key], generator=g)).to(torch.bfloat16)
+    save_file(sd, path)
+
+
+def drop_page_cache(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def cold_read_s(path):
+    drop_page_cache(path)
+    t = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(256 * 2 ** 20)
+        while f.readinto(buf):
+            pass
+    return time.perf_counter() - t
+
+
+class RssAnonPeak:
+    """Samples RssAnon of this process (anonymous memory: not the page cache, not mmapped files)."""
+
+    def __init__(self, every=0.02):
+        self.every, self.peak, self._stop = every, 0, threading.Event()
+
+    @staticmethod
+    def now():
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def __enter__(self):
+        self.start = self.now()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.now())
+            time.sleep(self.every)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self.thread.join()
+
+
+# -- sampling --------------------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, host, cfg, res, steps, log):
+        import torch
+
+        self.torch, self.host, self.cfg, self.res, self.steps, self.log = torch, host, cfg, res, steps, log
+        self.cuda = torch.cuda.is_available() and not host.cpu
+        g = torch.Generator().manual_seed(1)
+        self.ctx = torch.randn(1, 512 if cfg is FULL else 16, cfg.context_in_dim, generator=g)
+        self.pooled = torch.randn(1, cfg.vec_in_dim, generator=g)
+        self.results = {}
+        self.on_result = None
+
+    def sync(self):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def vram(self):
+        return (self.torch.cuda.memory_allocated() / GIB) if self.cuda else 0.0
+
+    def sample(self, label, patcher, res=None, control=False, extra=None):
+        """1 + steps euler steps through comfy.sample.sample; per-step times from its callback."""
+        import comfy.sample
+
+        torch = self.torch
+        res = res or self.res
+        lat = torch.zeros(1, 16, res // 8, res // 8)
+        extra_cond = {"pooled_output": self.pooled, "guidance": 3.5}
+        if control:
+            extra_cond["concat_latent_image"] = torch.randn(1, 16, res // 8, res // 8, generator=torch.Generator().manual_seed(2))
+        pos = [[self.ctx, extra_cond]]
+        neg = [[self.ctx, dict(extra_cond)]]
+        noise = comfy.sample.prepare_noise(lat, 0)
+        marks = []
+
+        def callback(step, x0, x, total):
+            self.sync()
+            marks.append(time.perf_counter())
+
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self.sync()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = comfy.sample.sample(patcher, noise, self.steps + 1, 1.0, "euler", "simple", pos, neg, lat,
+                                      denoise=1.0, seed=0, callback=callback, disable_pbar=True)
+        steps = [b - a for a, b in zip(marks, marks[1:])]
+        r = {"median_step_s": round(statistics.median(steps), 4), "min_step_s": round(min(steps), 4),
+             "max_step_s": round(max(steps), 4), "first_step_incl_load_s": round(marks[0] - t0, 3),
+             "resident_gib": round(self.vram(), 2),
+             "peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 2) if self.cuda else 0.0,
+             "finite": bool(torch.isfinite(out).all()), "res": res}
+        if extra:
+            r.update(extra)
+        base = self.results.get("bf16" if res == 1024 or self.cfg is SMALL else None)
+        if base and label != "bf16":
+            r["ratio_to_bf16"] = round(r["median_step_s"] / base["median_step_s"], 3)
+        self.results[label] = r
+        self.log(f"{label}: {json.dumps(r)}")
+        if self.on_result:
+            self.on_result()
+        return out
+
+    def unload(self):
+        import comfy.model_management as mm
+
+        mm.unload_all_models()
+        gc.collect()
+        mm.soft_empty_cache()
+
+
+def quantized_checksum(patcher, host):
+    """Sum of every stored byte of every quantized layer, per layer: any rewrite changes it."""
+    layers = host.pack_module("quant_expand.layers")
+    sums = []
+    for m in patcher.model.diffusion_model.modules():
+        if layers.is_quantized_linear(m):
+            for t in layers.quantized_bytes(m).values():
+                sums.append(int(t.reshape(-1).view(__import__("torch").uint8).sum(dtype=__import__("torch").int64)))
+    return sums
+
+
+def run(args):
+    import torch
+
+    cfg = SMALL if args.small else FULL
+    res = 64 if args.small else 1024
+    os.makedirs(os.path.join(args.workdir, "diffusion_models"), exist_ok=True)
+    os.makedirs(os.path.join(args.workdir, "loras"), exist_ok=True)
+    log_lines = []
+
+    def log(msg):
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        log_lines.append(line)
+
+    model_file = "flux_dev_random_bf16.safetensors"
+    model_path = os.path.join(args.workdir, "diffusion_models", model_file)
+    device = "cpu" if args.cpu else "cuda"
+    write_model(model_path, cfg, device, log)
+    linears = linear_modules(cfg)
+    write_lora(os.path.join(args.workdir, "loras", "control.safetensors"), cfg, 128, linears, True, 3)
+    style_targets = [m for m in linears if m != "img_in"]
+    write_lora(os.path.join(args.workdir, "loras", "style1.safetensors"), cfg, 32, style_targets, False, 4)
+    write_lora(os.path.join(args.workdir, "loras", "style2.safetensors"), cfg, 32, style_targets, False, 5)
+
+    from quant_expand.inprocess import ComfyHost
+
+    extra = ["--disable-dynamic-vram"] if args.phase == "legacy" and not args.cpu else []
+    host = ComfyHost.start(args.comfyui, REPO_ROOT, args.workdir, cpu=args.cpu,
+                           dynamic_vram=(args.phase == "dynamic" and not args.cpu), extra_args=extra)
+    host.cpu = args.cpu
+    import comfy.model_management as mm
+    import nodes as comfy_nodes
+
+    bench = Bench(host, cfg, res, args.steps, log)
+    info = {"phase": args.phase, "device": torch.cuda.get_device_name(0) if not args.cpu else "cpu",
+            "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+            "bitsandbytes": __import__("bitsandbytes").__version__,
+            "comfyui": open(os.path.join(args.comfyui, "comfyui_version.py")).read().split('"')[1],
+            "dynamic_vram": bool(getattr(host, "dynamic_vram", False)), "res": res, "timed_steps": args.steps,
+            "params_billion": round(sum(__import__("math").prod(s) for s in flux_shapes(cfg).values()) / 1e9, 3)}
+    def save():  # after every run: a command stopped at its time limit keeps what it measured
+        info["runs"] = bench.results
+        info["log"] = log_lines
+        with open(args.out, "w") as f:
+            json.dump(info, f, indent=1)
+
+    bench.on_result = save
+    load_node = host.pack_module("nodes.load_bnb_flux").LoadBnbFlux
+    ctl_mod = host.pack_module("nodes.apply_control_lora")
+
+    def load_bnb(quant):
+        with torch.inference_mode():
+            return load_node.execute(model_file, quant, True, "auto").result[0]
+
+    def apply(model, name, strength):
+        with torch.inference_mode():
+            return ctl_mod.ApplyControlLora.execute(model, name, strength).result[0]
+
+    def bf16_stock():
+        with torch.inference_mode():
+            m = comfy_nodes.UNETLoader().load_unet(model_file, "default")[0]
+        bench.sample("bf16", m)
+        del m
+        bench.unload()
+
+    bf16_stock()
+
+    if args.phase == "legacy":
+        info["cold_read_s"] = round(cold_read_s(model_path), 2)
+        log(f"cold read: {info['cold_read_s']} s")
+        drop_page_cache(model_path)
+        gc.collect()
+        with RssAnonPeak() as rss:
+            t = time.perf_counter()
+            nf4 = load_bnb("nf4")
+            load_s = time.perf_counter() - t
+        size = nf4.model_size()
+        info["quantize_on_load"] = {
+            "quant": "nf4 double quant", "seconds": round(load_s, 2), "ratio_to_cold_read": round(load_s / info["cold_read_s"], 2),
+            "rss_anon_peak_gib": round(rss.peak / GIB, 2), "rss_anon_before_gib": round(rss.start / GIB, 2),
+            "rss_anon_peak_minus_before_gib": round((rss.peak - rss.start) / GIB, 2),
+            "quantized_size_gib": round(size / GIB, 2)}
+        log(f"quantize-on-load: {info['quantize_on_load']}")
+    else:
+        nf4 = load_bnb("nf4")
+
+    bench.sample("nf4", nf4)
+    ctl = apply(nf4, "control.safetensors", 1.0)
+    bench.sample("nf4+control", ctl, control=True)
+
+    if args.phase == "legacy":
+        # the same model again: ComfyUI's own per-sampling setup, the baseline for Set LoRA Scale
+        bench.sample("nf4+control again", ctl, control=True)
+        lazy = host.pack_module("quant_expand.lora").LazyLoraDelta
+        for strategy in ("unmerged", "merged"):  # both exact paths, forced everywhere, for the record
+            lazy.strategy = strategy
+            forced = apply(nf4, "control.safetensors", 1.0)
+            bench.sample(f"nf4+control {strategy} everywhere", forced, control=True)
+            del forced
+        lazy.strategy = "auto"
+        bench.sample("nf4+control", ctl, control=True)
+        bench.sample("nf4+control again", ctl, control=True)
+        before = quantized_checksum(nf4, host)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            rescaled = ctl_mod.SetLoraScale.execute(ctl, "control.safetensors", 0.7).result[0]
+        node_s = time.perf_counter() - t
+        out = bench.sample("nf4+control set_lora_scale", rescaled, control=True)
+        r = bench.results["nf4+control set_lora_scale"]
+        r["set_lora_scale_node_s"] = round(node_s, 4)
+        same = bench.results["nf4+control again"]
+        r["added_before_first_step_s"] = round(node_s + r["first_step_incl_load_s"] - same["first_step_incl_load_s"], 4)
+        r["baseline_first_step_same_model_s"] = same["first_step_incl_load_s"]
+        r["bytes_requantized"] = sum(1 for a, b in zip(before, quantized_checksum(nf4, host)) if a != b)
+        log(f"set lora scale: added {r['added_before_first_step_s']} s before the first step, "
+            f"{r['bytes_requantized']} quantized tensors changed")
+        del out
+        s2 = apply(apply(ctl, "style1.safetensors", 0.8), "style2.safetensors", 0.6)
+        bench.sample("nf4+control+2style", s2, control=True)
+        del s2
+        bench.sample("nf4+control 512", ctl, res=res // 2, control=True)
+        del rescaled
+    del ctl, nf4
+    bench.unload()
+
+    if args.phase == "legacy":
+        for quant in ("fp4", "int8"):
+            m = load_bnb(quant)
+            bench.sample(quant, m)
+            del m
+            bench.unload()
+        if bench.cuda:
+            # hold VRAM back so the NF4 + Control model cannot be loaded whole: ComfyUI loads it partially
+            m = apply(load_bnb("nf4"), "control.safetensors", 1.0)
+            free = mm.get_free_memory(mm.get_torch_device())
+            keep = int((m.model_size() * 0.5 + 6 * GIB))
+            hog = torch.empty(max(0, free - keep), dtype=torch.uint8, device="cuda")
+            bench.sample("nf4+control lowvram", m, control=True,
+                         extra={"vram_left_for_model_and_activations_gib": round(keep / GIB, 2)})
+            bench.results["nf4+control lowvram"]["model_lowvram"] = bool(m.model.model_lowvram)
+            del hog, m
+            bench.unload()
+    else:
+        m = apply(load_bnb("nf4"), "control.safetensors", 1.0)
+        try:
+            import torch._dynamo
+
+            torch._dynamo.reset()
+            compile_node = comfy_nodes.NODE_CLASS_MAPPINGS["TorchCompileModel"]
+            with torch.inference_mode():
+                cm = compile_node.execute(m, "inductor").result[0] if hasattr(compile_node, "execute") and \
+                    hasattr(compile_node, "define_schema") else compile_node().patch(m, "inductor")[0]
+            torch._dynamo.utils.counters.clear()
+            bench.sample("nf4+control compiled", cm, control=True)
+            breaks = dict(torch._dynamo.utils.counters.get("graph_break", {}))
+            bench.results["nf4+control compiled"]["graph_breaks"] = sum(breaks.values())
+            bench.results["nf4+control compiled"]["graph_break_reasons"] = {str(k)[:160]: v for k, v in list(breaks.items())[:10]}
+        except Exception as e:  # report, don't lose the other numbers
+            bench.results["nf4+control compiled"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            log(f"compile failed: {e}")
+        del m
+        bench.unload()
+
+    save()
+    log(f"wrote {args.out}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--comfyui", required=True)
+    ap.add_argument("--phase", choices=["legacy", "dynamic"], default="legacy")
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps after the first")
+    ap.add_argument("--small", action="store_true", help="tiny model at 64x64 (dry run)")
+    ap.add_argument("--cpu", action="store_true")
+    run(ap.parse_args())
+
+
+if __name__ == "__main__":
+    main()
