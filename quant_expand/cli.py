@@ -2,11 +2,17 @@
 
     python -m quant_expand.cli demo [--comfyui PATH] [--workdir DIR] [--quant nf4|fp4|int8] [--gpu]
     python -m quant_expand.cli demo --gpu --unet FLUX --lora CANNY_LORA --clip-l F --t5 F --vae F --image IMG
+    python -m quant_expand.cli quantize IN OUT [--quant nf4|fp4|int8] [--no-double-quant] [--quantize-img-in]
+    python -m quant_expand.cli inspect FILE
 
 ``demo`` runs the pack's main job through ComfyUI's own executor: a Control-LoRA graph (Load BnB Flux
 -> Control LoRA + style LoRA -> KSampler with a control latent) on a tiny FLUX it generates, next to
 ComfyUI's full-precision path on the same weights, and prints what it did and how close they are.
 Given real files, it runs the Canny Control-LoRA graph on them instead and saves the image.
+
+``quantize`` writes a pre-quantized FLUX file (4-bit in the lllyasviel/Forge bnb key layout, int8 in
+bitsandbytes' SCB layout) that Load BnB Flux reads without quantizing; ``inspect`` says what a file holds
+and what Load BnB Flux would do with it. Neither needs ComfyUI.
 """
 from __future__ import annotations
 
@@ -168,6 +174,41 @@ def _rename(node: dict, prefix: str) -> dict:
     return {"class_type": node["class_type"], "inputs": inputs}
 
 
+def quantize(args) -> int:
+    from tqdm import tqdm
+
+    from .formats import BnbFluxError
+    from .prequantized import inspect_file, quantize_file
+    from .spec import QuantSpec
+
+    spec = QuantSpec(args.quant, args.double_quant)
+    if os.path.abspath(args.input) == os.path.abspath(args.output):
+        raise SystemExit("OUT must differ from IN (IN is read while OUT is written)")
+    t0 = time.perf_counter()
+    try:
+        meta = quantize_file(args.input, args.output, spec, quantize_img_in=args.quantize_img_in,
+                             progress=lambda n: tqdm(total=n, unit="layer", desc="quantizing", file=sys.stderr))
+    except BnbFluxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.output} in {time.perf_counter() - t0:.1f} s "
+          f"({meta['quantized_layers']} of {meta['linear_layers']} Linear layers quantized, {meta['quant_type']})")
+    print(inspect_file(args.output))
+    return 0
+
+
+def inspect(args) -> int:
+    from .formats import BnbFluxError
+    from .prequantized import inspect_file
+
+    try:
+        print(inspect_file(args.file))
+    except BnbFluxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m quant_expand.cli", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -190,9 +231,23 @@ def main(argv=None) -> int:
     real.add_argument("--vae", help="FLUX VAE (ae.safetensors)")
     real.add_argument("--image", help="control image (its Canny edges guide the result)")
     real.add_argument("--prompt", default="a photograph of a house by a lake, golden hour")
+    q = sub.add_parser("quantize", help="write a pre-quantized FLUX file that Load BnB Flux reads without quantizing")
+    q.add_argument("input", metavar="IN", help="FLUX.1 safetensors (full precision or pre-quantized; BFL or diffusers "
+                                               "names; a shard or the index of a sharded model)")
+    q.add_argument("output", metavar="OUT", help="the .safetensors file to write")
+    q.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "int8"])
+    q.add_argument("--no-double-quant", dest="double_quant", action="store_false",
+                   help="4-bit: keep the block scales in float32 (default: quantize them too, as Load BnB Flux does)")
+    q.add_argument("--quantize-img-in", action="store_true", help="quantize img_in too (as the node's quantize_img_in)")
+    i = sub.add_parser("inspect", help="say what a FLUX file holds and what Load BnB Flux would do with it")
+    i.add_argument("file", metavar="FILE")
     args = parser.parse_args(argv)
     if args.command == "demo":
         return demo(args)
+    if args.command == "quantize":
+        return quantize(args)
+    if args.command == "inspect":
+        return inspect(args)
     return 2
 
 
