@@ -1,5 +1,6 @@
 """The pack's ComfyUI nodes (V3 API). Node ids and input names are public API: keep them stable."""
 from .apply_control_lora import ApplyControlLora, SetLoraScale
 from .load_bnb_flux import LoadBnbFlux
+from .save_bnb_flux import SaveBnbFlux
 
-NODES = [LoadBnbFlux, ApplyControlLora, SetLoraScale]
+NODES = [LoadBnbFlux, ApplyControlLora, SetLoraScale, SaveBnbFlux]

@@ -1,4 +1,5 @@
-"""Load BnB Flux: a FLUX.1 diffusion model quantized with bitsandbytes while it streams from disk."""
+"""Load BnB Flux: a FLUX.1 diffusion model quantized with bitsandbytes while it streams from disk, or a
+pre-quantized one (lllyasviel/Forge NF4/FP4, diffusers-bnb, LLM.int8, Save BnB Flux) used as stored."""
 from __future__ import annotations
 
 import folder_paths
@@ -14,6 +15,23 @@ def _progress(total):
     return comfy.utils.ProgressBar(total)
 
 
+def model_files() -> list[str]:
+    """diffusion_models files, then checkpoints files not already listed (all-in-one NF4 checkpoints
+    are usually kept there)."""
+    names = list(folder_paths.get_filename_list("diffusion_models"))
+    seen = set(names)
+    names += [n for n in folder_paths.get_filename_list("checkpoints") if n not in seen]
+    return names
+
+
+def model_path(name: str) -> str:
+    for kind in ("diffusion_models", "checkpoints"):
+        path = folder_paths.get_full_path(kind, name)
+        if path is not None:
+            return path
+    raise FileNotFoundError(f"{name}: not found in models/diffusion_models or models/checkpoints")
+
+
 class LoadBnbFlux(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -23,14 +41,18 @@ class LoadBnbFlux(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "Loads a FLUX.1 dev/schnell diffusion model and quantizes its transformer blocks with "
-                "bitsandbytes while streaming it from disk. LoRAs (stock LoRA nodes too) are applied "
-                "lazily at sampling time and never rewrite the quantized weights."),
+                "bitsandbytes while streaming it from disk. Pre-quantized files (lllyasviel/Forge NF4 v1/v2 "
+                "and FP4, all-in-one or not; diffusers-bnb, sharded too; LLM.int8; Save BnB Flux) are used "
+                "as stored: their own quantization wins over quant_type. LoRAs (stock LoRA nodes too) are "
+                "applied lazily at sampling time and never rewrite the quantized weights."),
             inputs=[
-                io.Combo.Input("unet_name", options=folder_paths.get_filename_list("diffusion_models"),
-                               tooltip="A FLUX.1 diffusion model (safetensors, fp32/bf16/fp16/fp8, BFL key names, "
-                                       "with or without the model.diffusion_model. prefix) from models/diffusion_models."),
+                io.Combo.Input("unet_name", options=model_files(),
+                               tooltip="A FLUX.1 diffusion model from models/diffusion_models (or an all-in-one "
+                                       "checkpoint from models/checkpoints): safetensors, fp32/bf16/fp16/fp8 or "
+                                       "pre-quantized with bitsandbytes, BFL or diffusers key names. For a sharded "
+                                       "diffusers model pick any shard."),
                 io.Combo.Input("quant_type", options=["nf4", "fp4", "int8"], default="nf4",
-                               tooltip="nf4/fp4: 4-bit blockwise (blocksize 64), about 0.53 bytes per weight. "
+                               tooltip="Used for full-precision files only (a pre-quantized file keeps its own). nf4/fp4: 4-bit blockwise (blocksize 64), about 0.53 bytes per weight. "
                                        "int8: LLM.int8 storage (int8 rows + per-row scale), about 1 byte per weight, "
                                        "run as weight-only dequantize + matmul."),
                 io.Boolean.Input("double_quant", default=True,
@@ -50,10 +72,16 @@ class LoadBnbFlux(io.ComfyNode):
 
     @classmethod
     def execute(cls, unet_name, quant_type, double_quant, compute_dtype, quantize_img_in=False) -> io.NodeOutput:
-        path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
+        path = model_path(unet_name)
         options = {"quant_type": quant_type, "double_quant": bool(double_quant), "compute_dtype": compute_dtype,
                    "quantize_img_in": bool(quantize_img_in)}
         model = load_bnb_flux(path, options, progress=_progress)
         # ComfyUI rebuilds a model through this when it needs a fresh copy (clone(disable_dynamic=True))
         model.cached_patcher_init = (load_bnb_flux, (path, options))
-        return io.NodeOutput(model)
+        info = model.bnb_info
+        text = (f"{info['source']}\n{info['quant']}: {info['quantized_layers']} of {info['linear_layers']} Linear "
+                f"layers quantized, compute {info['compute_dtype']}, {info['size_bytes'] / 2**20:.1f} MiB")
+        if info["prequantized"]:
+            text += "\nquant_type and double_quant not used: the file's own quantization wins"
+        text += "".join(f"\nnote: {n}" for n in info["notes"])
+        return io.NodeOutput(model, ui={"text": [text]})

@@ -19,26 +19,15 @@ import comfy.ops
 import comfy.utils
 import comfy.weight_adapter as weight_adapter
 
-from .formats import BnbFluxError, TensorFile
-from .layers import QuantLinear, expand_in_features, is_quantized_linear, quantized_linear_from_float
+from .formats import BnbFluxError
+from .layers import (QLinear4bit, QLinear8bit, QuantLinear, expand_in_features, is_quantized_linear,
+                     quantized_linear_from_float, unexpand)
+from .prequantized import (UNQUANTIZED_LINEARS, FluxCheckpoint, StoredLinear, bfl_file_key,  # noqa: F401
+                           default_should_quantize, file_metadata, linear_tensors, open_flux_checkpoint)
 from .lora import LazyLoraDelta, LoraTerm
 from .spec import QuantSpec
 
 log = logging.getLogger("comfyui-bnb-flux")
-
-# Linear layers left in the compute dtype: the small embedders and the output layer hold ~0.4 % of
-# FLUX's parameters and see raw inputs/outputs, where 4-bit error is most visible. Everything in the
-# double/single blocks and txt_in (99.6 %) is quantized.
-UNQUANTIZED_LINEARS = ("img_in", "time_in.", "vector_in.", "guidance_in.", "final_layer.")
-
-
-def default_should_quantize(name: str, in_features: int, spec: QuantSpec, quantize_img_in: bool = False) -> bool:
-    if name == "img_in" and quantize_img_in:
-        return spec.can_quantize(in_features)
-    if name == "img_in" or name.startswith(UNQUANTIZED_LINEARS):
-        return False
-    return spec.can_quantize(in_features)
-
 
 class DeferredLinear(comfy.ops.manual_cast.Linear):
     """What FLUX's constructor gets for ``operations.Linear``: no storage until the loader streams the
@@ -80,9 +69,10 @@ def resolve_compute_dtype(choice, parameters: int, model_config, load_device) ->
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[choice]
 
 
-def detect_flux(tf: TensorFile):
-    """Model config from the file's header (logical shapes only: nothing is read or quantized yet)."""
-    meta = tf.meta_state_dict()
+def detect_flux(ckpt: FluxCheckpoint):
+    """Model config from the file's logical shapes (a packed 4-bit weight counts as ``[out, in]``: detection
+    on packed shapes finds nonsense sizes); nothing is read or quantized yet."""
+    meta = ckpt.meta_state_dict()
     prefix = comfy.model_detection.unet_prefix_from_state_dict(meta)
     keys = {k[len(prefix):]: k for k in meta if k.startswith(prefix)}
     if not keys:  # as comfy.sd.load_diffusion_model_state_dict: no prefix means a bare diffusion model
@@ -90,11 +80,30 @@ def detect_flux(tf: TensorFile):
     stripped = {k: meta[v] for k, v in keys.items()}
     config = comfy.model_detection.model_config_from_unet(stripped, "")
     image_model = config.unet_config.get("image_model") if config is not None else None
-    if image_model != "flux":
+    if image_model != "flux" or not ckpt.is_flux:
         found = f"a {image_model} model" if image_model else "no diffusion model ComfyUI recognises"
-        raise BnbFluxError(f"{tf.name}: not a FLUX.1 diffusion model (found {found}); Load BnB Flux reads "
-                           f"FLUX.1 dev/schnell safetensors with BFL key names")
+        raise BnbFluxError(f"{ckpt.name}: not a FLUX.1 diffusion model (found {found}); Load BnB Flux reads "
+                           f"FLUX.1 dev/schnell safetensors with BFL or diffusers key names")
     return config, keys, stripped
+
+
+def describe_source(ckpt: FluxCheckpoint) -> str:
+    """One line on what the file holds, for the log and the node's output text."""
+    if not ckpt.is_prequantized:
+        return f"{ckpt.name}: full precision ({ckpt.describe_layout()})"
+    s = ckpt.quant_summary()
+    schemes = "; ".join(f"{n} x {k}" for k, n in s["schemes"].items())
+    return f"{ckpt.name}: pre-quantized, {ckpt.describe_layout()}: {schemes}"
+
+
+def _owned(t: Optional[torch.Tensor], device, dtype) -> Optional[torch.Tensor]:
+    """``t`` on ``device`` in ``dtype``, in memory of its own: a tensor read from a safetensors file can
+    point into the file's buffer at any byte offset, and CPU matmul kernels round differently with the
+    operand's alignment, so identical weights would not give identical outputs."""
+    if t is None:
+        return None
+    out = t.to(device=device, dtype=dtype)
+    return out.clone() if out.data_ptr() == t.data_ptr() else out
 
 
 def load_bnb_flux(unet_path: str, options: dict, disable_dynamic: bool = False, progress=None):
@@ -104,81 +113,164 @@ def load_bnb_flux(unet_path: str, options: dict, disable_dynamic: bool = False, 
     patcher always uses ComfyUI's non-dynamic loading (see :class:`BnbModelPatcher`), so
     ``disable_dynamic`` is accepted for ``cached_patcher_init`` and changes nothing.
     """
-    tf = TensorFile(unet_path)
-    model_config, key_map, meta = detect_flux(tf)
+    ckpt = open_flux_checkpoint(unet_path)
+    try:
+        model_config, key_map, meta = detect_flux(ckpt)
+    except BnbFluxError:
+        ckpt.close()
+        raise
     load_device = options.get("load_device") or mm.get_torch_device()
     offload_device = options.get("offload_device") or mm.unet_offload_device()
     parameters = comfy.utils.calculate_parameters(meta)
     compute_dtype = resolve_compute_dtype(options.get("compute_dtype", "auto"), parameters, model_config, load_device)
     spec = QuantSpec(options.get("quant_type", "nf4"), bool(options.get("double_quant", True)), 64, compute_dtype)
+    # the file's own quantization wins: its float Linears stay float, its quantized ones are used as stored
+    prequantized = ckpt.is_prequantized
 
     model_config.set_inference_dtype(compute_dtype, None, device=load_device)
     model_config.custom_operations = BnbFluxOps
     model = model_config.get_model({}, "")
-    # ComfyUI's names for file keys (FLUX renames *_norm.scale to *_norm.weight)
+    # ComfyUI's names for the logical keys (FLUX renames *_norm.scale to *_norm.weight)
     model_keys = model_config.process_unet_state_dict({k: k for k in key_map})
-    file_key = {mk: key_map[sk] for mk, sk in model_keys.items()}
+    logical_key = {mk: key_map[sk] for mk, sk in model_keys.items()}
 
     quantize_device = load_device if mm.is_device_cuda(load_device) else torch.device("cpu")
     dm = model.diffusion_model
     linears = [(n, m) for n, m in dm.named_modules() if isinstance(m, DeferredLinear)]
     bar = progress(len(linears) + 1) if progress is not None else None
+    file_linears = set(ckpt.linear_names())
     loaded = set()
     quantized = 0
-
-    def read(key, required=True):
-        src = file_key.get(key)
-        if src is None:
-            if required:
-                raise BnbFluxError(f"{tf.name}: tensor {key} is missing; the file is not a complete FLUX.1 model")
-            return None
-        loaded.add(key)
-        return tf.get(src)
+    schemes: dict[str, int] = {}
 
     for name, lin in linears:
-        weight = read(f"{name}.weight")
-        bias = read(f"{name}.bias", required=lin.deferred_bias)
-        if tuple(weight.shape) != (lin.out_features, lin.in_features):
-            raise BnbFluxError(f"{tf.name}: {name}.weight has shape {list(weight.shape)}, the detected model "
+        if name not in file_linears:
+            raise BnbFluxError(f"{ckpt.name}: tensor {name}.weight is missing; the file is not a complete FLUX.1 model")
+        stored = ckpt.read_linear(name)
+        loaded.update({f"{name}.weight", f"{name}.bias"})
+        if stored.shape != (lin.out_features, lin.in_features):
+            raise BnbFluxError(f"{ckpt.name}: {name}.weight has shape {list(stored.shape)}, the detected model "
                                f"expects {[lin.out_features, lin.in_features]}")
-        if default_should_quantize(name, lin.in_features, spec, bool(options.get("quantize_img_in", False))):
-            new = quantized_linear_from_float(weight, bias, spec, quantize_device=quantize_device,
+        if lin.deferred_bias and stored.bias is None:
+            raise BnbFluxError(f"{ckpt.name}: tensor {name}.bias is missing; the file is not a complete FLUX.1 model")
+        new = None
+        if stored.kind == "4bit":
+            new = QLinear4bit.from_prequantized(stored.packed, stored.quant_state,
+                                                _owned(stored.bias, offload_device, compute_dtype), compute_dtype,
+                                                offload_device)
+        elif stored.kind == "int8":
+            new = QLinear8bit.from_prequantized(stored.cb, stored.scb, _owned(stored.bias, offload_device, compute_dtype),
+                                                compute_dtype, offload_device)
+        elif not prequantized and default_should_quantize(name, lin.in_features, spec,
+                                                          bool(options.get("quantize_img_in", False))):
+            new = quantized_linear_from_float(stored.weight, stored.bias, spec, quantize_device=quantize_device,
                                               store_device=offload_device)
+        if new is not None:
             _set_module(dm, name, new)
             quantized += 1
+            scheme = new.quant_spec().describe()
+            schemes[scheme] = schemes.get(scheme, 0) + 1
         else:
-            lin.weight = torch.nn.Parameter(weight.to(offload_device, compute_dtype), requires_grad=False)
-            if bias is not None:
-                lin.bias = torch.nn.Parameter(bias.to(offload_device, compute_dtype), requires_grad=False)
-        del weight, bias
+            lin.weight = torch.nn.Parameter(_owned(stored.weight, offload_device, compute_dtype), requires_grad=False)
+            if stored.bias is not None:
+                lin.bias = torch.nn.Parameter(_owned(stored.bias, offload_device, compute_dtype), requires_grad=False)
+        del stored, new
         if bar is not None:
             bar.update(1)
 
-    for key in model_keys:
-        full = f"diffusion_model.{key}"
+    for key, src in logical_key.items():
         if key in loaded:
             continue
-        tensor = read(key)
-        comfy.utils.set_attr_param(model, full, tensor.to(offload_device, compute_dtype))
+        tensor = ckpt.read(src)
+        comfy.utils.set_attr_param(model, f"diffusion_model.{key}", _owned(tensor, offload_device, compute_dtype))
     unloaded = [n for n, p in dm.named_parameters() if p is None or p.device.type == "meta"]
     if unloaded:
-        raise BnbFluxError(f"{tf.name}: no tensors for {', '.join(unloaded[:5])}; the file is not a complete FLUX.1 model")
+        raise BnbFluxError(f"{ckpt.name}: no tensors for {', '.join(unloaded[:5])}; the file is not a complete FLUX.1 model")
     if bar is not None:
         bar.update(1)
-    tf.close()
+    ckpt.close()
 
     patcher = BnbModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    source = describe_source(ckpt)
+    quant = "; ".join(f"{n} x {k}" if len(schemes) > 1 else k for k, n in schemes.items()) or "none"
     patcher.bnb_info = {
-        "file": tf.name,
-        "quant": spec.describe(),
+        "file": ckpt.name,
+        "source": source,
+        "prequantized": prequantized,
+        "quant": quant,
         "compute_dtype": str(compute_dtype).replace("torch.", ""),
         "quantized_layers": quantized,
         "linear_layers": len(linears),
         "size_bytes": patcher.model_size(),
+        "notes": list(ckpt.notes),
     }
+    if prequantized:
+        log.info("Load BnB Flux: %s; quantized as stored (quant_type/double_quant inputs not used)", source)
+    for note in ckpt.notes:
+        log.info("Load BnB Flux: %s: %s", ckpt.name, note)
     log.info("Load BnB Flux: %s -> %s, %d of %d Linear layers quantized, compute %s, %.1f MiB",
-             tf.name, spec.describe(), quantized, len(linears), compute_dtype, patcher.model_size() / 2**20)
+             ckpt.name, quant, quantized, len(linears), compute_dtype, patcher.model_size() / 2**20)
     return patcher
+
+
+def bnb_flux_state_for_saving(patcher, progress=None) -> tuple[dict, dict]:
+    """The tensors and metadata of a Load BnB Flux model as a pre-quantized file (Forge 4-bit / bnb int8
+    layout, BFL names): the stored bytes as they are, nothing requantized.
+
+    Reads the model as *this* patcher defines it: another clone of the same model may be loaded right now
+    with its LoRA merged into biases/norms and a widened ``img_in`` swapped in; ComfyUI keeps the originals
+    in the backups every clone shares (``ModelPatcher.backup``, ``object_patches_backup``)."""
+    model = patcher.model
+    config = getattr(model, "model_config", None)
+    if getattr(model, "diffusion_model", None) is None or config is None or \
+            config.unet_config.get("image_model") != "flux":
+        raise BnbFluxError("Save BnB Flux saves FLUX.1 models; this model is not one")
+    if patcher.patches or patcher.object_patches:
+        raise BnbFluxError(f"Save BnB Flux saves the quantized model as loaded; this one has LoRA patches on "
+                           f"{len(patcher.patches) + len(patcher.object_patches)} weights, which would need requantizing "
+                           f"and are not saved: connect Save BnB Flux straight to Load BnB Flux (LoRAs stay "
+                           f"separate files, applied lazily)")
+    dm = patcher.get_model_object("diffusion_model")
+
+    def original(key: str, current: torch.Tensor) -> torch.Tensor:
+        backup = patcher.backup.get(f"diffusion_model.{key}")
+        # a backup of another shape belongs to a widened stand-in layer (its merges never touched ours)
+        if backup is not None and backup.weight.shape == current.shape:
+            return backup.weight.detach()
+        return current.detach()
+
+    linear_names = [n for n, m in dm.named_modules() if isinstance(m, torch.nn.Linear)]
+    bar = progress(len(linear_names) + 1) if progress is not None else None
+    linears: dict[str, StoredLinear] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for name in linear_names:
+        module = patcher.get_model_object(f"diffusion_model.{name}")
+        bias = original(f"{name}.bias", module.bias) if module.bias is not None else None
+        if isinstance(module, QLinear4bit):
+            module = unexpand(module)
+            stored = StoredLinear("4bit", packed=module.weight.data, quant_state=module.weight.quant_state, bias=bias)
+        elif isinstance(module, QLinear8bit):
+            module = unexpand(module)
+            stored = StoredLinear("int8", cb=module.weight.data, scb=module.weight.SCB, bias=bias)
+        else:
+            stored = StoredLinear("float", weight=original(f"{name}.weight", module.weight), bias=bias)
+        linears[name] = stored
+        tensors.update(linear_tensors(name, stored))
+        if bar is not None:
+            bar.update(1)
+    owners = set(linear_names)
+    for key, param in dm.named_parameters():
+        if key.rpartition(".")[0] in owners:
+            continue
+        tensors[bfl_file_key(key)] = original(key, param).to("cpu").contiguous()
+    if not any(s.kind != "float" for s in linears.values()):
+        raise BnbFluxError("Save BnB Flux: this model has no bitsandbytes layers (it did not come from Load BnB "
+                           "Flux); load the file with Load BnB Flux, or convert it with "
+                           "python -m quant_expand.cli quantize")
+    if bar is not None:
+        bar.update(1)
+    info = getattr(patcher, "bnb_info", None) or {}
+    return tensors, file_metadata(linears, source=info.get("file", ""))
 
 
 def required_in_features(patch_list) -> Optional[int]:

@@ -211,8 +211,9 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec, bias: Optional[torch.
         keep = weight.dtype if weight.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
         qs.dtype = spec.compute_dtype or keep  # recorded only; the loader dequantizes into its compute dtype
         return StoredLinear("4bit", packed=packed, quant_state=qs, bias=bias)
-    cb, scb, _ = bnbf.int8_vectorwise_quant(w)
-    return StoredLinear("int8", cb=cb, scb=scb, bias=bias)
+    # from float16, as bnb's CUDA kernel requires and as the loader does (the same bytes on CPU)
+    cb, scb, _ = bnbf.int8_vectorwise_quant(w.to(torch.float16))
+    return StoredLinear("int8", cb=cb, scb=scb.to(torch.float32), bias=bias)
 
 
 # ---------------------------------------------------------------- light layer info (headers + JSON only)

@@ -1,0 +1,51 @@
+"""Save BnB Flux: writes a Load BnB Flux model as a pre-quantized file, so the next start skips quantizing."""
+from __future__ import annotations
+
+import logging
+import os
+
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from ..quant_expand.comfy_adapter import bnb_flux_state_for_saving
+from ..quant_expand.prequantized import save_flux_file
+
+CATEGORY = "loaders/bnb flux"
+log = logging.getLogger("comfyui-bnb-flux")
+
+
+class SaveBnbFlux(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SaveBnbFlux",
+            display_name="Save BnB Flux",
+            category=CATEGORY,
+            description=(
+                "Saves a model from Load BnB Flux as a pre-quantized safetensors file (4-bit in the "
+                "lllyasviel/Forge bnb key layout, int8 in bitsandbytes' SCB layout) under ComfyUI's output "
+                "directory. Move it to models/diffusion_models: Load BnB Flux then reads it without quantizing."),
+            inputs=[
+                io.Model.Input("model", tooltip="A model straight from Load BnB Flux (LoRAs are not saved: they "
+                                                 "would need requantizing)."),
+                io.String.Input("filename_prefix", default="diffusion_models/flux_bnb",
+                                tooltip="Path under ComfyUI's output directory; a counter and .safetensors are added."),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, filename_prefix) -> io.NodeOutput:
+        tensors, metadata = bnb_flux_state_for_saving(model, progress=comfy.utils.ProgressBar)
+        output_dir = folder_paths.get_output_directory()
+        folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, output_dir)
+        path = os.path.join(folder, f"{filename}_{counter:05}_.safetensors")
+        save_flux_file(path, tensors, metadata)
+        size = os.path.getsize(path)
+        text = (f"saved {os.path.relpath(path, output_dir)} ({size / 2**20:.1f} MiB, {metadata['quant_type']}, "
+                f"{metadata['quantized_layers']} of {metadata['linear_layers']} Linear layers quantized)")
+        log.info("Save BnB Flux: %s", text)
+        return io.NodeOutput(ui={"text": [text], "bnb_flux_files": [{"filename": os.path.basename(path),
+                                                                     "subfolder": subfolder, "type": "output"}]})
