@@ -28,6 +28,7 @@ def main():
     ap.add_argument("--comfyui", required=True)
     ap.add_argument("--dynamic-vram", action="store_true")
     ap.add_argument("--out")
+    ap.add_argument("--cpu", action="store_true", help="dry run on the CPU")
     args = ap.parse_args()
 
     import torch
@@ -40,7 +41,7 @@ def main():
 
     from quant_expand.inprocess import ComfyHost, sampling_graph
 
-    host = ComfyHost.start(args.comfyui, REPO_ROOT, models, cpu=False, dynamic_vram=args.dynamic_vram,
+    host = ComfyHost.start(args.comfyui, REPO_ROOT, models, cpu=args.cpu, dynamic_vram=args.dynamic_vram,
                            extra_args=["--fp32-unet", "--force-fp32"])
 
     import comfy.model_management as mm
@@ -64,6 +65,12 @@ def main():
     g = sampling_graph(g, ["qs", 0], key="bnb", prefix="a", **dims)
     g = sampling_graph(g, ["rs", 0], key="full", prefix="b", **dims)
     g = sampling_graph(g, ["q", 0], key="bnb_plain", prefix="c", **dims)
+    # Set LoRA Scale on the loaded model (patches swapped in place) vs the chain applied at that strength
+    g["sc"] = n("SetLoraScale", model=["qs", 0], lora_name="control.safetensors", strength=0.4)
+    g["qc4"] = n("ApplyControlLora", model=["q", 0], lora_name="control.safetensors", strength=0.4)
+    g["qs4"] = n("ApplyControlLora", model=["qc4", 0], lora_name="style.safetensors", strength=0.6)
+    g = sampling_graph(g, ["sc", 0], key="bnb_rescaled", prefix="d", **dims)
+    g = sampling_graph(g, ["qs4", 0], key="bnb_applied_at_0.4", prefix="e", **dims)
     out = host.run(g)
 
     def rel(a, b):
@@ -72,7 +79,7 @@ def main():
     ours, stock = host.node_output("q"), host.node_output("r")
     dm = ours.model.diffusion_model
     report = {
-        "device": torch.cuda.get_device_name(0),
+        "device": "cpu" if args.cpu else torch.cuda.get_device_name(0),
         "torch": torch.__version__,
         "dynamic_vram_requested": args.dynamic_vram,
         "dynamic_vram_enabled": host.dynamic_vram,
@@ -84,12 +91,15 @@ def main():
         "rel_err_bnb_control_style_vs_stock_full_precision": rel(out["bnb"], out["full"]),
         "rel_effect_of_loras": rel(out["bnb_plain"], out["full"]),
         "finite": bool(torch.isfinite(out["bnb"]).all()),
+        "set_lora_scale_equals_applying_at_that_strength": bool(torch.equal(out["bnb_rescaled"], out["bnb_applied_at_0.4"])),
+        "rel_err_rescaled_vs_applied": rel(out["bnb_rescaled"], out["bnb_applied_at_0.4"]),
     }
     print(json.dumps(report, indent=1))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
-    ok = report["finite"] and report["rel_err_bnb_control_style_vs_stock_full_precision"] < 1e-4
+    ok = (report["finite"] and report["rel_err_bnb_control_style_vs_stock_full_precision"] < 1e-4
+          and report["rel_err_rescaled_vs_applied"] < 1e-6)
     return 0 if ok else 1
 
 

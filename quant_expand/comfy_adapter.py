@@ -487,21 +487,42 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
 
     def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
         if self._can_swap_patches_in_place(device_to, force_patch_weights):
-            # Another clone's LoRAs (or strengths) are on the loaded model. ComfyUI would unpatch by moving
-            # the whole model to the offload device and back; quantized weights carry no merged state, so
-            # restoring the few merged biases/norms and re-installing the deltas in place is enough.
-            with self.use_ejected(skip_and_inject_on_exit_only=True):
-                self.unpatch_model(None, unpatch_weights=True)
-                self.patch_model(device_to, lowvram_model_memory=0, load_weights=True)
+            self.swap_patches_in_place(device_to)
             return 0
         out = super().partially_load(device_to, extra_memory=extra_memory, force_patch_weights=force_patch_weights)
         self.install_lazy_deltas(device_to)
         return out
 
+    def swap_patches_in_place(self, device_to):
+        """Another clone's LoRAs (or strengths) are on the fully loaded model. ComfyUI would unpatch it by
+        moving the whole model to the offload device and reloading it; quantized weights hold no merged
+        state, so undoing the few merges ComfyUI made (norm sets, unquantized layers) and swapping object
+        patches and lazy deltas where the model is gives the same model state at a fraction of the cost."""
+        with self.use_ejected(skip_and_inject_on_exit_only=True):
+            self.clear_lazy_deltas(keep_for_reuse=True)
+            for key, bk in list(self.backup.items()):  # as unpatch_model, onto the device the model is on
+                if bk.inplace_update:
+                    comfy.utils.copy_to_param(self.model, key, bk.weight)
+                else:
+                    comfy.utils.set_attr_param(self.model, key, bk.weight.to(device_to))
+            self.backup.clear()
+            for key, old in list(self.object_patches_backup.items()):
+                comfy.utils.set_attr(self.model, key, old)
+            self.object_patches_backup.clear()
+            for key, obj in self.object_patches.items():
+                self.object_patches_backup[key] = comfy.utils.set_attr(self.model, key, obj)
+                if isinstance(obj, torch.nn.Module):
+                    obj.to(device_to)
+            for key in self.patches:
+                self.patch_weight_to_device(key, device_to=device_to)
+            self.install_lazy_deltas(device_to)
+            self.model.current_weight_patches_uuid = self.patches_uuid
+
     def _can_swap_patches_in_place(self, device_to, force_patch_weights) -> bool:
         m = self.model
         return (m.current_weight_patches_uuid is not None and m.current_weight_patches_uuid != self.patches_uuid
                 and not force_patch_weights and not m.model_lowvram and m.model_loaded_weight_memory > 0
+                and not self.weight_wrapper_patches and not self.hook_patches
                 and m.device == device_to)
 
     def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
