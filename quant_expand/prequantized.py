@@ -139,7 +139,7 @@ def open_tensor_set(path: str) -> TensorSet:
             raise BnbFluxError(f"{os.path.basename(index)}: shard {shard} is missing from {directory}; "
                                f"download every shard the index lists")
         files.append(TensorFile(shard_path))
-    shown = os.path.basename(index) if path == index else f"{name} (+{len(files) - 1} shards of {os.path.basename(index)})"
+    shown = os.path.basename(index) if path == index else f"{name}, a shard of {os.path.basename(index)}"
     return TensorSet(files, shown, index)
 
 
@@ -725,7 +725,7 @@ class FluxCheckpoint:
             return f"full precision, {_LAYOUT_NAMES.get(self.layout, 'unknown names')}"
         kinds = {p.kind for p in self._pieces.values()}
         if self.layout == "diffusers":
-            what = "diffusers-bnb " + "/".join(k for k in ("4bit", "int8") if k in kinds)
+            what = "diffusers-bnb " + "/".join(k for k in ("4-bit", "int8") if k.replace("-", "") in kinds)
         elif "4bit" in kinds:
             what = "lllyasviel/Forge bnb 4-bit layout (weight.absmax, weight.quant_map, weight.quant_state...)"
         else:
@@ -917,8 +917,8 @@ def inspect_file(path: str) -> str:
     if ckpt.prefix:
         lines.append(f"diffusion model under '{ckpt.prefix}'" + (f"; {len(ckpt.skipped)} other tensors (text "
                      f"encoders, VAE, ...) are not read" if ckpt.skipped else ""))
-    meta = {k: v for k, v in ckpt.metadata.items() if k in ("format", "quant_type", "blocksize", "double_quant",
-                                                                "source", "quantized_layers")}
+    shown = ("format", "quant_type", "blocksize", "double_quant", "quantized_layers", "source")
+    meta = {k: ckpt.metadata[k] for k in shown if k in ckpt.metadata}
     if meta:
         lines.append("metadata: " + ", ".join(f"{k}={v}" for k, v in meta.items()))
     lines.append(f"layout: {ckpt.describe_layout()}")

@@ -157,6 +157,21 @@ class TestSaveLoadRoundTrip:
                             stored_tensors(host, load_direct(host, name, "fp4", False)))
 
 
+    @pytest.mark.parametrize("quant,dq", [("nf4", True), ("int8", False)])
+    def test_cli_converted_file_holds_the_bytes_of_quantize_on_load(self, host, exact, tmp_path, quant, dq):
+        """python -m quant_expand.cli quantize once; every later start loads those bytes without quantizing."""
+        from quant_expand.cli import main
+
+        src = save_safetensors({k: v.to(torch.bfloat16) for k, v in make_tiny_flux(CFG, seed=11).items()},
+                               host.model_path("diffusion_models", f"pq_bf16_{quant}.safetensors"))
+        dst = host.model_path("diffusion_models", f"pq_cli_{quant}.safetensors")
+        assert main(["quantize", src, dst, "--quant", quant] + ([] if dq else ["--no-double-quant"])) == 0
+        on_load = load_direct(host, os.path.basename(src), quant, dq)
+        converted = load_direct(host, os.path.basename(dst), "fp4", not dq)
+        assert converted.bnb_info["prequantized"] and converted.bnb_info["quant"] == on_load.bnb_info["quant"]
+        assert_same_storage(stored_tensors(host, on_load), stored_tensors(host, converted))
+
+
 class TestForeignFiles:
     def test_forge_all_in_one_from_checkpoints_equals_quantize_on_load(self, host, exact):
         """A Forge v2-style NF4 all-in-one file in models/checkpoints, quantized by bitsandbytes itself on

@@ -330,7 +330,7 @@ class TestErrorsAndCli:
     def test_inspect_reports_fusion(self, tmp_path):
         foreign = diffusers_state_dict(exact_sd("nf4"), CFG, "nf4", double_quant=True)
         text = inspect_file(save_safetensors(foreign, tmp_path / "d.safetensors"))
-        assert "layout: diffusers-bnb 4bit" in text
+        assert "layout: diffusers-bnb 4-bit" in text
         assert "1 on the stored bytes, 3 with absmax de-nested (both exact), 0 requantized (lossy)" in text
         assert "22 4-bit, 0 int8, 1 full precision" in text
 
