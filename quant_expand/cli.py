@@ -2,7 +2,7 @@
 
     python -m quant_expand.cli demo [--comfyui PATH] [--workdir DIR] [--quant nf4|fp4|int8] [--gpu]
     python -m quant_expand.cli demo --gpu --unet FLUX --lora CANNY_LORA --clip-l F --t5 F --vae F --image IMG
-    python -m quant_expand.cli quantize IN OUT [--quant nf4|fp4|int8] [--no-double-quant] [--quantize-img-in]
+    python -m quant_expand.cli quantize IN OUT [--quant nf4|fp4|int8] [--no-double-quant] [--quantize-img-in] [--device D]
     python -m quant_expand.cli inspect FILE
 
 ``demo`` runs the pack's main job through ComfyUI's own executor: a Control-LoRA graph (Load BnB Flux
@@ -178,7 +178,9 @@ def quantize(args) -> int:
     from tqdm import tqdm
 
     from .formats import BnbFluxError
-    from .prequantized import inspect_file, quantize_file
+    import torch
+
+    from .prequantized import default_quantize_device, inspect_file, quantize_file
     from .spec import QuantSpec
 
     spec = QuantSpec(args.quant, args.double_quant)
@@ -186,7 +188,9 @@ def quantize(args) -> int:
         raise SystemExit("OUT must differ from IN (IN is read while OUT is written)")
     t0 = time.perf_counter()
     try:
-        meta = quantize_file(args.input, args.output, spec, quantize_img_in=args.quantize_img_in,
+        device = default_quantize_device() if args.device == "auto" else torch.device(args.device)
+        print(f"quantizing on {device}", file=sys.stderr)
+        meta = quantize_file(args.input, args.output, spec, quantize_img_in=args.quantize_img_in, device=device,
                              progress=lambda n: tqdm(total=n, unit="layer", desc="quantizing", file=sys.stderr))
     except BnbFluxError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -239,6 +243,9 @@ def main(argv=None) -> int:
     q.add_argument("--no-double-quant", dest="double_quant", action="store_false",
                    help="4-bit: keep the block scales in float32 (default: quantize them too, as Load BnB Flux does)")
     q.add_argument("--quantize-img-in", action="store_true", help="quantize img_in too (as the node's quantize_img_in)")
+    q.add_argument("--device", default="auto", help="where to quantize: auto (the GPU if there is one, as Load BnB "
+                                                    "Flux does; bnb's GPU and CPU kernels round a few values "
+                                                    "differently), cpu, cuda, cuda:1, ...")
     i = sub.add_parser("inspect", help="say what a FLUX file holds and what Load BnB Flux would do with it")
     i.add_argument("file", metavar="FILE")
     args = parser.parse_args(argv)

@@ -201,19 +201,30 @@ def denested_absmax(qs: QuantState) -> torch.Tensor:
     return absmax.to(torch.float32)
 
 
-def quantize_weight(weight: torch.Tensor, spec: QuantSpec, bias: Optional[torch.Tensor] = None) -> StoredLinear:
-    """Quantize a float weight exactly as Load BnB Flux does on load (absmax from float32, uint8 storage),
-    so a converted file and a quantize-on-load model hold the same bytes."""
-    w = weight.to(torch.float32)
+def quantize_weight(weight: torch.Tensor, spec: QuantSpec, bias: Optional[torch.Tensor] = None,
+                    device=None) -> StoredLinear:
+    """Quantize a float weight as Load BnB Flux does on load (absmax from float32, uint8 storage), on
+    ``device`` (default: where the weight is); the result is on the CPU. bnb's CUDA and CPU kernels round
+    a few values differently, so the bytes equal a load's where both quantize on the same kind of device
+    (the loader quantizes on its load device: the GPU when there is one)."""
+    w = weight.to(device=device or weight.device, dtype=torch.float32)
     if spec.is_4bit:
         packed, qs = bnbf.quantize_4bit(w, blocksize=spec.blocksize, compress_statistics=spec.double_quant,
                                         quant_type=spec.quant_type, quant_storage=torch.uint8)
         keep = weight.dtype if weight.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
         qs.dtype = spec.compute_dtype or keep  # recorded only; the loader dequantizes into its compute dtype
+        if packed.device.type != "cpu":
+            packed, qs = packed.cpu(), _quant_state_copy(qs)
+            qs.to("cpu")
         return StoredLinear("4bit", packed=packed, quant_state=qs, bias=bias)
-    # from float16, as bnb's CUDA kernel requires and as the loader does (the same bytes on CPU)
+    # from float16, as bnb's CUDA kernel requires and as the loader does
     cb, scb, _ = bnbf.int8_vectorwise_quant(w.to(torch.float16))
-    return StoredLinear("int8", cb=cb, scb=scb.to(torch.float32), bias=bias)
+    return StoredLinear("int8", cb=cb.cpu(), scb=scb.to("cpu", torch.float32), bias=bias)
+
+
+def default_quantize_device() -> torch.device:
+    """Where Load BnB Flux quantizes on a machine like this one: its GPU if it has one."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 # ---------------------------------------------------------------- light layer info (headers + JSON only)
@@ -854,7 +865,8 @@ def save_flux_file(path: str, tensors: dict[str, torch.Tensor], metadata: dict[s
 
 
 def quantize_file(src: str, dst: str, spec: QuantSpec, quantize_img_in: bool = False,
-                  progress: Optional[Callable[[int], object]] = None, log: Callable[[str], None] = print) -> dict:
+                  progress: Optional[Callable[[int], object]] = None, log: Callable[[str], None] = print,
+                  device=None) -> dict:
     """Convert a FLUX file into a pre-quantized one, one Linear at a time.
 
     Full-precision Linears are quantized as Load BnB Flux would on load (same layers, same bytes).
@@ -877,7 +889,7 @@ def quantize_file(src: str, dst: str, spec: QuantSpec, quantize_img_in: bool = F
     for name in names:
         stored = ckpt.read_linear(name)
         if stored.kind == "float" and not pre and default_should_quantize(name, stored.shape[1], spec, quantize_img_in):
-            stored = quantize_weight(stored.weight, spec, stored.bias)
+            stored = quantize_weight(stored.weight, spec, stored.bias, device=device)
         linears[name] = stored
         out.update(linear_tensors(name, stored))
         del stored
