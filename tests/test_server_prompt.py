@@ -193,3 +193,39 @@ def test_gpu_server_runs_with_dynamic_vram(server):
     Load BnB Flux keeps its own non-dynamic patcher, in the same server and the same prompt."""
     log = server.log_tail(200000)
     assert "DynamicVRAM support detected and enabled" in log, log[-3000:]
+
+
+def test_apply_control_lora_set_scale_and_chains_match_full_precision(server):
+    """Apply Control LoRA -> Apply Control LoRA (style) -> Set LoRA Scale through /prompt equals ComfyUI's
+    stock LoraLoaderModelOnly chain on the full-precision file, prompt after prompt (the loaded model
+    is reused and its patches swapped between prompts)."""
+    from quant_expand.synthetic import make_control_lora
+
+    control = "tiny_canny_lora.safetensors"
+    save_safetensors(make_control_lora(CFG, seed=2), os.path.join(server.dirs["models/loras"], control))
+
+    def graph(scale):
+        def stock(ref, name, s):
+            return {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ref, "lora_name": name, "strength_model": s}}
+
+        def ours(cls, ref, name, s):
+            return {"class_type": cls, "inputs": {"model": ref, "lora_name": name, "strength": s}}
+
+        return {"q": loader(), "qc": ours("ApplyControlLora", ["q", 0], control, 1.0),
+                "qs": ours("ApplyControlLora", ["qc", 0], LORA, 0.5),
+                "qx": ours("SetLoraScale", ["qs", 0], control, scale),
+                "r": {"class_type": "UNETLoader", "inputs": {"unet_name": MODEL, "weight_dtype": "default"}},
+                "rc": stock(["r", 0], control, scale), "rs": stock(["rc", 0], LORA, 0.5),
+                **conditioning_nodes(), **sample_and_save(f"q_ctl_{scale}", ["qx", 0]),
+                **sample_and_save(f"ref_ctl_{scale}", ["rs", 0])}
+
+    results = {}
+    for scale in (0.85, 0.3, 0.85):
+        entry = server.run_prompt(graph(scale))
+        assert_success(entry)
+        q, ref = (saved_latent(server, entry, f"{p}_ctl_{scale}") for p in ("q", "ref"))
+        assert rel_err(q, ref) < 1e-5, scale
+        if scale in results:  # the repeated prompt gives the same result
+            assert torch.equal(q, results[scale])
+        results[scale] = q
+    assert rel_err(results[0.3], results[0.85]) > 1e-3
