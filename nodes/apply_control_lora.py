@@ -32,6 +32,22 @@ def strength_input():
     return io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01, tooltip=STRENGTH_TOOLTIP)
 
 
+def lora_summary(parsed, strength: float) -> dict:
+    """What the frontend badge of Apply Control LoRA shows (JSON only: sent in the node's ``ui`` output)."""
+    ranks = sorted({layer.rank for layer in parsed.layers})
+    warnings = []
+    if parsed.text_encoder_keys:
+        warnings.append(f"{len(parsed.text_encoder_keys)} text-encoder keys not applied here "
+                        "(load them with a CLIP LoRA loader)")
+    if not parsed.layers and not parsed.bias_diffs and not parsed.norm_sets:
+        warnings.append("nothing in this file applies to the FLUX model")
+    return {"name": parsed.name, "kind": "control" if parsed.is_control else "style",
+            "format": parsed.source_format, "strength": strength,
+            "rank": ranks[-1] if ranks else 0, "ranks": ranks, "layers": len(parsed.layers),
+            "widened": dict(parsed.widened), "norm_sets": len(parsed.norm_sets),
+            "description": parsed.describe(), "warnings": warnings}
+
+
 class ApplyControlLora(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -46,7 +62,8 @@ class ApplyControlLora(io.ComfyNode):
                 "deltas are added at sampling time without touching the quantized weights; it also works on "
                 "full-precision models from ComfyUI's loaders."),
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="A FLUX model: from Load BnB Flux (LoRAs applied lazily, quantized "
+                                                 "weights untouched) or from ComfyUI's own loaders."),
                 lora_combo("A FLUX LoRA or Control LoRA (safetensors) from models/loras."),
                 strength_input(),
             ],
@@ -62,7 +79,8 @@ class ApplyControlLora(io.ComfyNode):
             parsed = parse_lora(tensors, lora_name, linear_shapes(model))
         finally:
             tensors.close()
-        return io.NodeOutput(apply_lora(model, parsed, float(strength), lora_name))
+        return io.NodeOutput(apply_lora(model, parsed, float(strength), lora_name),
+                             ui={"bnb_flux_lora": [lora_summary(parsed, float(strength))]})
 
 
 class SetLoraScale(io.ComfyNode):
@@ -76,7 +94,7 @@ class SetLoraScale(io.ComfyNode):
                 "Changes the strength of a LoRA applied upstream by Apply Control LoRA, with no reload and no "
                 "re-quantization: only the lazy deltas are re-stacked when sampling starts."),
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="A model that went through Apply Control LoRA upstream."),
                 lora_combo("The LoRA to rescale: the same file name given to Apply Control LoRA upstream."),
                 strength_input(),
             ],

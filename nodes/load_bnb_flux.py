@@ -84,4 +84,6 @@ class LoadBnbFlux(io.ComfyNode):
         if info["prequantized"]:
             text += "\nquant_type and double_quant not used: the file's own quantization wins"
         text += "".join(f"\nnote: {n}" for n in info["notes"])
-        return io.NodeOutput(model, ui={"text": [text]})
+        badge = {k: info[k] for k in ("file", "source", "prequantized", "quant", "compute_dtype",
+                                      "quantized_layers", "linear_layers", "size_bytes", "notes")}
+        return io.NodeOutput(model, ui={"text": [text], "bnb_flux": [badge]})
