@@ -4,6 +4,7 @@
     python -m quant_expand.cli demo --gpu --unet FLUX --lora CANNY_LORA --clip-l F --t5 F --vae F --image IMG
     python -m quant_expand.cli quantize IN OUT [--quant nf4|fp4|int8] [--no-double-quant] [--quantize-img-in] [--device D]
     python -m quant_expand.cli inspect FILE
+    python -m quant_expand.cli run WORKFLOW.json [--server URL] [--output-dir DIR]
 
 ``demo`` runs the pack's main job through ComfyUI's own executor: a Control-LoRA graph (Load BnB Flux
 -> Control LoRA + style LoRA -> KSampler with a control latent) on a tiny FLUX it generates, next to
@@ -13,6 +14,9 @@ Given real files, it runs the Canny Control-LoRA graph on them instead and saves
 ``quantize`` writes a pre-quantized FLUX file (4-bit in the lllyasviel/Forge bnb key layout, int8 in
 bitsandbytes' SCB layout) that Load BnB Flux reads without quantizing; ``inspect`` says what a file holds
 and what Load BnB Flux would do with it. Neither needs ComfyUI.
+
+``run`` submits an API-format workflow to a running ComfyUI server, prints its progress as the
+websocket reports it and downloads the output files (standard library only, ``quant_expand.client``).
 """
 from __future__ import annotations
 
@@ -213,6 +217,22 @@ def inspect(args) -> int:
     return 0
 
 
+def run(args) -> int:
+    from .client import ClientError, ComfyClient, load_api_workflow
+
+    try:
+        prompt = load_api_workflow(args.workflow)
+        result = ComfyClient(args.server, timeout=args.timeout).run(prompt, args.output_dir)
+    except ClientError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if result["status"] != "success":
+        print(f"error: {result['error']}", file=sys.stderr)
+        return 1
+    print(f"finished {result['prompt_id']}: {len(result['files'])} file(s) in {args.output_dir}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m quant_expand.cli", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -248,6 +268,13 @@ def main(argv=None) -> int:
                                                     "differently), cpu, cuda, cuda:1, ...")
     i = sub.add_parser("inspect", help="say what a FLUX file holds and what Load BnB Flux would do with it")
     i.add_argument("file", metavar="FILE")
+    r = sub.add_parser("run", help="submit an API-format workflow to a running ComfyUI, follow its progress over "
+                                   "the websocket and save its output files")
+    r.add_argument("workflow", metavar="WORKFLOW.json", help="API format (Workflow > Export (API); "
+                                                            "example_workflows/api/)")
+    r.add_argument("--server", default="http://127.0.0.1:8188", help="ComfyUI's address (default %(default)s)")
+    r.add_argument("--output-dir", default="comfyui-outputs", help="where output files go (default %(default)s)")
+    r.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the server (default %(default)s)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         return demo(args)
@@ -255,6 +282,8 @@ def main(argv=None) -> int:
         return quantize(args)
     if args.command == "inspect":
         return inspect(args)
+    if args.command == "run":
+        return run(args)
     return 2
 
 

@@ -1,0 +1,131 @@
+"""Through a real ComfyUI server (loopback, CPU): what the frontend extension receives from the pack's
+nodes (their ``ui`` output, as stored in ``/history`` and sent over the websocket), and the
+command-line client ``python -m quant_expand.cli run`` following a workflow over the websocket."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import torch
+
+from quant_expand.synthetic import TinyFluxConfig, make_control_lora, make_lora, make_tiny_flux, save_safetensors
+from server_host import ComfyServer, make_base_directory
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = TinyFluxConfig()
+MODEL = "tiny_exact_nf4.safetensors"
+CONTROL = "tiny_canny_lora.safetensors"
+STYLE = "tiny_style_lora.safetensors"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    path = os.environ.get("COMFYUI_PATH")
+    if not path:
+        msg = "COMFYUI_PATH not set: the server tests need a ComfyUI checkout (see README, Testing)"
+        print(msg)
+        pytest.skip(msg)
+    base = str(tmp_path_factory.mktemp("comfy-ui-base"))
+    dirs = make_base_directory(base, REPO_ROOT)
+    save_safetensors(make_tiny_flux(CFG, seed=0, exact_for="nf4"), os.path.join(dirs["models/diffusion_models"], MODEL))
+    save_safetensors(make_control_lora(CFG, seed=2), os.path.join(dirs["models/loras"], CONTROL))
+    save_safetensors(make_lora(CFG, kind="lora", seed=11), os.path.join(dirs["models/loras"], STYLE))
+    srv = ComfyServer(path, base, os.path.join(str(tmp_path_factory.mktemp("comfy-ui-log")), "comfyui.log"))
+    srv.dirs = dirs
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def graph(control_strength=1.0, steps=2):
+    cond = {"tokens": 8, "context_dim": CFG.context_in_dim, "pooled_dim": CFG.vec_in_dim, "guidance": 3.5}
+    return {
+        "1": {"class_type": "LoadBnbFlux", "inputs": {"unet_name": MODEL, "quant_type": "nf4",
+                                                      "double_quant": True, "compute_dtype": "float32"}},
+        "2": {"class_type": "ApplyControlLora", "inputs": {"model": ["1", 0], "lora_name": CONTROL,
+                                                           "strength": control_strength}},
+        "3": {"class_type": "ApplyControlLora", "inputs": {"model": ["2", 0], "lora_name": STYLE, "strength": 0.6}},
+        "4": {"class_type": "BnbFluxServerTestConditioning", "inputs": dict(cond, seed=1)},
+        "5": {"class_type": "BnbFluxServerTestConditioning", "inputs": dict(cond, seed=2)},
+        "6": {"class_type": "BnbFluxServerTestLatent", "inputs": {"size": 16}},
+        "7": {"class_type": "KSampler", "inputs": {
+            "model": ["3", 0], "seed": 3, "steps": steps, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+            "positive": ["4", 0], "negative": ["5", 0], "latent_image": ["6", 0], "denoise": 1.0}},
+        "8": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "latents/cli"}},
+    }
+
+
+def test_ui_outputs_reach_history(server):
+    entry = server.run_prompt(graph())
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    outputs = entry["outputs"]
+    (badge,) = outputs["1"]["bnb_flux"]
+    assert badge["quant"].startswith("nf4") and badge["file"] == MODEL
+    assert 0 < badge["quantized_layers"] < badge["linear_layers"] and badge["size_bytes"] > 0
+    (control,) = outputs["2"]["bnb_flux_lora"]
+    assert control["kind"] == "control" and control["widened"] == {"img_in": 2 * CFG.in_channels * 4}  # 2x2 patches
+    assert control["layers"] > 0 and control["rank"] > 0 and control["strength"] == 1.0
+    assert control["description"].startswith(CONTROL) and control["warnings"] == []
+    (style,) = outputs["3"]["bnb_flux_lora"]
+    assert style["kind"] == "style" and style["widened"] == {} and style["strength"] == 0.6
+    print(f"ui: {badge['quant']}, {badge['quantized_layers']}/{badge['linear_layers']}; {control['description']}")
+
+
+def test_cli_run_follows_websocket_and_saves_outputs(server, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from quant_expand.cli import main
+
+    wf = tmp_path / "wf.json"
+    wf.write_text(json.dumps(graph(control_strength=0.85, steps=3)))
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    rc = main(["run", str(wf), "--server", server.url, "--output-dir", str(out), "--timeout", "120"])
+    text = capsys.readouterr().out
+    print(text, f"({time.monotonic() - t0:.1f} s)")
+    assert rc == 0, text
+    assert "queued " in text and "running 7 KSampler" in text and "7 KSampler: 3/3" in text, text
+    (saved,) = [p for p in out.rglob("*.latent")]
+    assert saved.parent.name == "latents"
+    on_server = os.path.join(server.dirs["output"], "latents", saved.name)
+    assert torch.equal(load_file(str(saved))["latent_tensor"], load_file(on_server)["latent_tensor"])
+
+
+def test_cli_run_reports_refused_and_failed_workflows(server, tmp_path, capsys):
+    from quant_expand.cli import main
+
+    bad = graph()
+    bad["1"]["inputs"]["quant_type"] = "nf5"
+    wf = tmp_path / "bad.json"
+    wf.write_text(json.dumps({"prompt": bad}))
+    assert main(["run", str(wf), "--server", server.url, "--output-dir", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "node 1 LoadBnbFlux" in err and "quant_type" in err, err
+
+    failing = graph()
+    failing["2"]["inputs"]["strength"] = float("nan")  # passes the validator, refused by the node
+    wf.write_text(json.dumps(failing))  # Python writes NaN, which the server parses
+    assert main(["run", str(wf), "--server", server.url, "--output-dir", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "2 ApplyControlLora failed" in err and "strength" in err, err
+
+    ui = tmp_path / "ui.json"
+    ui.write_text(json.dumps({"nodes": [], "links": []}))
+    assert main(["run", str(ui), "--server", server.url]) == 1
+    assert "Export (API)" in capsys.readouterr().err
+
+
+def test_every_input_has_a_tooltip_and_one_category(server):
+    info = server.get_json("/object_info")
+    pack = {k: v for k, v in info.items() if v.get("python_module", "").endswith("comfyui-bnb-flux")}
+    assert set(pack) == {"LoadBnbFlux", "ApplyControlLora", "SetLoraScale", "SaveBnbFlux"}
+    assert {v["category"] for v in pack.values()} == {"loaders/bnb flux"}
+    for node_id, v in pack.items():
+        assert v["description"], node_id
+        for section in ("required", "optional"):
+            for name, spec in v["input"].get(section, {}).items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
