@@ -23,6 +23,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(REPO_ROOT, "example_workflows")
 UI_FILES = sorted(glob.glob(os.path.join(EXAMPLES, "*.json")))
 CANNY = "flux_dev_nf4_canny_lora.json"
+DEPTH = "flux_dev_nf4_depth_lora.json"
+STYLE = "flux_dev_nf4_canny_style_lora.json"
 
 # nodes that live only in the editor: never sent to the server, absent from the API format
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
@@ -83,7 +85,7 @@ def pair(request):
 
 
 def test_examples_exist_in_both_formats():
-    assert CANNY in [os.path.basename(p) for p in UI_FILES]
+    assert {CANNY, DEPTH, STYLE} <= {os.path.basename(p) for p in UI_FILES}
     for ui_file in UI_FILES:
         assert os.path.isfile(api_path(ui_file)), f"{os.path.basename(ui_file)} has no API-format twin in api/"
     for api_file in glob.glob(os.path.join(EXAMPLES, "api", "*.json")):
@@ -251,6 +253,63 @@ def test_canny_workflow_settings():
     text = notes[0]["widgets_values"][0]
     for needed in ("diffusion_models", "loras", "text_encoders", "vae", "0.85"):
         assert needed in text, needed
+
+
+def api_by_type(api):
+    by_type = {}
+    for nid, entry in api.items():
+        by_type.setdefault(entry["class_type"], []).append(nid)
+    return by_type
+
+
+def model_chain(api):
+    """[(class_type, inputs)] from the KSampler's model back to the loader."""
+    ks = api[api_by_type(api)["KSampler"][0]]["inputs"]
+    chain, ref = [], ks["model"]
+    while ref is not None:
+        entry = api[ref[0]]
+        chain.append((entry["class_type"], entry["inputs"]))
+        ref = entry["inputs"].get("model")
+    return chain[::-1]
+
+
+def note_text(ui):
+    (note,) = [n for n in ui["nodes"] if n["type"] == "Note"]
+    return note["widgets_values"][0]
+
+
+def test_depth_workflow_settings():
+    ui, api = load(os.path.join(EXAMPLES, DEPTH)), load(os.path.join(EXAMPLES, "api", DEPTH))
+    types = api_by_type(api)
+    assert "Canny" not in types  # the depth map is given as an image: ComfyUI has no depth estimator
+    assert [t for t, _ in model_chain(api)] == ["LoadBnbFlux", "ApplyControlLora"]
+    lora = model_chain(api)[1][1]
+    assert (lora["lora_name"], lora["strength"]) == ("flux1-depth-dev-lora.safetensors", 0.85)
+    ip2p = api[types["InstructPixToPixConditioning"][0]]["inputs"]
+    assert api[ip2p["pixels"][0]]["class_type"] == "LoadImage"
+    assert api[ip2p["pixels"][0]]["inputs"]["image"] == "depth_map.png"
+    guidance = api[ip2p["positive"][0]]
+    assert guidance["class_type"] == "FluxGuidance" and guidance["inputs"]["guidance"] == 10.0
+    ks = api[types["KSampler"][0]]["inputs"]
+    assert (ks["cfg"], ks["latent_image"]) == (1.0, [types["InstructPixToPixConditioning"][0], 2])
+    for needed in ("flux1-depth-dev-lora.safetensors", "depth_map.png", "0.85", "guidance 10"):
+        assert needed in note_text(ui), needed
+
+
+def test_control_and_style_workflow_settings():
+    ui, api = load(os.path.join(EXAMPLES, STYLE)), load(os.path.join(EXAMPLES, "api", STYLE))
+    chain = model_chain(api)
+    assert [t for t, _ in chain] == ["LoadBnbFlux", "ApplyControlLora", "ApplyControlLora", "SetLoraScale"]
+    (_, control), (_, style), (_, scale) = chain[1:]
+    assert (control["lora_name"], control["strength"]) == ("flux1-canny-dev-lora.safetensors", 1.0)
+    assert (style["lora_name"], style["strength"]) == ("flux_style_lora.safetensors", 0.8)
+    # Set LoRA Scale rescales a LoRA applied upstream (the Control LoRA), to BFL's 0.85
+    assert (scale["lora_name"], scale["strength"]) == (control["lora_name"], 0.85)
+    types = api_by_type(api)
+    ip2p = api[types["InstructPixToPixConditioning"][0]]["inputs"]
+    assert api[ip2p["pixels"][0]]["class_type"] == "Canny"
+    for needed in ("Set LoRA Scale", "flux_style_lora.safetensors", "0.85"):
+        assert needed in note_text(ui), needed
 
 
 # ---------------------------------------------------------------------------------------------------
