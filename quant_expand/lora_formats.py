@@ -383,10 +383,25 @@ def _module_and_role(key: str, family: str) -> Optional[tuple[str, str]]:
 
 # ---------------------------------------------------------------- checks
 
-def _read(tensors: Any, key: str, name: str) -> torch.Tensor:
+# dtypes a LoRA's weights may have (what ComfyUI and trainers write); anything else is a damaged file or
+# not a LoRA: an int8/bool "lora_A" would be applied as if its codes were weights
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2)
+# alpha and ComfyUI's reshape_weight are plain numbers: any real dtype, but not bool
+NUMBER_DTYPES = WEIGHT_DTYPES + (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+_F32_MAX = torch.finfo(torch.float32).max
+
+
+def _read(tensors: Any, key: str, name: str, numbers: bool = False) -> torch.Tensor:
+    """A tensor of the file, checked: a weight dtype (a number dtype for alpha/reshape when ``numbers``)
+    and finite values."""
     t = tensors.get(key) if hasattr(tensors, "get") else tensors[key]
     if not isinstance(t, torch.Tensor):
         raise LoraFormatError(f"{name}: {key} is not a tensor")
+    allowed = NUMBER_DTYPES if numbers else WEIGHT_DTYPES
+    if t.dtype not in allowed:
+        what = "a number" if numbers else "floating point (float32, float16, bfloat16 or float8)"
+        raise LoraFormatError(f"{name}: tensor {key} has dtype {str(t.dtype).replace('torch.', '')}, but it must be "
+                              f"{what}; the file is damaged or not a LoRA: use another copy of this LoRA")
     if t.is_floating_point():
         # float8 has no isfinite kernel on every device: check a widened copy
         probe = t.float() if t.element_size() == 1 else t
@@ -394,6 +409,21 @@ def _read(tensors: Any, key: str, name: str) -> torch.Tensor:
             raise LoraFormatError(f"{name}: tensor {key} contains NaN or inf values; "
                                   f"the file is damaged or the training diverged: use another copy of this LoRA")
     return t
+
+
+def _abs_max(t: torch.Tensor) -> float:
+    return float(t.double().abs().max()) if t.numel() else 0.0
+
+
+def _check_magnitude(name: str, what: str, down: torch.Tensor, up: torch.Tensor, scale: float):
+    """Every entry of ``scale * up @ down`` is at most ``|scale| * rank * max|up| * max|down|``; past float32's
+    range the update is inf/NaN in the model (ComfyUI computes LoRA weights in float32): a corrupted
+    exponent or alpha, refused here instead of sampling black images."""
+    bound = abs(scale) * down.shape[0] * _abs_max(up) * _abs_max(down)
+    if not bound <= _F32_MAX:
+        raise LoraFormatError(f"{name}: lora for {what} has values so large (|alpha/rank| {abs(scale):.3g}, largest "
+                              f"|lora_B| {_abs_max(up):.3g}, |lora_A| {_abs_max(down):.3g}) that its update overflows "
+                              f"float32; the file is damaged: use another copy of this LoRA")
 
 
 def _layer_name(target: LoraTarget, source: str) -> str:
@@ -498,13 +528,13 @@ def parse_lora(tensors, name: str, modules: dict[str, tuple[int, int]]) -> Parse
                                       f"re-save the LoRA in one format")
             norm_values[norm] = (key, _read(tensors, key, name))
         elif role == "reshape":
-            reshapes[module] = (key, _read(tensors, key, name))
+            reshapes[module] = (key, _read(tensors, key, name, numbers=True))
         else:
             group = groups.setdefault(module, {})
             if role in group:
                 raise LoraFormatError(f"{name}: {module} has two {role} tensors ({group[role][0]} and {key}); "
                                       f"re-save the LoRA in one format")
-            group[role] = (key, _read(tensors, key, name))
+            group[role] = (key, _read(tensors, key, name, numbers=role == "alpha"))
     if unknown:
         kinds = sorted({k for k in map(_other_adapter, unknown) if k})
         what = f"{', '.join(kinds)} keys" if kinds else "keys this loader does not understand"
@@ -565,6 +595,7 @@ def parse_lora(tensors, name: str, modules: dict[str, tuple[int, int]]) -> Parse
             if alpha_t.numel() != 1:
                 raise LoraFormatError(f"{name}: {alpha_key} has {alpha_t.numel()} values, expected one number")
             alpha = float(alpha_t.reshape(()).item())
+        _check_magnitude(name, what, down, up, 1.0 if alpha is None else alpha / down.shape[0])
         bias = None
         if "bias" in group:
             _check_vector(name, what, group["bias"], rows)
@@ -580,7 +611,12 @@ def parse_lora(tensors, name: str, modules: dict[str, tuple[int, int]]) -> Parse
     for module, (key, value) in reshapes.items():
         if module != "img_in":
             raise LoraFormatError(f"{name}: {key} reshapes {module}; only img_in is widened by a FLUX Control LoRA")
-        shape = [int(v) for v in value.flatten().tolist()]
+        values = value.flatten().double()
+        if not bool((values == values.round()).all()):
+            shown = ", ".join(f"{v:g}" for v in values[:4].tolist())
+            raise LoraFormatError(f"{name}: {key} holds [{shown}], not a shape of whole numbers; "
+                                  f"the file is damaged: use another copy of this Control LoRA")
+        shape = [int(v) for v in values.tolist()]
         if len(shape) != 2 or shape[0] != modules["img_in"][0]:
             raise LoraFormatError(f"{name}: {key} asks for img_in shape {shape}, model's img_in has "
                                   f"{modules['img_in'][0]} outputs; use a Control LoRA made for this FLUX.1 model")
