@@ -4,8 +4,8 @@
 import { app } from "../../scripts/app.js";
 
 const STYLE = `
-.bnb-flux-badge { font: 11px/1.35 monospace; padding: 4px 6px; border-radius: 4px; white-space: pre-wrap;
-  background: #1d3b2a; color: #d6f5df; overflow: hidden; }
+.bnb-flux-badge { font: 11px/1.35 monospace; padding: 4px 6px; border-radius: 4px; white-space: pre;
+  background: #1d3b2a; color: #d6f5df; overflow: auto; }
 .bnb-flux-badge.bnb-flux-warn { background: #4a3410; color: #ffe2a8; }
 `;
 
@@ -15,8 +15,8 @@ function mib(bytes) {
 
 export function describeModel(info) {
   const lines = [`${info.quant}`,
-    `${info.quantized_layers} of ${info.linear_layers} Linear layers quantized, ${mib(info.size_bytes)}, ` +
-    `compute ${info.compute_dtype}`];
+    `${info.quantized_layers} of ${info.linear_layers} Linear layers quantized`,
+    `${mib(info.size_bytes)} resident, compute ${info.compute_dtype}`];
   if (info.prequantized) lines.push("pre-quantized file: its own quantization is used");
   for (const note of info.notes || []) lines.push(`note: ${note}`);
   return { text: lines.join("\n"), warn: false };
@@ -38,15 +38,17 @@ function showBadge(node, { text, warn }) {
   if (!widget) {
     const el = document.createElement("div");
     el.className = "bnb-flux-badge";
-    widget = node.addDOMWidget("bnb_flux_info", "bnb_flux_info", el, { serialize: false, hideOnZoom: false });
+    // the node makes room for every line of the badge
+    const height = () => 20 + 16 * (el.textContent.split("\n").length || 1);
+    widget = node.addDOMWidget("bnb_flux_info", "bnb_flux_info", el, {
+      serialize: false, hideOnZoom: false, getMinHeight: height, getMaxHeight: height });
     widget.serialize = false;
   }
   widget.element.textContent = text;
   widget.element.classList.toggle("bnb-flux-warn", warn);
   widget.element.title = text;
-  const lines = text.split("\n").length;
-  widget.computeSize = (width) => [width, 12 + 15 * lines];
-  node.setSize?.([node.size[0], Math.max(node.size[1], node.computeSize()[1])]);
+  const size = node.computeSize();
+  node.setSize?.([Math.max(node.size[0], size[0]), Math.max(node.size[1], size[1] + 10)]);
   node.setDirtyCanvas?.(true, true);
 }
 
