@@ -1,0 +1,138 @@
+"""Damaged pre-quantized files: each must fail with BnbFluxError naming the file, never crash or load wrong.
+
+Found by fuzzing ``open_flux_checkpoint`` + ``read_linear`` with one damaged quant-state tensor at a time
+(dropped, shortened, another dtype) on files bitsandbytes itself wrote (``tests/prequantized_files.py``).
+The reader is ``quant_expand.prequantized``; every case below is a strict xfail naming the check
+``FluxCheckpoint._piece_info`` lacks. Together they need one validation pass there, before anything
+reaches bitsandbytes:
+
+- ``weight.absmax`` present, with ceil(numel / blocksize) values, float32 (plain) or uint8 (double quant);
+- ``weight.quant_map`` float32 with 16 entries;
+- double quant (the quant-state JSON has ``nested_offset``/``nested_blocksize``, or ``weight.nested_quant_map``
+  is there, or absmax is uint8) requires ``weight.nested_absmax`` (float32, ceil(absmax count /
+  nested_blocksize) values) and ``weight.nested_quant_map`` (float32, 256 entries);
+- LLM.int8: ``SCB`` floating point with one value per output row.
+
+Reading runs in a child process: a shortened ``nested_absmax`` makes bitsandbytes' CPU kernel read past
+the buffer (a segfault here, which would take a ComfyUI server down with it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from quant_expand.synthetic import TinyFluxConfig, make_tiny_flux, save_safetensors
+
+CFG = TinyFluxConfig(hidden_size=128)
+MODULE = "double_blocks.0.img_mlp.0"
+W = f"{MODULE}.weight"
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _undamaged() -> dict[str, dict]:
+    from prequantized_files import forge_state_dict
+
+    sd = make_tiny_flux(CFG, seed=0, exact_for="nf4")
+    return {"nested": forge_state_dict(sd, "nf4", True, prefix="", all_in_one=False),
+            "plain": forge_state_dict(sd, "nf4", False, prefix="", all_in_one=False),
+            "int8": forge_state_dict(sd, "int8", False, prefix="", all_in_one=False)}
+
+
+def _damage(case: str, undamaged: dict[str, dict]) -> dict:
+    kind = {"uint8_absmax_plain": "plain", "short_scb": "int8"}.get(case, "nested")
+    f = dict(undamaged[kind])
+    if case == "no_absmax":
+        del f[f"{W}.absmax"]
+    elif case == "no_nested_absmax":
+        del f[f"{W}.nested_absmax"]
+    elif case == "short_nested_absmax":
+        f[f"{W}.nested_absmax"] = f[f"{W}.nested_absmax"][:1].clone()
+    elif case == "float_absmax_nested":
+        f[f"{W}.absmax"] = f[f"{W}.absmax"].float()
+    elif case == "uint8_absmax_plain":
+        f[f"{W}.absmax"] = f[f"{W}.absmax"].to(torch.uint8)
+    elif case == "short_quant_map":
+        f[f"{W}.quant_map"] = f[f"{W}.quant_map"][:8].clone()
+    elif case == "short_nested_quant_map":
+        f[f"{W}.nested_quant_map"] = f[f"{W}.nested_quant_map"][:100].clone()
+    elif case == "short_scb":
+        f[f"{MODULE}.SCB"] = f[f"{MODULE}.SCB"][:-3].clone()
+    return f
+
+
+CASES = {
+    "no_absmax": "weight.absmax missing: KeyError from TensorSet.shape instead of BnbFluxError",
+    "no_nested_absmax": "nested_absmax missing on a double-quant weight: taken for plain absmax, the uint8 nested "
+                        "codes are read as float scales (weights up to 255x off), a silent wrong load",
+    "short_nested_absmax": "nested_absmax shorter than the absmax blocks need: bitsandbytes' CPU dequantize reads past "
+                           "the buffer (segfault or garbage weights)",
+    "float_absmax_nested": "float32 absmax on a double-quant weight: ValueError 'A must be uint8' from bitsandbytes",
+    "uint8_absmax_plain": "uint8 absmax on a plain 4-bit weight: read as float scales, a silent wrong load",
+    "short_quant_map": "quant_map with 8 entries instead of 16: used as is, a silent wrong load",
+    "short_nested_quant_map": "nested_quant_map with 100 entries instead of 256: used as is, a silent wrong load",
+    "short_scb": "SCB with fewer values than output rows: RuntimeError (size mismatch) from torch",
+}
+
+
+def _worker(paths: list[str]):
+    """Child process: read each file's damaged Linear; one JSON line before and after each case."""
+    from quant_expand.formats import BnbFluxError
+    from quant_expand.prequantized import open_flux_checkpoint
+
+    torch.set_num_threads(1)  # tiny tensors: threads only wait on each other
+    expected = make_tiny_flux(CFG, seed=0, exact_for="nf4")[W]
+    for path in paths:
+        print(json.dumps({"start": path}), flush=True)
+        try:
+            ckpt = open_flux_checkpoint(path)
+            weight = ckpt.read_linear(MODULE).dequantize()
+            same = weight.shape == expected.shape and torch.equal(weight.float(), expected)
+            result = {"outcome": "loaded" if same else "loaded wrong values"}
+        except BnbFluxError as e:
+            result = {"outcome": "BnbFluxError", "message": str(e)}
+        except Exception as e:  # noqa: BLE001 - what the test reports
+            result = {"outcome": type(e).__name__, "message": str(e)[:300]}
+        print(json.dumps({"path": path, **result}), flush=True)
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("damaged-prequantized")
+    undamaged = _undamaged()
+    paths = {c: save_safetensors(_damage(c, undamaged), str(folder / f"{c}.safetensors")) for c in CASES}
+    todo = list(paths.values())
+    results = {}
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO_ROOT, os.path.join(REPO_ROOT, "tests")]))
+    while todo:
+        code = "import sys, json; from test_prequantized_damage import _worker; _worker(json.loads(sys.argv[1]))"
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(todo)], capture_output=True, text=True,
+                              env=env, timeout=300)
+        started = None
+        for line in proc.stdout.splitlines():
+            if not line.startswith("{"):
+                continue
+            msg = json.loads(line)
+            if "start" in msg:
+                started = msg["start"]
+            else:
+                results[msg["path"]] = msg
+                started = None
+        if started is None and proc.returncode != 0:
+            raise RuntimeError(f"reader child failed outside a case ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        if started is not None:  # the child died inside this case
+            results[started] = {"outcome": f"process killed by signal {-proc.returncode}" if proc.returncode < 0
+                                else f"process exited with {proc.returncode}", "message": proc.stderr[-500:]}
+        todo = [p for p in todo if p not in results]
+    return {c: results[p] for c, p in paths.items()}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=r)) for c, r in CASES.items()])
+def test_damaged_quant_state_is_a_clean_error(outcomes, case):
+    got = outcomes[case]
+    assert got["outcome"] == "BnbFluxError", got
+    assert got["message"].startswith(f"{case}.safetensors: "), got["message"]
