@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import struct
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -171,11 +172,21 @@ class ComfyClient:
             error = self._follow(ws, prompt_id, prompt, log)
         finally:
             ws.close()
-        status, body = self._http(f"/history/{prompt_id}")
-        entry = json.loads(body).get(prompt_id, {}) if status == 200 else {}
+        entry = self.history(prompt_id)
         files = [] if error else self.download(entry.get("outputs", {}), output_dir, log)
         return {"prompt_id": prompt_id, "status": "error" if error else "success", "error": error,
                 "files": files, "outputs": entry.get("outputs", {})}
+
+    def history(self, prompt_id: str, wait: float = 30.0) -> dict:
+        """The prompt's /history entry. The server reports the end of a run over the websocket a moment
+        before it records the history, so wait for the entry (briefly)."""
+        deadline = time.monotonic() + wait
+        while True:
+            status, body = self._http(f"/history/{prompt_id}")
+            entry = json.loads(body).get(prompt_id) if status == 200 else None
+            if entry and entry.get("status", {}).get("completed") is not None or time.monotonic() > deadline:
+                return entry or {}
+            time.sleep(0.05)
 
     def _follow(self, ws: WebSocket, prompt_id: str, prompt: dict, log):
         def title(node):

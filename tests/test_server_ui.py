@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 
 import pytest
@@ -88,7 +89,8 @@ def test_cli_run_follows_websocket_and_saves_outputs(server, tmp_path, capsys):
     text = capsys.readouterr().out
     print(text, f"({time.monotonic() - t0:.1f} s)")
     assert rc == 0, text
-    assert "queued " in text and "running 7 KSampler" in text and "7 KSampler: 3/3" in text, text
+    assert "queued " in text and "running 7 KSampler" in text, text
+    assert re.search(r"^  7 KSampler: [123]/3$", text, re.M), text  # the sampler's steps as they come
     (saved,) = [p for p in out.rglob("*.latent")]
     assert saved.parent.name == "latents"
     on_server = os.path.join(server.dirs["output"], "latents", saved.name)
@@ -129,3 +131,14 @@ def test_every_input_has_a_tooltip_and_one_category(server):
         for section in ("required", "optional"):
             for name, spec in v["input"].get(section, {}).items():
                 assert len(spec) > 1 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+
+
+def test_lora_summary_warns_when_part_of_a_file_does_not_apply(host):
+    """What the badge warns about (in-process: the pack's own classes, no server)."""
+    formats = host.pack_module("quant_expand.lora_formats")
+    summary = host.pack_module("nodes.apply_control_lora").lora_summary
+    te_only = formats.ParsedLora(name="te.safetensors", source_format="kohya", layers=[], norm_sets={}, widened={},
+                                 text_encoder_keys=["lora_te1_text_model.encoder.layers.0.mlp.fc1.lora_down.weight"])
+    s = summary(te_only, 1.0)
+    assert s["kind"] == "style" and s["layers"] == 0 and s["rank"] == 0
+    assert len(s["warnings"]) == 2 and "text-encoder" in s["warnings"][0] and "nothing" in s["warnings"][1]
