@@ -101,8 +101,12 @@ def browser_server(tmp_path_factory):
 
 
 def missing_dialog_text(page) -> str:
+    """What the editor says about missing nodes: a dialog (older frontends) or a "Missing node: X" toast."""
     texts = page.locator(".p-dialog").all_inner_texts()
-    return "\n".join(t for t in texts if "missing" in t.lower())
+    lines = [t for t in texts if "missing" in t.lower()]
+    body = page.evaluate("() => document.body.innerText")
+    lines += [line for line in body.splitlines() if "missing node" in line.lower()]
+    return "\n".join(lines)
 
 
 UNKNOWN_NODES = """() => window.app.graph._nodes
@@ -144,8 +148,8 @@ def test_example_workflow_has_no_missing_nodes(browser_server, path):
 
 
 def test_unknown_node_raises_missing_nodes_dialog(browser_server):
-    """The check above can fail: a node type nobody registered is found (this frontend draws it as a
-    placeholder node; older ones also open a missing-nodes dialog)."""
+    """The checks above can fail: a node type nobody registered is found (a placeholder node) and the
+    editor tells the user (a "Missing node" toast in this frontend, a dialog in older ones)."""
     srv, page, shots = browser_server
     with open(EXAMPLES[0], encoding="utf-8") as f:
         workflow = json.load(f)
@@ -157,6 +161,7 @@ def test_unknown_node_raises_missing_nodes_dialog(browser_server):
     page.wait_for_timeout(700)
     page.screenshot(path=os.path.join(shots, "missing_node_dialog.png"))
     assert page.evaluate(UNKNOWN_NODES) == ["NoSuchBnbFluxNode"]
+    assert "NoSuchBnbFluxNode" in missing_dialog_text(page)  # and the user is told
     close_dialogs(page)
 
 
