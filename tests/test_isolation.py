@@ -1,0 +1,261 @@
+"""Isolation: what one branch or one prompt does to a shared, cached model never shows in another
+(DESIGN.md invariant 3). CPU; ComfyUI from COMFYUI_PATH.
+
+In-process (ComfyUI's executor): branches of one graph share one loaded quantized model — plain, Control
+LoRA, Control + style LoRA, the same rescaled by Set LoRA Scale, stock LoraLoaderModelOnly. Each branch run alone
+on a freshly loaded model (cache reset, models unloaded) gives bit for bit the latent it gives inside the
+shared graph, whatever the order the branches are listed in and with the loader served from the cache.
+
+Real server (``POST /prompt``): 20 prompts with different LoRA and Set LoRA Scale strengths are queued
+back to back, sharing the cached loader and Control LoRA nodes; each latent equals the one the same
+prompt gives when run on its own after ``/free`` (cache and models dropped). A NaN strength passes
+ComfyUI's validator (``NaN < min`` is false) and fails the node with the file named; an out-of-range one
+is a 400; the next prompt's result is unchanged.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+
+import pytest
+import torch
+
+from comfy_host import sampling_graph
+from quant_expand.synthetic import TinyFluxConfig, make_control_lora, make_lora, make_tiny_flux, save_safetensors
+from server_host import ComfyServer, make_base_directory
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = TinyFluxConfig(hidden_size=128)  # the smallest FLUX ComfyUI builds: 20+ prompts stay quick
+MODEL, CONTROL, STYLE = "iso_base.safetensors", "iso_canny.safetensors", "iso_style.safetensors"
+
+
+def loader():
+    return {"class_type": "LoadBnbFlux", "inputs": {"unet_name": MODEL, "quant_type": "nf4", "double_quant": True,
+                                                    "compute_dtype": "float32", "quantize_img_in": True}}
+
+
+def apply(model_ref, name, strength):
+    return {"class_type": "ApplyControlLora", "inputs": {"model": model_ref, "lora_name": name, "strength": strength}}
+
+
+def set_scale(model_ref, name, strength):
+    return {"class_type": "SetLoraScale", "inputs": {"model": model_ref, "lora_name": name, "strength": strength}}
+
+
+def write_files(loras_dir, models_dir):
+    save_safetensors(make_tiny_flux(CFG, seed=0, exact_for="nf4"), os.path.join(models_dir, MODEL))
+    save_safetensors(make_control_lora(CFG, seed=2), os.path.join(loras_dir, CONTROL))
+    save_safetensors(make_lora(CFG, kind="lora", seed=7), os.path.join(loras_dir, STYLE))
+
+
+# ---------------------------------------------------------------- branches of one graph (in-process)
+
+BRANCHES = {
+    # branch -> (nodes it needs besides the loader "q", model it samples, control latent?)
+    "plain": ({}, ["q", 0], False),
+    "control": ({"c": apply(["q", 0], CONTROL, 0.85)}, ["c", 0], True),
+    "control_style": ({"c": apply(["q", 0], CONTROL, 0.85), "s": apply(["c", 0], STYLE, 0.6)}, ["s", 0], True),
+    "control_style_rescaled": ({"c": apply(["q", 0], CONTROL, 0.85), "s": apply(["c", 0], STYLE, 0.6),
+                                "r": set_scale(["s", 0], CONTROL, -0.4)}, ["r", 0], True),
+    "stock_lora": ({"k": {"class_type": "LoraLoaderModelOnly",
+                          "inputs": {"model": ["q", 0], "lora_name": STYLE, "strength_model": 0.6}}}, ["k", 0], False),
+}
+
+
+def branch_graph(names):
+    g = {"q": loader()}
+    for name in names:
+        nodes, model_ref, control = BRANCHES[name]
+        g.update(nodes)
+        g = sampling_graph(g, model_ref, key=name, steps=2, control_seed=42 if control else None, prefix=name)
+    return g
+
+
+def fresh(host):
+    """Forget every cached node output and unload every model: the next prompt loads from disk."""
+    import comfy.model_management
+
+    host.executor.reset()
+    comfy.model_management.unload_all_models()
+    comfy.model_management.cleanup_models_gc()
+
+
+@pytest.fixture(scope="module")
+def iso_files(host):
+    write_files(os.path.join(host.models_dir, "loras"), os.path.join(host.models_dir, "diffusion_models"))
+
+
+def test_branches_sharing_a_loaded_model_equal_running_alone(host, iso_files):
+    alone = {}
+    for name in BRANCHES:
+        fresh(host)
+        alone[name] = host.run(branch_graph([name]))[name]
+    # the branches really differ (else equality below proves nothing)
+    assert not torch.equal(alone["plain"], alone["control"])
+    assert not torch.equal(alone["control"], alone["control_style"])
+    assert not torch.equal(alone["control_style"], alone["control_style_rescaled"])
+    assert not torch.equal(alone["plain"], alone["stock_lora"])
+
+    orders = [list(BRANCHES), list(reversed(BRANCHES))]
+    for i, order in enumerate(orders):
+        fresh(host)
+        out = host.run(branch_graph(order))
+        for name in BRANCHES:
+            assert torch.equal(out[name], alone[name]), f"{name} in a shared graph (order {order})"
+        assert host.node_output("q") is not None
+    # and once more with the loader (and its model, loaded and patched by the runs above) from the cache
+    out = host.run(branch_graph(orders[0][1:] + orders[0][:1]))
+    cached = next(d["nodes"] for e, d in host.executor.status_messages if e == "execution_cached")
+    assert "q" in cached
+    for name in BRANCHES:
+        assert torch.equal(out[name], alone[name]), f"{name} with the cached loader"
+
+
+# ---------------------------------------------------------------- 20 prompts through a real server
+
+SERVER_NODES = '''"""Test-only nodes written by tests/test_isolation.py into a temporary custom_nodes folder."""
+import torch
+
+
+class BnbFluxIsoConditioning:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31})},
+                "optional": {"control": ("LATENT",)}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "make"
+    CATEGORY = "_test"
+
+    def make(self, seed, control=None):
+        g = torch.Generator().manual_seed(seed)
+        extra = {"guidance": 3.5}
+        cond = torch.randn(1, 8, 64, generator=g)
+        extra["pooled_output"] = torch.randn(1, 64, generator=g)
+        if control is not None:
+            extra["concat_latent_image"] = control["samples"]
+        return ([[cond, extra]],)
+
+
+class BnbFluxIsoLatent:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
+                             "scale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0})}}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "make"
+    CATEGORY = "_test"
+
+    def make(self, seed, scale):
+        g = torch.Generator().manual_seed(seed)
+        return ({"samples": torch.randn(1, 16, 16, 16, generator=g) * scale},)
+
+
+NODE_CLASS_MAPPINGS = {"BnbFluxIsoConditioning": BnbFluxIsoConditioning, "BnbFluxIsoLatent": BnbFluxIsoLatent}
+'''
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    path = os.environ.get("COMFYUI_PATH")
+    if not path:
+        pytest.skip("COMFYUI_PATH not set: the server test needs a ComfyUI checkout (see README, Testing)")
+    base = str(tmp_path_factory.mktemp("iso-server-base"))
+    dirs = make_base_directory(base, REPO_ROOT)
+    with open(os.path.join(dirs["custom_nodes"], "bnb_flux_iso_test_nodes.py"), "w") as f:
+        f.write(SERVER_NODES)
+    write_files(dirs["models/loras"], dirs["models/diffusion_models"])
+    srv = ComfyServer(path, base, os.path.join(str(tmp_path_factory.mktemp("iso-server-log")), "comfyui.log"))
+    srv.dirs = dirs
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def strength_prompt(tag, style, scale):
+    """Load BnB Flux -> Control LoRA 1.0 -> style LoRA at ``style`` [-> Set LoRA Scale (control) to ``scale``]."""
+    g = {"r": set_scale(["s", 0], CONTROL, scale)} if scale is not None else {}
+    return {**g, "q": loader(), "c": apply(["q", 0], CONTROL, 1.0), "s": apply(["c", 0], STYLE, style),
+            "ctl": {"class_type": "BnbFluxIsoLatent", "inputs": {"seed": 42, "scale": 1.0}},
+            "lat": {"class_type": "BnbFluxIsoLatent", "inputs": {"seed": 0, "scale": 0.0}},
+            "pos": {"class_type": "BnbFluxIsoConditioning", "inputs": {"seed": 1, "control": ["ctl", 0]}},
+            "neg": {"class_type": "BnbFluxIsoConditioning", "inputs": {"seed": 1001, "control": ["ctl", 0]}},
+            "ks": {"class_type": "KSampler", "inputs": {
+                "model": ["r" if scale is not None else "s", 0], "seed": 3, "steps": 1, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+                "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["lat", 0], "denoise": 1.0}},
+            "save": {"class_type": "SaveLatent", "inputs": {"samples": ["ks", 0], "filename_prefix": f"iso/{tag}"}}}
+
+
+def latent_of(server, entry) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    status = entry["status"]
+    assert status["status_str"] == "success", [m for m in status["messages"] if m[0] == "execution_error"]
+    saved = entry["outputs"]["save"]["latents"]
+    assert len(saved) == 1
+    return load_file(os.path.join(server.dirs["output"], saved[0]["subfolder"], saved[0]["filename"]))["latent_tensor"]
+
+
+def run_alone(server, prompt) -> torch.Tensor:
+    """The prompt on its own, on a server that has just dropped its cache and models."""
+    status, _ = server._request("POST", "/free", json.dumps({"unload_models": True, "free_memory": True}).encode())
+    assert status == 200
+    # the worker applies /free's flags after the prompt it is running (or on waking): once a prompt
+    # posted after /free has finished, the next one starts from a reset cache
+    barrier = {"b": {"class_type": "BnbFluxIsoLatent", "inputs": {"seed": 9, "scale": 0.0}},
+               "bs": {"class_type": "SaveLatent", "inputs": {"samples": ["b", 0], "filename_prefix": "iso/barrier"}}}
+    assert server.run_prompt(barrier)["status"]["status_str"] == "success"
+    return latent_of(server, server.run_prompt(prompt))
+
+
+# (style strength, Set LoRA Scale strength of the Control LoRA or None: sample the style node itself);
+# each style strength comes back with other scales, so a queued prompt reuses a cached style node that
+# an earlier prompt rescaled downstream
+STRENGTHS = [(style, scale) for style in (-0.6, 0.0, 0.35, 0.8, 1.7) for scale in (None, 0.5, -0.25, 1.3)]
+
+
+def test_twenty_queued_prompts_equal_single_runs(server):
+    t0 = time.monotonic()
+    single = {i: run_alone(server, strength_prompt(f"single_{i:02d}", a, b)) for i, (a, b) in enumerate(STRENGTHS)}
+    t1 = time.monotonic()
+    assert len({tuple(v.flatten()[:64].tolist()) for v in single.values()}) == len(STRENGTHS)  # all different
+
+    order = list(range(len(STRENGTHS)))
+    random.Random(0).shuffle(order)
+    ids = {}
+    for i in order:  # back to back: the queue holds them all, the cached loader and Control LoRA serve each
+        a, b = STRENGTHS[i]
+        status, answer = server.post_prompt(strength_prompt(f"queued_{i:02d}", a, b))
+        assert status == 200 and not answer.get("node_errors"), answer
+        ids[i] = answer["prompt_id"]
+    for n, i in enumerate(order):
+        entry = server.wait_history(ids[i], timeout=180)
+        got = latent_of(server, entry)
+        assert torch.equal(got, single[i]), f"prompt {i} (style {STRENGTHS[i][0]}, control scale {STRENGTHS[i][1]})"
+        cached = next(m[1]["nodes"] for m in entry["status"]["messages"] if m[0] == "execution_cached")
+        assert {"q", "c"} <= set(cached), cached  # one loaded model served them all
+    print(f"20 single runs {t1 - t0:.1f} s, 20 queued {time.monotonic() - t1:.1f} s")
+
+
+def test_nan_strength_reaches_the_node_and_out_of_range_is_a_400(server):
+    good = run_alone(server, strength_prompt("before_nan", 0.3, 0.7))
+    # Python's json writes NaN as the bare token NaN, which ComfyUI's JSON reader accepts
+    status, answer = server.post_prompt(strength_prompt("nan", float("nan"), 0.7))
+    assert status == 200, answer
+    entry = server.wait_history(answer["prompt_id"])
+    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert len(errors) == 1 and errors[0]["node_id"] == "s", errors
+    assert errors[0]["exception_type"].endswith("BnbFluxError")
+    assert STYLE in errors[0]["exception_message"] and "strength is nan" in errors[0]["exception_message"]
+
+    status, answer = server.post_prompt(strength_prompt("too_big", 10.5, 0.7))
+    assert status == 400 and "s" in answer["node_errors"], answer
+    # the same prompt as before, now with everything up to Set LoRA Scale served from the cache
+    status, answer = server.post_prompt(strength_prompt("after_nan", 0.3, 0.7))
+    assert status == 200
+    assert torch.equal(latent_of(server, server.wait_history(answer["prompt_id"])), good)
