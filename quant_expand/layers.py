@@ -415,3 +415,17 @@ def expand_in_features(layer, in_features: int):
 def unexpand(layer):
     """The original layer an expanded one was made from (the layer itself if it was never expanded)."""
     return layer.__dict__.get("expanded_from") or layer
+
+
+def quantized_digest(root: torch.nn.Module) -> str:
+    """SHA-256 over the stored state of every quantized layer under ``root`` (names included): equal
+    digests mean no quantized byte changed."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, m in sorted(root.named_modules(), key=lambda item: item[0]):
+        if isinstance(m, QuantLinear):
+            for key, t in sorted(quantized_bytes(m).items()):
+                h.update(f"{name}.{key}".encode())
+                h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -22,7 +22,6 @@ Known gaps are marked ``xfail(strict=True)`` with the fix they need (the pre-qua
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import pathlib
 import pickle
@@ -30,7 +29,7 @@ import pickle
 import pytest
 import torch
 
-from comfy_host import sampling_graph
+from comfy_host import quantized_hash, sampling_graph
 from prequantized_files import forge_state_dict
 from quant_expand.synthetic import TinyFluxConfig, make_control_lora, make_lora, make_tiny_flux, save_safetensors
 
@@ -82,14 +81,6 @@ def bad_graph(bad_nodes: dict, model_ref):
     return sampling_graph(g, model_ref, key="bad", steps=1, control_seed=42, prefix="b")
 
 
-def quantized_hash(host, patcher) -> str:
-    layers = host.pack_module("quant_expand.layers")
-    h = hashlib.sha256()
-    for name, m in sorted(patcher.model.diffusion_model.named_modules(), key=lambda x: x[0]):
-        if layers.is_quantized_linear(m):
-            for k, t in sorted(layers.quantized_bytes(m).items()):
-                h.update(f"{name}.{k}".encode() + t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- files

@@ -8,12 +8,11 @@ list, so those compare bit for bit.
 """
 from __future__ import annotations
 
-import hashlib
 
 import pytest
 import torch
 
-from comfy_host import sample_direct, sampling_graph
+from comfy_host import quantized_hash, rel_err, sample_direct, sampling_graph
 from quant_expand.synthetic import (TinyFluxConfig, bfl_lora_to_diffusers, make_control_lora, make_lora, make_tiny_flux,
                                    save_safetensors)
 
@@ -23,8 +22,6 @@ STYLE_IMG_IN_PADDED = "tiny_style_img_in_padded.safetensors"
 CONTROL_DIFFUSERS, STYLE_KOHYA = "tiny_canny_lora_diffusers.safetensors", "tiny_style_kohya.safetensors"
 
 
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.fixture(scope="module")
@@ -73,14 +70,6 @@ def dequantized_file(host, file, quant, dq, img_in, name):
     return name, patcher
 
 
-def quantized_hash(host, patcher):
-    layers = host.pack_module("quant_expand.layers")
-    h = hashlib.sha256()
-    for name, m in sorted(patcher.model.diffusion_model.named_modules(), key=lambda x: x[0]):
-        if layers.is_quantized_linear(m):
-            for k, t in sorted(layers.quantized_bytes(m).items()):
-                h.update(f"{name}.{k}".encode() + t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 class TestApplyControlLora:
@@ -152,9 +141,6 @@ class TestApplyControlLora:
         assert rel_err(out["ours"], out["stock"]) < 1e-6
 
     def test_img_in_width_seen_by_concat_cond(self, host, files):
-        import comfy.sd
-        import comfy.utils
-
         node = host.pack_module("nodes.apply_control_lora").ApplyControlLora
         layers = host.pack_module("quant_expand.layers")
         base = dequantized_file(host, files["nf4"], "nf4", True, True, "unused.safetensors")[1]

@@ -10,20 +10,17 @@ Tolerances (relative L2 error of whole latents after two euler steps, float32 on
 """
 from __future__ import annotations
 
-import hashlib
 
 import pytest
 import torch
 
-from comfy_host import sample_direct, sampling_graph
+from comfy_host import quantized_hash, rel_err, sample_direct, sampling_graph
 from quant_expand.synthetic import TinyFluxConfig, make_lora, make_tiny_flux, save_safetensors
 
 CFG = TinyFluxConfig()
 SCHEMES = [("nf4", False), ("nf4", True), ("fp4", False), ("fp4", True), ("int8", False)]
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.fixture(scope="module")
@@ -59,15 +56,6 @@ def write_dequantized(host, patcher, name):
     return name
 
 
-def quantized_hash(host, patcher) -> str:
-    layers = host.pack_module("quant_expand.layers")
-    h = hashlib.sha256()
-    for name, m in sorted(patcher.model.diffusion_model.named_modules(), key=lambda x: x[0]):
-        if layers.is_quantized_linear(m):
-            for k, t in sorted(layers.quantized_bytes(m).items()):
-                h.update(name.encode() + k.encode())
-                h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 class TestLoadBnbFlux:
