@@ -587,6 +587,10 @@ class FluxCheckpoint:
                     raise BnbFluxError(f"{self.name}: {wkey} is stored in a GPU tile layout (weight_format "
                                        f"{value.reshape(-1).tolist()}) from an old bitsandbytes; load and save it "
                                        f"again with bitsandbytes >= 0.45, which writes the row-major layout")
+            scb = f"{module}.SCB"
+            if math.prod(t.shape(scb)) != shape[0]:
+                raise BnbFluxError(f"{self.name}: {scb} has {math.prod(t.shape(scb))} values for the {shape[0]} rows "
+                                   f"of {wkey}; the file is damaged: download it again")
             return PieceInfo(module, "int8", tuple(shape), torch.float16,
                              stored_bytes=_nbytes(t, wkey) + _nbytes(t, f"{module}.SCB"))
         qs_keys = [k for k in (f"{wkey}.{QS_KEY}nf4", f"{wkey}.{QS_KEY}fp4") if k in t]
@@ -604,12 +608,21 @@ class FluxCheckpoint:
                                f"the file is damaged: download it again") from e
         if len(shape) != 2:
             raise BnbFluxError(f"{self.name}: {wkey} has logical shape {list(shape)}; a Linear weight is 2-D")
+        if f"{wkey}.absmax" not in t:
+            raise BnbFluxError(f"{self.name}: tensor {wkey} has no weight.absmax beside its quant state; the file "
+                               f"is incomplete (an interrupted download or a missing shard): download it again")
         info.absmax_count = math.prod(t.shape(f"{wkey}.absmax"))
         info.code = t.get(f"{wkey}.quant_map") if f"{wkey}.quant_map" in t else None
         if info.code is None:
             raise BnbFluxError(f"{self.name}: tensor {wkey} has no weight.quant_map; the file is incomplete: "
                                f"download it again")
         info.nested = f"{wkey}.nested_absmax" in t
+        if not info.nested and ("nested_offset" in state or f"{wkey}.nested_quant_map" in t):
+            # without this the uint8 nested codes of the absmax would be read as float absmax: weights off
+            # by up to 255x with no error
+            raise BnbFluxError(f"{self.name}: tensor {wkey} is double-quantized (its quant state has "
+                               f"nested_offset) but weight.nested_absmax is missing; the file is incomplete "
+                               f"(an interrupted download or a missing shard): download it again")
         if info.nested:
             if f"{wkey}.nested_quant_map" not in t or "nested_offset" not in state:
                 raise BnbFluxError(f"{self.name}: tensor {wkey} has weight.nested_absmax but no "
@@ -617,6 +630,7 @@ class FluxCheckpoint:
             info.nested_blocksize = int(state["nested_blocksize"])
             info.offset = float(state["nested_offset"])
             info.nested_code = t.get(f"{wkey}.nested_quant_map")
+        self._check_quant_state_tensors(wkey, info)
         n = info.numel
         packed_bytes = _nbytes(t, wkey)
         if packed_bytes != -(-n // 2) or info.absmax_count != -(-n // info.blocksize):
@@ -625,6 +639,30 @@ class FluxCheckpoint:
                                f"{-(-n // 2)} and {-(-n // info.blocksize)}: the file is damaged")
         info.stored_bytes = sum(_nbytes(t, k) for k in _module_keys(module, "4bit", t))
         return info
+
+    def _check_quant_state_tensors(self, wkey: str, info: PieceInfo):
+        """Sizes and dtypes bitsandbytes takes on trust: a wrong one reads past a buffer or silently
+        dequantizes to wrong weights, so a damaged file must fail here, naming the tensor."""
+        t = self.tensors
+
+        def damaged(what):
+            raise BnbFluxError(f"{self.name}: {wkey}.{what}; the file is damaged: download it again")
+
+        absmax_dtype = t.dtype(f"{wkey}.absmax")
+        if info.nested and absmax_dtype != torch.uint8:
+            damaged(f"absmax is {absmax_dtype}, a double-quantized weight stores uint8 codes")
+        if not info.nested and not absmax_dtype.is_floating_point:
+            damaged(f"absmax is {absmax_dtype}, a 4-bit weight without double quant stores float scales")
+        if info.code.numel() != 16:
+            damaged(f"quant_map has {info.code.numel()} entries, a 4-bit code book has 16")
+        if info.nested:
+            if info.nested_code.numel() != 256:
+                damaged(f"nested_quant_map has {info.nested_code.numel()} entries, an 8-bit code book has 256")
+            nested = math.prod(t.shape(f"{wkey}.nested_absmax"))
+            need = -(-info.absmax_count // info.nested_blocksize)
+            if nested != need:
+                damaged(f"nested_absmax has {nested} values, {info.absmax_count} absmax codes in blocks of "
+                        f"{info.nested_blocksize} need {need}")
 
     # -- what the file holds --------------------------------------------------------------------
     @property

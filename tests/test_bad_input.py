@@ -18,7 +18,7 @@ Pickle files: a real pickle whose unpickling would create a marker file (``pathl
 models/loras and models/diffusion_models as ``evil.ckpt`` and as ``evil.safetensors``; the marker must
 never appear.
 
-Known gaps are marked ``xfail(strict=True)`` with the fix they need (the pre-quantized reader).
+Known gaps, if any, are marked ``xfail(strict=True)`` with the fix they need.
 """
 from __future__ import annotations
 
@@ -203,13 +203,7 @@ NODE_ERRORS = [
                                                                "already applied"]),
 ]
 
-_PREQ_XFAIL = {
-    "absmax": "prequantized.FluxCheckpoint._piece_info reads t.shape(f'{wkey}.absmax') without checking the key "
-              "exists: a KeyError instead of BnbFluxError",
-    "nested_absmax": "prequantized.FluxCheckpoint._piece_info takes a missing nested_absmax for 'no double quant' "
-                     "although the quant state says nested: the uint8 nested codes are read as float absmax "
-                     "(weights up to 255x off), a silent wrong load",
-}
+_PREQ_XFAIL: dict[str, str] = {}  # every damaged quant state now fails cleanly
 MODEL_ERRORS = [pytest.param(*case, id=case[0]) for case in [
     ("pickle_model_ckpt", "evil.ckpt", ["evil.ckpt", "only .safetensors files are read"]),
     ("pickle_model_named_safetensors", "evil.safetensors", ["evil.safetensors", "not a readable safetensors file"]),

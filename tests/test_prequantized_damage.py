@@ -2,9 +2,9 @@
 
 Found by fuzzing ``open_flux_checkpoint`` + ``read_linear`` with one damaged quant-state tensor at a time
 (dropped, shortened, another dtype) on files bitsandbytes itself wrote (``tests/prequantized_files.py``).
-The reader is ``quant_expand.prequantized``; every case below is a strict xfail naming the check
-``FluxCheckpoint._piece_info`` lacks. Together they need one validation pass there, before anything
-reaches bitsandbytes:
+The reader is ``quant_expand.prequantized``; ``FluxCheckpoint._piece_info`` and
+``_check_quant_state_tensors`` validate every quant-state tensor before anything reaches bitsandbytes
+(CASES says what each damage did before those checks existed):
 
 - ``weight.absmax`` present, with ceil(numel / blocksize) values, float32 (plain) or uint8 (double quant);
 - ``weight.quant_map`` float32 with 16 entries;
@@ -131,7 +131,7 @@ def outcomes(tmp_path_factory):
     return {c: results[p] for c, p in paths.items()}
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=r)) for c, r in CASES.items()])
+@pytest.mark.parametrize("case", list(CASES))
 def test_damaged_quant_state_is_a_clean_error(outcomes, case):
     got = outcomes[case]
     assert got["outcome"] == "BnbFluxError", got
