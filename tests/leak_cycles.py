@@ -2,9 +2,10 @@
 loaded once by Load BnB Flux inside ComfyUI (in-process host), recording memory after every cycle.
 
 A process of its own: its memory holds nothing but this loop (no other test's garbage), and the GPU run
-starts ComfyUI without ``--cpu``. Prints one JSON object on its last line.
+starts ComfyUI without ``--cpu``. Prints one JSON object on its last line; with ``--check`` (a machine
+without pytest) also the verdict of tests/test_leaks.py's bounds, and exits 1 if one is exceeded.
 
-usage: python tests/leak_cycles.py COMFYUI_PATH WORKDIR cpu|cuda WARMUP CYCLES
+usage: python tests/leak_cycles.py COMFYUI_PATH WORKDIR cpu|cuda WARMUP CYCLES [--check]
 """
 from __future__ import annotations
 
@@ -12,10 +13,14 @@ import ctypes
 import gc
 import json
 import os
+import statistics
 import sys
 import weakref
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# bounds on growth over the measured cycles (why these numbers: tests/test_leaks.py)
+RSS_BOUND_MIB = 16
+CUDA_ALLOCATED_BOUND_MIB = 2
 
 
 def rss_bytes() -> int:
@@ -77,10 +82,49 @@ def main(comfy_path: str, workdir: str, device: str, warmup: int, cycles: int):
     # every dropped clone is gone, except what ComfyUI still holds as the loaded model (the last one)
     survivors = [i for i, refs in enumerate(alive) if any(r() is not None for r in refs)]
     lazy_delta_bytes = sum(m.lora_delta.nbytes() for m in base.model.modules() if getattr(m, "lora_delta", None))
-    print(json.dumps({"device": device, "warmup": warmup, "records": records, "survivors": survivors,
-                      "lora_file_bytes": os.path.getsize(control) + os.path.getsize(style),
-                      "lazy_delta_bytes": lazy_delta_bytes, "dynamic_vram": host.dynamic_vram}))
+    result = {"device": device, "warmup": warmup, "records": records, "survivors": survivors,
+              "lora_file_bytes": os.path.getsize(control) + os.path.getsize(style),
+              "lazy_delta_bytes": lazy_delta_bytes, "dynamic_vram": host.dynamic_vram}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def growth_mib(result: dict, field: str) -> float:
+    """Median of the last 5 measured cycles minus median of the first 5 (a median ignores one-off spikes)."""
+    values = [r[field] for r in result["records"][result["warmup"]:]]
+    return (statistics.median(values[-5:]) - statistics.median(values[:5])) / 2**20
+
+
+def check(result: dict) -> tuple[list[str], str]:
+    """(problems, summary) of one run against the bounds."""
+    measured = result["records"][result["warmup"]:]
+    cycles = len(measured)
+    rss = growth_mib(result, "rss")
+    summary = (f"{result['device']}: RSS {measured[0]['rss'] / 2**20:.1f} MiB, growth over {cycles} cycles "
+               f"{rss:+.2f} MiB (bound {RSS_BOUND_MIB}); per cycle {result['lora_file_bytes'] / 2**20:.1f} MiB of "
+               f"LoRA files, {result['lazy_delta_bytes'] / 2**20:.1f} MiB of deltas")
+    problems = []
+    if result["lora_file_bytes"] * cycles / 2**20 <= 10 * RSS_BOUND_MIB:
+        problems.append("the RSS bound is not far below what leaking each cycle's LoRA data would add")
+    if rss > RSS_BOUND_MIB:
+        problems.append(f"RSS grew {rss:.1f} MiB: {[round(r['rss'] / 2**20, 1) for r in measured]}")
+    if "cuda_allocated" in measured[0]:
+        alloc = growth_mib(result, "cuda_allocated")
+        summary += (f"; CUDA allocated {measured[0]['cuda_allocated'] / 2**20:.1f} MiB, growth {alloc:+.3f} MiB "
+                    f"(bound {CUDA_ALLOCATED_BOUND_MIB}), reserved {measured[0]['cuda_reserved'] / 2**20:.1f} -> "
+                    f"{measured[-1]['cuda_reserved'] / 2**20:.1f} MiB")
+        if alloc > CUDA_ALLOCATED_BOUND_MIB:
+            problems.append(f"CUDA allocated grew {alloc:.2f} MiB: {[r['cuda_allocated'] for r in measured]}")
+    if not set(result["survivors"]) <= {len(result["records"]) - 1}:
+        problems.append(f"patchers of these cycles are still alive: {result['survivors']}")
+    return problems, summary
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    args = list(sys.argv)  # ComfyHost.start rewrites sys.argv for ComfyUI's own argument parser
+    out = main(args[1], args[2], args[3], int(args[4]), int(args[5]))
+    if "--check" in args[6:]:
+        found, text = check(out)
+        print(text)
+        print("\n".join(found) or "memory flat: OK")
+        sys.exit(1 if found else 0)
