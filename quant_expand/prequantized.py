@@ -588,6 +588,9 @@ class FluxCheckpoint:
                                        f"{value.reshape(-1).tolist()}) from an old bitsandbytes; load and save it "
                                        f"again with bitsandbytes >= 0.45, which writes the row-major layout")
             scb = f"{module}.SCB"
+            if not t.dtype(scb).is_floating_point:
+                raise BnbFluxError(f"{self.name}: {scb} is {t.dtype(scb)}; per-row scales are float32: the file is "
+                                   f"damaged: download it again")
             if math.prod(t.shape(scb)) != shape[0]:
                 raise BnbFluxError(f"{self.name}: {scb} has {math.prod(t.shape(scb))} values for the {shape[0]} rows "
                                    f"of {wkey}; the file is damaged: download it again")
@@ -608,6 +611,13 @@ class FluxCheckpoint:
                                f"the file is damaged: download it again") from e
         if len(shape) != 2:
             raise BnbFluxError(f"{self.name}: {wkey} has logical shape {list(shape)}; a Linear weight is 2-D")
+        if info.quant_type not in ("nf4", "fp4") or info.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            raise BnbFluxError(f"{self.name}: {qs_keys[0]} says quant_type {info.quant_type!r}, blocksize "
+                               f"{info.blocksize}; bitsandbytes 4-bit is nf4/fp4 with a power-of-two blocksize "
+                               f"32-4096: the file is damaged")
+        if "nested_offset" in state and not isinstance(state.get("nested_blocksize"), int):
+            raise BnbFluxError(f"{self.name}: {qs_keys[0]} is double-quantized but has no nested_blocksize; the "
+                               f"file is damaged: download it again")
         if f"{wkey}.absmax" not in t:
             raise BnbFluxError(f"{self.name}: tensor {wkey} has no weight.absmax beside its quant state; the file "
                                f"is incomplete (an interrupted download or a missing shard): download it again")
@@ -648,6 +658,9 @@ class FluxCheckpoint:
         def damaged(what):
             raise BnbFluxError(f"{self.name}: {wkey}.{what}; the file is damaged: download it again")
 
+        for key in ("quant_map", "nested_quant_map", "nested_absmax"):
+            if f"{wkey}.{key}" in t and not t.dtype(f"{wkey}.{key}").is_floating_point:
+                damaged(f"{key} is {t.dtype(f'{wkey}.{key}')}, bitsandbytes stores it as float32")
         absmax_dtype = t.dtype(f"{wkey}.absmax")
         if info.nested and absmax_dtype != torch.uint8:
             damaged(f"absmax is {absmax_dtype}, a double-quantized weight stores uint8 codes")

@@ -4,8 +4,8 @@ Found by fuzzing ``open_flux_checkpoint`` + ``read_linear`` with one damaged qua
 (dropped, shortened, another dtype) on files bitsandbytes itself wrote (``tests/prequantized_files.py``).
 The reader is ``quant_expand.prequantized``; ``FluxCheckpoint._piece_info`` and
 ``_check_quant_state_tensors`` validate every quant-state tensor before anything reaches bitsandbytes
-(CASES says what each damage did before those checks existed; OPEN_CASES, strict xfails, are damage
-they still let through — integer-typed scales and quant maps, broken quant-state JSON fields):
+(CASES and OPEN_CASES say what each damage did before the checks existed; OPEN_CASES were found
+later — integer-typed scales and quant maps, broken quant-state JSON fields):
 
 - ``weight.absmax`` present, with ceil(numel / blocksize) values, float32 (plain) or uint8 (double quant);
 - ``weight.quant_map`` float32 with 16 entries;
@@ -100,8 +100,7 @@ CASES = {
     "short_nested_quant_map": "nested_quant_map with 100 entries instead of 256: used as is, a silent wrong load",
     "short_scb": "SCB with fewer values than output rows: RuntimeError (size mismatch) from torch",
 }
-# found after the checks above existed: still not the pack's error, or a wrong load (strict xfails: the
-# reason says what happens now and what _piece_info must check)
+# found after the first checks existed (what each did then, and what _piece_info now checks)
 OPEN_CASES = {
     "int8_scb": "SCB stored as int8 (bitsandbytes writes float32): truncated scales read as float, a silent wrong "
                 "load; SCB must be a float dtype",
@@ -169,8 +168,7 @@ def outcomes(tmp_path_factory):
     return {c: results[p] for c, p in paths.items()}
 
 
-@pytest.mark.parametrize("case", list(CASES) + [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=r))
-                                                 for c, r in OPEN_CASES.items()])
+@pytest.mark.parametrize("case", list(CASES) + list(OPEN_CASES))
 def test_damaged_quant_state_is_a_clean_error(outcomes, case):
     got = outcomes[case]
     assert got["outcome"] == "BnbFluxError", got
