@@ -479,6 +479,7 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
             if is_quantized_linear(module):
                 module.reusable_lora_delta = module.lora_delta if keep_for_reuse else None
                 module.lora_delta = None
+                module.__dict__.pop("_run", None)
 
     def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
         super().load(device_to, lowvram_model_memory=lowvram_model_memory,

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 
 from .spec import QuantSpec
 
+_bnb_ops = torch.ops.bitsandbytes
+
 
 class LogicalShapeMixin:
     """A bnb parameter whose Python-visible ``shape`` is the logical (dequantized) shape.
@@ -69,6 +71,23 @@ def _target_device(fn: Callable, like: torch.Tensor) -> torch.device:
     return fn(torch.empty(0, dtype=like.dtype, device=like.device)).device
 
 
+class _RunState:
+    """What a layer's forward looked up for one placement (see ``QuantLinear._run_state``). Never copied
+    with the layer: a copy (``copy.deepcopy`` of a model) looks its own tensors up again."""
+
+    __slots__ = ("weight", "bias", "device", "dtype", "dequantize", "static_bias")
+
+    def __init__(self, weight, bias, device, dtype, dequantize, static_bias):
+        self.weight, self.bias, self.device, self.dtype = weight, bias, device, dtype
+        self.dequantize, self.static_bias = dequantize, static_bias
+
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        return (type(None), ())
+
+
 class QuantLinear:
     """Mixin with the behaviour both quantized Linear kinds share.
 
@@ -111,37 +130,68 @@ class QuantLinear:
         return bias
 
     # -- forward ----------------------------------------------------------------------------
+    # A FLUX step calls ~350 of these layers; at 1024x1024 a layer's GPU work takes ~0.1-1 ms, so the
+    # host side must stay well below that or the GPU waits for Python. Everything that depends only on
+    # where the layer sits (plain tensors behind bnb's parameter subclass, bias in the compute dtype,
+    # the dequantize call) is looked up once per (weight, bias, device, dtype) in ``_run_state``.
+
+    def _run_state(self, device: torch.device, dtype: torch.dtype) -> "_RunState":
+        params = self._parameters
+        weight, bias = params["weight"], params.get("bias")
+        run = self.__dict__.get("_run")
+        if run is None or run.weight is not weight or run.bias is not bias or run.device != device or run.dtype != dtype:
+            static_bias = (bias is not None and not self.bias_function and bias.device == device
+                           and bias.dtype == dtype)
+            run = _RunState(weight, bias, device, dtype, self._dequantizer(device, dtype), static_bias)
+            self.__dict__["_run"] = run
+        return run
+
+    def _dequantizer(self, device: torch.device, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+        """A no-argument function giving the stored weight ``[out, stored_in]`` on ``device`` in ``dtype``."""
+        return lambda: self.dequantize_stored(device, dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device, dtype = x.device, x.dtype
-        bias = self._bias_for(device, dtype)
+        run = self._run_state(device, dtype)
+        static_bias = run.static_bias
+        bias = run.bias if static_bias else self._bias_for(device, dtype)
         delta = self.lora_delta
-        if delta is not None:
-            delta_bias = delta.bias_on(device, dtype)
-            if delta_bias is not None:
-                bias = delta_bias if bias is None else bias + delta_bias
-        w = self.dequantize_stored(device, dtype)
+        if delta is not None and delta.bias_terms:
+            bias = delta.bias_with(bias, device, dtype, cache=static_bias or bias is None)
+        w = run.dequantize()
         stored = w.shape[1]
-        full_weight_fns = list(self.weight_function)
+        weight_fns = self.weight_function
         if delta is not None and delta.weight_fn is not None:
-            full_weight_fns.append(delta.weight_fn)
-        if full_weight_fns:
+            weight_fns = [*weight_fns, delta.weight_fn]
+        if len(weight_fns) > 0:
             w = _pad_columns(w, self.in_features)
-            for f in full_weight_fns:
+            for f in weight_fns:
                 w = f(w)
             stored = w.shape[1]
-        if delta is None or not delta.has_low_rank:
+        if delta is None or not delta.terms:
             return _linear_prefix(x, w, bias, stored)
         down, up, scale = delta.stacked(device, dtype)
         tokens = x.numel() // max(x.shape[-1], 1)
+        uniform = isinstance(scale, float)
         if delta.prefer_merged(tokens):
-            # one fused addmm_ into the transient dequantized buffer; the stored bytes never change
+            # one fused GEMM-accumulate into the transient dequantized buffer; stored bytes never change
             w = _pad_columns(w, self.in_features)
-            w.addmm_(up * scale, down)
+            if uniform:
+                w.addmm_(up, down, alpha=scale)
+            else:
+                w.addmm_(up * scale, down)
             return F.linear(x, w, bias)
-        return _linear_prefix(x, w, bias, stored) + F.linear(F.linear(x, down) * scale, up)
+        y = _linear_prefix(x, w, bias, stored)
+        h = F.linear(x, down)
+        if not uniform:
+            h = h * scale
+        # y += scale * h @ up^T as one GEMM with accumulate (cuBLAS beta=1): no extra pass over y
+        y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), up.t(), alpha=scale if uniform else 1.0)
+        return y
 
     # -- device moves -------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_run", None)  # holds the tensors of the old placement
         weight = self._parameters.get("weight")
         if weight is None or weight.device.type == "meta":
             return super()._apply(fn, recurse)
@@ -165,6 +215,19 @@ class QuantLinear:
         if self.in_features != self.stored_in_features:
             base += f", stored_in_features={self.stored_in_features}"
         return base + f", quant={self.quant_spec().describe()}"
+
+
+def _dequantize_4bit(packed: torch.Tensor, qs) -> torch.Tensor:
+    """``bitsandbytes.functional.dequantize_4bit(packed, qs)``: the same kernels in the same order (so the
+    same bits), without its per-call argument checks (``qs`` was checked when the layer was made)."""
+    absmax = qs.absmax
+    if qs.nested:
+        s2 = qs.state2
+        absmax = _bnb_ops.dequantize_blockwise.default(absmax, s2.absmax, s2.code, s2.blocksize, s2.dtype)
+        absmax += qs.offset
+        if absmax.dtype != torch.float32:
+            absmax = absmax.float()
+    return _bnb_ops.dequantize_4bit.default(packed, absmax, qs.blocksize, qs.quant_type, qs.shape, qs.dtype)
 
 
 def _pad_columns(w: torch.Tensor, width: int) -> torch.Tensor:
@@ -240,8 +303,16 @@ class QLinear4bit(QuantLinear, bnb.nn.Linear4bit):
         if param.device != device or qs.dtype != kernel_dtype:
             qs = quant_state_to(qs, device, kernel_dtype)
         packed = param.data if param.device == device else param.data.to(device, non_blocking=True)
-        w = bnbf.dequantize_4bit(packed, qs)
+        w = _dequantize_4bit(packed, qs)
         return w if kernel_dtype == dtype else w.to(dtype)
+
+    def _dequantizer(self, device, dtype):
+        param = self.weight
+        qs = param.quant_state
+        if param.device != device or qs.dtype != dtype or qs.absmax.device != device:
+            return super()._dequantizer(device, dtype)  # offloaded (lowvram) or another dtype: per call
+        packed = param.data  # a plain tensor: no parameter-subclass dispatch per call
+        return lambda: _dequantize_4bit(packed, qs)
 
     def _weight_on(self, device, non_blocking=False):
         param = self.weight
@@ -300,6 +371,14 @@ class QLinear8bit(QuantLinear, bnb.nn.Linear8bitLt):
         scale = (param.SCB.to(device, non_blocking=True) / 127.0).to(dtype)
         # int8 * float promotes to the float dtype inside one kernel: no separate int8 -> float copy
         return torch.mul(cb, scale[:, None])
+
+    def _dequantizer(self, device, dtype):
+        param = self.weight
+        if param.device != device or param.SCB.device != device:
+            return super()._dequantizer(device, dtype)
+        cb = param.data
+        scale = (param.SCB / 127.0).to(dtype)[:, None]  # as dequantize_stored computes it, kept
+        return lambda: torch.mul(cb, scale)
 
     def _weight_on(self, device, non_blocking=False):
         param = self.weight
@@ -401,6 +480,7 @@ def expand_in_features(layer, in_features: int):
     new._buffers = dict(base._buffers)
     new._modules = dict(base._modules)
     new.in_features = in_features
+    new.__dict__.pop("_run", None)
     weight = _copy_param(base.weight, base.weight.data)  # same storage: the original bytes
     if isinstance(new, QLinear4bit):
         weight.module = new

@@ -55,6 +55,8 @@ class LazyLoraDelta:
         self._stack_cache: dict = {}  # (device, dtype) -> (down, up) unscaled
         self._scale_cache: dict = {}
         self._bias_cache: dict = {}
+        self._bias_raw: dict = {}  # device -> the unscaled bias terms there
+        self._bias_sum = None  # (base bias, device, dtype, base + delta)
 
     @property
     def has_low_rank(self) -> bool:
@@ -69,21 +71,31 @@ class LazyLoraDelta:
         return tuple((id(t.down), id(t.up), t.row_offset) for t in self.terms)
 
     def adopt_stack(self, previous: Optional["LazyLoraDelta"]):
-        """Reuse ``previous``'s stacked device tensors when it stacks the very same LoRA tensors."""
-        if previous is not None and previous is not self and previous.terms and \
-                previous._layout() == self._layout() and previous.in_features == self.in_features:
+        """Reuse ``previous``'s device tensors (stacked low-rank terms, bias terms) where it holds the very
+        same LoRA tensors: a strength change re-uploads nothing."""
+        if previous is None or previous is self:
+            return
+        if previous.terms and previous._layout() == self._layout() and previous.in_features == self.in_features:
             self._stack_cache = dict(previous._stack_cache)
+        if self.bias_terms and [id(b) for b, _ in previous.bias_terms] == [id(b) for b, _ in self.bias_terms]:
+            self._bias_raw = dict(previous._bias_raw)
 
-    def stacked(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``down`` [R, in], ``up`` [out, R] (unscaled) and the scale vector [R], on ``device`` in ``dtype``."""
-        key = (torch.device(device), dtype)
+    def stacked(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """``down`` [R, in], ``up`` [out, R] (unscaled) on ``device`` in ``dtype``, and the scale: a float
+        when every term has the same one (folded into the GEMM's alpha), else a vector [R] on ``device``."""
+        key = (device, dtype)
         hit = self._stack_cache.get(key)
         if hit is None:
-            hit = self._stack(*key)
+            hit = self._stack(device, dtype)
             self._stack_cache = {key: hit}  # one compute device at a time
         scale = self._scale_cache.get(key)
         if scale is None:
-            scale = torch.cat([torch.full((t.rank,), float(t.scale)) for t in self.terms]).to(device=key[0], dtype=dtype)
+            scales = {float(t.scale) for t in self.terms}
+            if len(scales) == 1:
+                scale = scales.pop()
+            else:  # filled on the device: no host-to-device copy per strength change
+                scale = torch.cat([torch.full((t.rank,), float(t.scale), device=device, dtype=dtype)
+                                   for t in self.terms])
             self._scale_cache = {key: scale}
         return hit[0], hit[1], scale
 
@@ -98,17 +110,38 @@ class LazyLoraDelta:
         return down, up
 
     def bias_on(self, device, dtype):
+        """The summed bias delta on ``device`` in ``dtype`` (None without bias terms). The unscaled terms
+        are uploaded once (and kept across strength changes, see :meth:`adopt_stack`); the sum is formed on
+        the device, in float32 as before."""
         if not self.bias_terms:
             return None
-        key = (torch.device(device), dtype)
+        key = (device, dtype)
         hit = self._bias_cache.get(key)
         if hit is None:
-            hit = sum(b.to(device=key[0], dtype=torch.float32) * float(s) for b, s in self.bias_terms).to(dtype)
+            raw = self._bias_raw.get(device)
+            if raw is None:
+                raw = [b.to(device=device) for b, _ in self.bias_terms]
+                self._bias_raw = {device: raw}
+            hit = sum(b.to(torch.float32) * float(s) for b, (_, s) in zip(raw, self.bias_terms)).to(dtype)
             self._bias_cache = {key: hit}
         return hit
 
+    def bias_with(self, base: Optional[torch.Tensor], device, dtype, cache: bool = True):
+        """``base + bias delta`` (``base`` may be None), kept while ``base`` is the same tensor."""
+        hit = self._bias_sum
+        if hit is not None and hit[0] is base and hit[1] == device and hit[2] == dtype:
+            return hit[3]
+        delta = self.bias_on(device, dtype)
+        out = delta if base is None else (base if delta is None else base + delta)
+        if cache:
+            self._bias_sum = (base, device, dtype, out)
+        return out
+
     def prepare(self, device, dtype):
         """Move and stack now (at model load), so the first sampling step pays nothing."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # the forward looks up x.device, which has one
+            device = torch.device("cuda", torch.cuda.current_device())
         if self.terms:
             self.stacked(device, dtype)
         self.bias_on(device, dtype)

@@ -7,6 +7,7 @@ the dequantized weight (bnb's CPU forward computes in bf16 and repacks the weigh
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -164,6 +165,55 @@ def test_lazy_delta_bias_and_weight_fn():
     x = torch.randn(5, 128)
     ref = F.linear(x.double(), merged_reference(layer, make_terms()) + extra.double(), bias.double())
     assert rel(layer(x).double(), ref) < 1e-6
+
+
+@pytest.mark.parametrize("tokens", [3, 4096])
+def test_lazy_delta_uniform_and_per_term_scales(tokens):
+    """One strength for every term rides on the GEMM's alpha (a float); different strengths need the
+    scale vector. Both give the merged reference, and a cached base + delta bias follows a new base."""
+    spec = QuantSpec("nf4", True)
+    layer = quantized_linear_from_float(exact_weight(spec), torch.randn(192), spec)
+    x = torch.randn(1, tokens, 128)
+    for scales in ([0.7, 0.7], [0.7, -1.3]):
+        terms = [replace(t, scale=s) for t, s in zip(make_terms(), scales)]
+        bias_delta = torch.randn(192)
+        layer.lora_delta = LazyLoraDelta(192, 128, terms, bias=bias_delta)
+        scale = layer.lora_delta.stacked(torch.device("cpu"), torch.float32)[2]
+        assert isinstance(scale, float) == (scales[0] == scales[1])
+        ref = F.linear(x.double(), merged_reference(layer, terms), (layer.bias + bias_delta).double())
+        assert rel(layer(x).double(), ref) < 1e-6
+        layer.bias = torch.nn.Parameter(layer.bias.detach() * 2, requires_grad=False)  # a merged bias patch
+        ref = F.linear(x.double(), merged_reference(layer, terms), (layer.bias + bias_delta).double())
+        assert rel(layer(x).double(), ref) < 1e-6
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_forward_dequantizes_like_bitsandbytes(spec):
+    """The forward calls bnb's kernels directly: the weight it uses equals bnb's own dequantize_4bit
+    bit for bit (generic weights, so every code and nested absmax path is exercised)."""
+    import bitsandbytes.functional as bnbf
+
+    from quant_expand.layers import _dequantize_4bit
+
+    w = torch.randn(192, 128, generator=torch.Generator().manual_seed(3))
+    layer = quantized_linear_from_float(w, None, spec)
+    run = layer._run_state(torch.device("cpu"), torch.float32)
+    if spec.is_4bit:
+        assert torch.equal(_dequantize_4bit(layer.weight.data, layer.weight.quant_state),
+                           bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state))
+    assert torch.equal(run.dequantize(), layer.dequantize_stored("cpu", torch.float32))
+    x = torch.randn(4, 128)
+    y = layer(x)
+    assert torch.equal(y, F.linear(x, layer.dequantize_stored("cpu", torch.float32)))
+    # a copy looks its own tensors up: changing the copy's bytes changes the copy's output only
+    twin = copy.deepcopy(layer)
+    assert twin.__dict__.get("_run") is None
+    twin.weight.data.zero_()
+    assert torch.equal(layer(x), y) and not torch.equal(twin(x), y)
+    # a move drops the run state (it would keep the old placement's tensors alive)
+    layer.to(torch.device("cpu"), torch.float16)
+    assert layer.__dict__.get("_run") is None
+    assert torch.equal(layer(x), y)
 
 
 def test_lazy_delta_rejects_terms_that_do_not_fit():

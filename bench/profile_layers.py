@@ -1,0 +1,153 @@
+"""Where a sampling step's time goes: FLUX.1-dev width (3072, 24 heads) with fewer blocks, through the
+pack's loader and nodes and ComfyUI's sampler, on the GPU.
+
+    python bench/profile_layers.py --comfyui PATH --workdir DIR --out FILE [--depth 4 --single 8]
+
+For each configuration (bf16 stock, NF4, FP4, int8, NF4 + Control, NF4 + Control + 2 style) it times
+steps at 1024x1024 and at 256x256. At 256x256 the GPU work per layer is small, so the step time there is
+mostly the host side (Python, kernel launches): when it comes close to the 1024x1024 time, the GPU waits
+for the CPU. Then a torch.profiler trace of NF4 + Control at 1024x1024 gives GPU time per kernel kind,
+and cProfile of the same at 256x256 gives host time per Python function.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import sys
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_gpu import Bench, write_lora, write_model  # noqa: E402
+from quant_expand.synthetic import TinyFluxConfig, linear_modules  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--comfyui", required=True)
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--single", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--configs", default="bf16,nf4,fp4,int8,nf4+control,nf4+control+2style")
+    ap.add_argument("--no-trace", action="store_true")
+    ap.add_argument("--cpu", action="store_true", help="dry run: width 256 on the CPU, 64x64 and 32x32")
+    args = ap.parse_args()
+
+    import torch
+
+    cfg = TinyFluxConfig(hidden_size=256 if args.cpu else 3072, depth=args.depth, depth_single_blocks=args.single,
+                         context_in_dim=64 if args.cpu else 4096, vec_in_dim=64 if args.cpu else 768)
+    sizes = (64, 32) if args.cpu else (1024, 256)
+    for sub in ("diffusion_models", "loras"):
+        os.makedirs(os.path.join(args.workdir, sub), exist_ok=True)
+    lines = []
+
+    def log(msg):
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        lines.append(line)
+
+    model_file = f"flux_width{cfg.hidden_size}_d{args.depth}_s{args.single}.safetensors"
+    write_model(os.path.join(args.workdir, "diffusion_models", model_file), cfg, "cpu" if args.cpu else "cuda", log)
+    linears = linear_modules(cfg)
+    tag = f"w{cfg.hidden_size}d{args.depth}s{args.single}"
+    write_lora(os.path.join(args.workdir, "loras", f"control_{tag}.safetensors"), cfg, 128, linears, True, 3)
+    style = [m for m in linears if m != "img_in"]
+    write_lora(os.path.join(args.workdir, "loras", f"style1_{tag}.safetensors"), cfg, 32, style, False, 4)
+    write_lora(os.path.join(args.workdir, "loras", f"style2_{tag}.safetensors"), cfg, 32, style, False, 5)
+
+    from quant_expand.inprocess import ComfyHost
+
+    host = ComfyHost.start(args.comfyui, REPO_ROOT, args.workdir, cpu=args.cpu, dynamic_vram=False,
+                           extra_args=[] if args.cpu else ["--disable-dynamic-vram"])
+    host.cpu = args.cpu
+    import nodes as comfy_nodes
+
+    info = {"device": "cpu" if args.cpu else torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+            "bitsandbytes": __import__("bitsandbytes").__version__, "depth": args.depth, "single": args.single,
+            "runs": {}}
+    bench = Bench(host, cfg, sizes[0], args.steps, log)
+    bench.ctx = bench.ctx[:, :1].expand(1, 512, cfg.context_in_dim).contiguous()
+
+    def save():
+        info["log"] = lines
+        with open(args.out, "w") as f:
+            json.dump(info, f, indent=1)
+
+    load_node = host.pack_module("nodes.load_bnb_flux").LoadBnbFlux
+    ctl_mod = host.pack_module("nodes.apply_control_lora")
+
+    def build(config):
+        with torch.inference_mode():
+            if config == "bf16":
+                return comfy_nodes.UNETLoader().load_unet(model_file, "default")[0], False
+            quant = config.split("+")[0]
+            m = load_node.execute(model_file, quant, True, "auto").result[0]
+            control = "control" in config
+            if control:
+                m = ctl_mod.ApplyControlLora.execute(m, f"control_{tag}.safetensors", 1.0).result[0]
+            if "2style" in config:
+                m = ctl_mod.ApplyControlLora.execute(m, f"style1_{tag}.safetensors", 0.8).result[0]
+                m = ctl_mod.ApplyControlLora.execute(m, f"style2_{tag}.safetensors", 0.6).result[0]
+            return m, control
+
+    for config in args.configs.split(","):
+        m, control = build(config)
+        row = {}
+        for res in sizes:
+            bench.results.clear()
+            bench.sample(f"{config}@{res}", m, res=res, control=control)
+            row[str(res)] = bench.results[f"{config}@{res}"]
+        info["runs"][config] = row
+        if config == "nf4+control" and not args.no_trace:
+            info["profile"] = profile(bench, m, log, sizes)
+        del m
+        bench.unload()
+        save()
+    base = info["runs"].get("bf16")
+    if base:
+        for config, row in info["runs"].items():
+            for res, r in row.items():
+                r["ratio_to_bf16"] = round(r["median_step_s"] / base[res]["median_step_s"], 3)
+    summary = {c: {res: (r["median_step_s"], r.get("ratio_to_bf16")) for res, r in row.items()}
+               for c, row in info["runs"].items()}
+    log("summary (median s/step, ratio to bf16): " + json.dumps(summary))
+    save()
+
+
+def profile(bench, m, log, sizes):
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    out = {}
+    old = bench.steps
+    bench.steps = 2
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.cuda else [])
+    with tprofile(activities=acts) as prof:
+        bench.sample("trace", m, res=sizes[0], control=True)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total" if bench.torch.device(m.load_device).type == "cpu" else "self_cuda_time_total", row_limit=25, max_name_column_width=60)
+    log(f"GPU time by op (3 steps, {sizes[0]}):\n" + table)
+    out["gpu_table"] = table
+    pr = cProfile.Profile()
+    pr.enable()
+    bench.sample("cprofile", m, res=sizes[1], control=True)
+    pr.disable()
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(35)
+    log(f"host time by function (3 steps, {sizes[1]}):\n" + s.getvalue())
+    out["host_table"] = s.getvalue()
+    bench.steps = old
+    bench.sync()
+    return out
+
+
+if __name__ == "__main__":
+    main()
