@@ -8,6 +8,7 @@ HTTP uses the standard library only.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -17,6 +18,9 @@ import time
 import urllib.error
 import urllib.request
 
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK_DIR_NAME = "comfyui-bnb-flux"
 
 # V1 API on purpose (NODE_CLASS_MAPPINGS), so the test nodes do not depend on the pack's V3 code.
@@ -91,6 +95,33 @@ def make_base_directory(base: str, repo_root: str) -> dict:
     with open(os.path.join(dirs["custom_nodes"], "bnb_flux_test_nodes.py"), "w") as f:
         f.write(TEST_NODES_SOURCE)
     return dirs
+
+
+@contextlib.contextmanager
+def running_server(tmp_path_factory, name: str, write_files=None, repo_root: str = REPO_ROOT):
+    """A ComfyUI server for one test module, stopped on exit; skips, with the reason printed, without
+    COMFYUI_PATH. ``write_files(dirs)`` puts the module's files into the base directory before start-up,
+    as for a user who drops files in and launches ComfyUI (``dirs``: ``make_base_directory``'s answer,
+    also the server's ``dirs`` attribute). ``name`` prefixes the temporary base and log directories."""
+    path = os.environ.get("COMFYUI_PATH")
+    if not path:
+        msg = "COMFYUI_PATH not set: the server tests need a ComfyUI checkout (see README, Testing)"
+        print(msg)
+        pytest.skip(msg)
+    base = str(tmp_path_factory.mktemp(f"{name}-base"))
+    dirs = make_base_directory(base, repo_root)
+    if write_files is not None:
+        write_files(dirs)
+    srv = ComfyServer(path, base, os.path.join(str(tmp_path_factory.mktemp(f"{name}-log")), "comfyui.log"))
+    srv.dirs = dirs
+    t0 = time.monotonic()
+    try:
+        srv.start()
+        print(f"\nComfyUI server up on {srv.url} in {time.monotonic() - t0:.1f} s "
+              f"(pack {'symlinked' if dirs['pack_linked'] else 'copied'} into custom_nodes)")
+        yield srv
+    finally:
+        srv.stop()
 
 
 class ComfyServer:

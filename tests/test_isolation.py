@@ -24,9 +24,8 @@ import torch
 
 from comfy_host import sampling_graph
 from quant_expand.synthetic import TinyFluxConfig, make_control_lora, make_lora, make_tiny_flux, save_safetensors
-from server_host import ComfyServer, make_base_directory
+from server_host import running_server
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = TinyFluxConfig(hidden_size=128)  # the smallest FLUX ComfyUI builds: 20+ prompts stay quick
 MODEL, CONTROL, STYLE = "iso_base.safetensors", "iso_canny.safetensors", "iso_style.safetensors"
 
@@ -158,23 +157,16 @@ NODE_CLASS_MAPPINGS = {"BnbFluxIsoConditioning": BnbFluxIsoConditioning, "BnbFlu
 '''
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    path = os.environ.get("COMFYUI_PATH")
-    if not path:
-        pytest.skip("COMFYUI_PATH not set: the server test needs a ComfyUI checkout (see README, Testing)")
-    base = str(tmp_path_factory.mktemp("iso-server-base"))
-    dirs = make_base_directory(base, REPO_ROOT)
+def write_server_files(dirs):
     with open(os.path.join(dirs["custom_nodes"], "bnb_flux_iso_test_nodes.py"), "w") as f:
         f.write(SERVER_NODES)
     write_files(dirs["models/loras"], dirs["models/diffusion_models"])
-    srv = ComfyServer(path, base, os.path.join(str(tmp_path_factory.mktemp("iso-server-log")), "comfyui.log"))
-    srv.dirs = dirs
-    try:
-        srv.start()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_server(tmp_path_factory, "iso-server", write_server_files) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def strength_prompt(tag, style, scale):

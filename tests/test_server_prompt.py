@@ -23,9 +23,8 @@ import pytest
 import torch
 
 from quant_expand.synthetic import TinyFluxConfig, make_lora, make_tiny_flux, save_safetensors
-from server_host import PACK_DIR_NAME, ComfyServer, make_base_directory
+from server_host import PACK_DIR_NAME, REPO_ROOT, running_server
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = TinyFluxConfig()
 MODEL = "tiny_exact_nf4.safetensors"
 LORA = "tiny_lora.safetensors"
@@ -37,16 +36,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    path = os.environ.get("COMFYUI_PATH")
-    if not path:
-        msg = "COMFYUI_PATH not set: the server test needs a ComfyUI checkout (see README, Testing)"
-        print(msg)
-        pytest.skip(msg)
-    base = str(tmp_path_factory.mktemp("comfy-server-base"))
-    dirs = make_base_directory(base, REPO_ROOT)
-    # model files exist before start-up, as for a user who drops files in and launches ComfyUI
+def write_files(dirs):
     save_safetensors(make_tiny_flux(CFG, seed=0, exact_for="nf4"), os.path.join(dirs["models/diffusion_models"], MODEL))
     save_safetensors(make_lora(CFG, kind="lora", seed=11), os.path.join(dirs["models/loras"], LORA))
     g = torch.Generator().manual_seed(5)
@@ -55,16 +45,12 @@ def server(tmp_path_factory):
                       "time_embed.0.weight": torch.randn(64, 32, generator=g),
                       "out.2.weight": torch.randn(4, 32, 3, 3, generator=g)},
                      os.path.join(dirs["models/diffusion_models"], NOT_FLUX))
-    srv = ComfyServer(path, base, os.path.join(str(tmp_path_factory.mktemp("comfy-server-log")), "comfyui.log"))
-    srv.dirs = dirs
-    t0 = time.monotonic()
-    try:
-        srv.start()
-        print(f"\nComfyUI server up on {srv.url} in {time.monotonic() - t0:.1f} s "
-              f"(pack {'symlinked' if dirs['pack_linked'] else 'copied'} into custom_nodes)")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_server(tmp_path_factory, "comfy-server", write_files) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 # --- graph pieces (API format, as the frontend submits) ------------------------------------------

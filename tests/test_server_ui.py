@@ -12,34 +12,24 @@ import pytest
 import torch
 
 from quant_expand.synthetic import TinyFluxConfig, make_control_lora, make_lora, make_tiny_flux, save_safetensors
-from server_host import ComfyServer, make_base_directory
+from server_host import running_server
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = TinyFluxConfig()
 MODEL = "tiny_exact_nf4.safetensors"
 CONTROL = "tiny_canny_lora.safetensors"
 STYLE = "tiny_style_lora.safetensors"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    path = os.environ.get("COMFYUI_PATH")
-    if not path:
-        msg = "COMFYUI_PATH not set: the server tests need a ComfyUI checkout (see README, Testing)"
-        print(msg)
-        pytest.skip(msg)
-    base = str(tmp_path_factory.mktemp("comfy-ui-base"))
-    dirs = make_base_directory(base, REPO_ROOT)
+def write_files(dirs):
     save_safetensors(make_tiny_flux(CFG, seed=0, exact_for="nf4"), os.path.join(dirs["models/diffusion_models"], MODEL))
     save_safetensors(make_control_lora(CFG, seed=2), os.path.join(dirs["models/loras"], CONTROL))
     save_safetensors(make_lora(CFG, kind="lora", seed=11), os.path.join(dirs["models/loras"], STYLE))
-    srv = ComfyServer(path, base, os.path.join(str(tmp_path_factory.mktemp("comfy-ui-log")), "comfyui.log"))
-    srv.dirs = dirs
-    try:
-        srv.start()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_server(tmp_path_factory, "comfy-ui", write_files) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def graph(control_strength=1.0, steps=2):
