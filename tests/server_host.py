@@ -2,8 +2,10 @@
 
 The server runs ``COMFYUI_PATH/main.py`` with the Python that runs pytest. Its base directory holds
 the pack as ``custom_nodes/comfyui-bnb-flux`` (a symlink to this repo) and a test-only node file
-(``TEST_NODES_SOURCE``) that exists only in that temporary directory: a tiny FLUX cannot use
-ComfyUI's text encoders, so the test makes its conditioning and its empty latent with these nodes.
+(``SERVER_NODES_SOURCE``) that exists only in that temporary directory: a tiny FLUX cannot use
+ComfyUI's text encoders, so the tests make their conditioning and latents with the in-process host's
+nodes (``quant_expand/inprocess.py``), registered as ``BnbFluxServerTestConditioning`` and
+``BnbFluxServerTestLatent``.
 HTTP uses the standard library only.
 """
 from __future__ import annotations
@@ -23,47 +25,23 @@ import pytest
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK_DIR_NAME = "comfyui-bnb-flux"
 
-# V1 API on purpose (NODE_CLASS_MAPPINGS), so the test nodes do not depend on the pack's V3 code.
-TEST_NODES_SOURCE = '''"""Test-only nodes written by tests/test_server_prompt.py into a temporary custom_nodes folder."""
-import torch
+# V1 API on purpose (NODE_CLASS_MAPPINGS), so the file does not depend on the pack's V3 code. The node
+# classes are the in-process host's, imported from the repo, whose root goes last on the server's
+# sys.path, never first: the repo's ``nodes/`` package would shadow ComfyUI's ``nodes.py``.
+SERVER_NODES_SOURCE = '''"""Test-only nodes written by tests/server_host.py into a temporary custom_nodes folder:
+the conditioning and latent nodes of quant_expand/inprocess.py under server-side names."""
+import sys
 
+REPO_ROOT = {repo_root!r}
+if REPO_ROOT not in sys.path:
+    sys.path.append(REPO_ROOT)
 
-class BnbFluxServerTestConditioning:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
-                             "tokens": ("INT", {"default": 8, "min": 1, "max": 512}),
-                             "context_dim": ("INT", {"default": 64, "min": 1, "max": 8192}),
-                             "pooled_dim": ("INT", {"default": 64, "min": 1, "max": 8192}),
-                             "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0})}}
+from quant_expand.inprocess import BnbFluxTestConditioning, BnbFluxTestLatent  # noqa: E402
 
-    RETURN_TYPES = ("CONDITIONING",)
-    FUNCTION = "make"
-    CATEGORY = "_test"
-
-    def make(self, seed, tokens, context_dim, pooled_dim, guidance):
-        g = torch.Generator().manual_seed(seed)
-        cond = torch.randn(1, tokens, context_dim, generator=g)
-        return ([[cond, {"pooled_output": torch.randn(1, pooled_dim, generator=g), "guidance": guidance}]],)
-
-
-class BnbFluxServerTestLatent:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"size": ("INT", {"default": 16, "min": 2, "max": 512})}}
-
-    RETURN_TYPES = ("LATENT",)
-    FUNCTION = "make"
-    CATEGORY = "_test"
-
-    def make(self, size):
-        return ({"samples": torch.zeros(1, 16, size, size)},)
-
-
-NODE_CLASS_MAPPINGS = {
-    "BnbFluxServerTestConditioning": BnbFluxServerTestConditioning,
-    "BnbFluxServerTestLatent": BnbFluxServerTestLatent,
-}
+NODE_CLASS_MAPPINGS = {{
+    "BnbFluxServerTestConditioning": BnbFluxTestConditioning,
+    "BnbFluxServerTestLatent": BnbFluxTestLatent,
+}}
 '''
 
 
@@ -93,7 +71,7 @@ def make_base_directory(base: str, repo_root: str) -> dict:
                             ignore=shutil.ignore_patterns("__pycache__"))
         dirs["pack_linked"] = False
     with open(os.path.join(dirs["custom_nodes"], "bnb_flux_test_nodes.py"), "w") as f:
-        f.write(TEST_NODES_SOURCE)
+        f.write(SERVER_NODES_SOURCE.format(repo_root=repo_root))
     return dirs
 
 

@@ -114,69 +114,24 @@ def test_branches_sharing_a_loaded_model_equal_running_alone(host, iso_files):
 
 # ---------------------------------------------------------------- 20 prompts through a real server
 
-SERVER_NODES = '''"""Test-only nodes written by tests/test_isolation.py into a temporary custom_nodes folder."""
-import torch
-
-
-class BnbFluxIsoConditioning:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31})},
-                "optional": {"control": ("LATENT",)}}
-
-    RETURN_TYPES = ("CONDITIONING",)
-    FUNCTION = "make"
-    CATEGORY = "_test"
-
-    def make(self, seed, control=None):
-        g = torch.Generator().manual_seed(seed)
-        extra = {"guidance": 3.5}
-        cond = torch.randn(1, 8, 64, generator=g)
-        extra["pooled_output"] = torch.randn(1, 64, generator=g)
-        if control is not None:
-            extra["concat_latent_image"] = control["samples"]
-        return ([[cond, extra]],)
-
-
-class BnbFluxIsoLatent:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
-                             "scale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0})}}
-
-    RETURN_TYPES = ("LATENT",)
-    FUNCTION = "make"
-    CATEGORY = "_test"
-
-    def make(self, seed, scale):
-        g = torch.Generator().manual_seed(seed)
-        return ({"samples": torch.randn(1, 16, 16, 16, generator=g) * scale},)
-
-
-NODE_CLASS_MAPPINGS = {"BnbFluxIsoConditioning": BnbFluxIsoConditioning, "BnbFluxIsoLatent": BnbFluxIsoLatent}
-'''
-
-
-def write_server_files(dirs):
-    with open(os.path.join(dirs["custom_nodes"], "bnb_flux_iso_test_nodes.py"), "w") as f:
-        f.write(SERVER_NODES)
-    write_files(dirs["models/loras"], dirs["models/diffusion_models"])
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with running_server(tmp_path_factory, "iso-server", write_server_files) as srv:
+    with running_server(tmp_path_factory, "iso-server",
+                        lambda dirs: write_files(dirs["models/loras"], dirs["models/diffusion_models"])) as srv:
         yield srv
+
+
+COND = {"tokens": 8, "context_dim": CFG.context_in_dim, "pooled_dim": CFG.vec_in_dim, "guidance": 3.5}
 
 
 def strength_prompt(tag, style, scale):
     """Load BnB Flux -> Control LoRA 1.0 -> style LoRA at ``style`` [-> Set LoRA Scale (control) to ``scale``]."""
     g = {"r": set_scale(["s", 0], CONTROL, scale)} if scale is not None else {}
     return {**g, "q": loader(), "c": apply(["q", 0], CONTROL, 1.0), "s": apply(["c", 0], STYLE, style),
-            "ctl": {"class_type": "BnbFluxIsoLatent", "inputs": {"seed": 42, "scale": 1.0}},
-            "lat": {"class_type": "BnbFluxIsoLatent", "inputs": {"seed": 0, "scale": 0.0}},
-            "pos": {"class_type": "BnbFluxIsoConditioning", "inputs": {"seed": 1, "control": ["ctl", 0]}},
-            "neg": {"class_type": "BnbFluxIsoConditioning", "inputs": {"seed": 1001, "control": ["ctl", 0]}},
+            "ctl": {"class_type": "BnbFluxServerTestLatent", "inputs": {"seed": 42, "size": 16, "scale": 1.0}},
+            "lat": {"class_type": "BnbFluxServerTestLatent", "inputs": {"seed": 0, "size": 16, "scale": 0.0}},
+            "pos": {"class_type": "BnbFluxServerTestConditioning", "inputs": dict(COND, seed=1, control=["ctl", 0])},
+            "neg": {"class_type": "BnbFluxServerTestConditioning", "inputs": dict(COND, seed=1001, control=["ctl", 0])},
             "ks": {"class_type": "KSampler", "inputs": {
                 "model": ["r" if scale is not None else "s", 0], "seed": 3, "steps": 1, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
                 "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["lat", 0], "denoise": 1.0}},
@@ -199,7 +154,7 @@ def run_alone(server, prompt) -> torch.Tensor:
     assert status == 200
     # the worker applies /free's flags after the prompt it is running (or on waking): once a prompt
     # posted after /free has finished, the next one starts from a reset cache
-    barrier = {"b": {"class_type": "BnbFluxIsoLatent", "inputs": {"seed": 9, "scale": 0.0}},
+    barrier = {"b": {"class_type": "BnbFluxServerTestLatent", "inputs": {"seed": 9, "size": 16, "scale": 0.0}},
                "bs": {"class_type": "SaveLatent", "inputs": {"samples": ["b", 0], "filename_prefix": "iso/barrier"}}}
     assert server.run_prompt(barrier)["status"]["status_str"] == "success"
     return latent_of(server, server.run_prompt(prompt))

@@ -69,7 +69,7 @@ def conditioning_nodes():
     cond = {"tokens": 8, "context_dim": CFG.context_in_dim, "pooled_dim": CFG.vec_in_dim, "guidance": 3.5}
     return {"pos": {"class_type": "BnbFluxServerTestConditioning", "inputs": dict(cond, seed=1)},
             "neg": {"class_type": "BnbFluxServerTestConditioning", "inputs": dict(cond, seed=1001)},
-            "lat": {"class_type": "BnbFluxServerTestLatent", "inputs": {"size": 16}}}
+            "lat": {"class_type": "BnbFluxServerTestLatent", "inputs": {"seed": 0, "size": 16, "scale": 0.0}}}
 
 
 def sample_and_save(prefix, model_ref):
@@ -113,7 +113,8 @@ def test_object_info_lists_loader_with_its_inputs(server):
     assert info["output"] == ["MODEL"]
     assert info["python_module"] == f"custom_nodes.{PACK_DIR_NAME}"
     # the test nodes came from the temporary custom_nodes folder, not from the pack
-    assert server.get_json("/object_info/BnbFluxServerTestConditioning")
+    test_node = server.get_json("/object_info/BnbFluxServerTestConditioning")["BnbFluxServerTestConditioning"]
+    assert test_node["python_module"] == "custom_nodes.bnb_flux_test_nodes"
 
 
 def test_web_directory_is_served(server):

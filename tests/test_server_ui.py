@@ -42,7 +42,7 @@ def graph(control_strength=1.0, steps=2):
         "3": {"class_type": "ApplyControlLora", "inputs": {"model": ["2", 0], "lora_name": STYLE, "strength": 0.6}},
         "4": {"class_type": "BnbFluxServerTestConditioning", "inputs": dict(cond, seed=1)},
         "5": {"class_type": "BnbFluxServerTestConditioning", "inputs": dict(cond, seed=2)},
-        "6": {"class_type": "BnbFluxServerTestLatent", "inputs": {"size": 16}},
+        "6": {"class_type": "BnbFluxServerTestLatent", "inputs": {"seed": 0, "size": 16, "scale": 0.0}},
         "7": {"class_type": "KSampler", "inputs": {
             "model": ["3", 0], "seed": 3, "steps": steps, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
             "positive": ["4", 0], "negative": ["5", 0], "latent_image": ["6", 0], "denoise": 1.0}},
