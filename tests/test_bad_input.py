@@ -30,6 +30,7 @@ import pytest
 import torch
 
 from comfy_host import quantized_hash, sampling_graph
+from model_files import write_flux_with_loras
 from prequantized_files import forge_state_dict
 from quant_expand.synthetic import TinyFluxConfig, make_control_lora, make_lora, make_tiny_flux, save_safetensors
 
@@ -107,11 +108,9 @@ def files(host, tmp_path_factory):
     marker = marker_dir / "PICKLE_WAS_LOADED"
     lora = lambda n: host.model_path("loras", n)  # noqa: E731
     model = lambda n: host.model_path("diffusion_models", n)  # noqa: E731
-    save_safetensors(make_tiny_flux(CFG, seed=0, exact_for="nf4"), model(MODEL))
-    save_safetensors(make_control_lora(CFG, seed=2), lora(CONTROL))
+    style = write_flux_with_loras(CFG, os.path.join(host.models_dir, "diffusion_models"),
+                                  os.path.join(host.models_dir, "loras"), MODEL, CONTROL, STYLE)
     save_safetensors(make_control_lora(CFG, seed=5), lora(DEPTH))
-    style = make_lora(CFG, kind="lora", seed=7)
-    save_safetensors(style, lora(STYLE))
 
     payload = pickle.dumps(Touch(marker))
     for folder in (lora, model):

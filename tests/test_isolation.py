@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from comfy_host import sampling_graph
-from quant_expand.synthetic import TinyFluxConfig, make_control_lora, make_lora, make_tiny_flux, save_safetensors
+from model_files import write_flux_with_loras
+from quant_expand.synthetic import TinyFluxConfig
 from server_host import running_server
 
 CFG = TinyFluxConfig(hidden_size=128)  # the smallest FLUX ComfyUI builds: 20+ prompts stay quick
@@ -41,12 +42,6 @@ def apply(model_ref, name, strength):
 
 def set_scale(model_ref, name, strength):
     return {"class_type": "SetLoraScale", "inputs": {"model": model_ref, "lora_name": name, "strength": strength}}
-
-
-def write_files(loras_dir, models_dir):
-    save_safetensors(make_tiny_flux(CFG, seed=0, exact_for="nf4"), os.path.join(models_dir, MODEL))
-    save_safetensors(make_control_lora(CFG, seed=2), os.path.join(loras_dir, CONTROL))
-    save_safetensors(make_lora(CFG, kind="lora", seed=7), os.path.join(loras_dir, STYLE))
 
 
 # ---------------------------------------------------------------- branches of one graph (in-process)
@@ -83,7 +78,8 @@ def fresh(host):
 
 @pytest.fixture(scope="module")
 def iso_files(host):
-    write_files(os.path.join(host.models_dir, "loras"), os.path.join(host.models_dir, "diffusion_models"))
+    write_flux_with_loras(CFG, os.path.join(host.models_dir, "diffusion_models"), os.path.join(host.models_dir, "loras"),
+                          MODEL, CONTROL, STYLE)
 
 
 def test_branches_sharing_a_loaded_model_equal_running_alone(host, iso_files):
@@ -116,8 +112,10 @@ def test_branches_sharing_a_loaded_model_equal_running_alone(host, iso_files):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with running_server(tmp_path_factory, "iso-server",
-                        lambda dirs: write_files(dirs["models/loras"], dirs["models/diffusion_models"])) as srv:
+    def write_files(dirs):
+        write_flux_with_loras(CFG, dirs["models/diffusion_models"], dirs["models/loras"], MODEL, CONTROL, STYLE)
+
+    with running_server(tmp_path_factory, "iso-server", write_files) as srv:
         yield srv
 
 
