@@ -12,6 +12,8 @@ The layers are real ``bnb.nn.Linear4bit`` / ``bnb.nn.Linear8bitLt`` subclasses h
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
 import copy
 from typing import Callable, Optional
 
@@ -75,11 +77,11 @@ class _RunState:
     """What a layer's forward looked up for one placement (see ``QuantLinear._run_state``). Never copied
     with the layer: a copy (``copy.deepcopy`` of a model) looks its own tensors up again."""
 
-    __slots__ = ("weight", "bias", "device", "dtype", "dequantize", "static_bias")
+    __slots__ = ("weight", "bias", "device", "dtype", "dequantize", "static_bias", "small_matmul")
 
-    def __init__(self, weight, bias, device, dtype, dequantize, static_bias):
+    def __init__(self, weight, bias, device, dtype, dequantize, static_bias, small_matmul):
         self.weight, self.bias, self.device, self.dtype = weight, bias, device, dtype
-        self.dequantize, self.static_bias = dequantize, static_bias
+        self.dequantize, self.static_bias, self.small_matmul = dequantize, static_bias, small_matmul
 
     def __deepcopy__(self, memo):
         return None
@@ -142,7 +144,8 @@ class QuantLinear:
         if run is None or run.weight is not weight or run.bias is not bias or run.device != device or run.dtype != dtype:
             static_bias = (bias is not None and not self.bias_function and bias.device == device
                            and bias.dtype == dtype)
-            run = _RunState(weight, bias, device, dtype, self._dequantizer(device, dtype), static_bias)
+            run = _RunState(weight, bias, device, dtype, self._dequantizer(device, dtype), static_bias,
+                            self._small_matmul(device, dtype) if static_bias or bias is None else None)
             self.__dict__["_run"] = run
         return run
 
@@ -150,19 +153,35 @@ class QuantLinear:
         """A no-argument function giving the stored weight ``[out, stored_in]`` on ``device`` in ``dtype``."""
         return lambda: self.dequantize_stored(device, dtype)
 
+    def _small_matmul(self, device, dtype):
+        """``f(x, bias)`` computing the layer on the stored bytes for a few tokens, or None."""
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device, dtype = x.device, x.dtype
+        # prepared at load time (BnbModelPatcher): torch.compile then traces straight through, since
+        # building it means looking into bnb's parameter subclass, which dynamo cannot trace
         run = self._run_state(device, dtype)
         static_bias = run.static_bias
         bias = run.bias if static_bias else self._bias_for(device, dtype)
         delta = self.lora_delta
         if delta is not None and delta.bias_terms:
             bias = delta.bias_with(bias, device, dtype, cache=static_bias or bias is None)
-        w = run.dequantize()
-        stored = w.shape[1]
         weight_fns = self.weight_function
         if delta is not None and delta.weight_fn is not None:
             weight_fns = [*weight_fns, delta.weight_fn]
+        tokens = x.numel() // max(x.shape[-1], 1)
+        if run.small_matmul is not None and tokens <= _SMALL_M and len(weight_fns) == 0:
+            # FLUX's modulation layers see one token: bnb's fused 4-bit GEMV reads the packed bytes
+            # (a quarter of bf16's traffic) instead of dequantizing a full weight for one row
+            stored = self.stored_in_features
+            y = run.small_matmul(x[..., :stored] if stored < x.shape[-1] else x, bias)
+            if delta is None or not delta.terms:
+                return y
+            down, up, scale = delta.stacked(device, dtype)
+            return _add_low_rank(y, x, down, up, scale)
+        w = run.dequantize()
+        stored = w.shape[1]
         if len(weight_fns) > 0:
             w = _pad_columns(w, self.in_features)
             for f in weight_fns:
@@ -171,23 +190,15 @@ class QuantLinear:
         if delta is None or not delta.terms:
             return _linear_prefix(x, w, bias, stored)
         down, up, scale = delta.stacked(device, dtype)
-        tokens = x.numel() // max(x.shape[-1], 1)
-        uniform = isinstance(scale, float)
         if delta.prefer_merged(tokens):
             # one fused GEMM-accumulate into the transient dequantized buffer; stored bytes never change
             w = _pad_columns(w, self.in_features)
-            if uniform:
+            if isinstance(scale, float):
                 w.addmm_(up, down, alpha=scale)
             else:
                 w.addmm_(up * scale, down)
             return F.linear(x, w, bias)
-        y = _linear_prefix(x, w, bias, stored)
-        h = F.linear(x, down)
-        if not uniform:
-            h = h * scale
-        # y += scale * h @ up^T as one GEMM with accumulate (cuBLAS beta=1): no extra pass over y
-        y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), up.t(), alpha=scale if uniform else 1.0)
-        return y
+        return _add_low_rank(_linear_prefix(x, w, bias, stored), x, down, up, scale)
 
     # -- device moves -------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
@@ -215,6 +226,106 @@ class QuantLinear:
         if self.in_features != self.stored_in_features:
             base += f", stored_in_features={self.stored_in_features}"
         return base + f", quant={self.quant_spec().describe()}"
+
+
+def _add_low_rank(y: torch.Tensor, x: torch.Tensor, down, up, scale) -> torch.Tensor:
+    """``y + scale * (x @ down^T) @ up^T``, accumulated into ``y`` by the second GEMM (cuBLAS beta=1):
+    no separate pass over ``y``. ``scale`` is a float (the GEMM's alpha) or a vector over the rank."""
+    h = F.linear(x, down)
+    uniform = isinstance(scale, float)
+    if not uniform:
+        h = h * scale
+    y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), up.t(), alpha=scale if uniform else 1.0)
+    return y
+
+
+_SMALL_M = 4  # up to this many tokens bnb's fused 4-bit kernel always beats dequantize + GEMM
+_KERNEL_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+class _Cuda4bit:
+    """bitsandbytes' own CUDA kernels for one 4-bit layer, called through its ctypes entry points.
+
+    bnb's torch ops run each call through the dispatcher, a dynamo guard and Python argument checks:
+    ~50 us of host time per op, two or three ops per layer and step, which is what kept the GPU waiting
+    at 1024x1024 (bench/README.md). The calls here pass the very arguments bnb's CUDA backend passes to
+    the very same kernels, so the results are bit-identical; under torch.compile the torch ops are used
+    (dynamo traces those, not ctypes).
+    """
+
+    _lib = None
+
+    @classmethod
+    def usable(cls, qs, gemm: bool = False) -> bool:
+        if cls._lib is None:
+            try:
+                importlib.import_module("bitsandbytes.backends.cuda.ops")  # sets the ctypes signatures
+                from bitsandbytes.cextension import lib
+
+                for name in ("cdequantize_blockwise_fp32", "cdequantize_blockwise_bf16_nf4", "cgemm_4bit_bf16"):
+                    getattr(lib, name)
+                cls._lib = lib
+            except Exception:  # no CUDA build of bnb here, or another layout of its internals
+                cls._lib = False
+        if not cls._lib or qs.dtype not in _KERNEL_DTYPES or qs.quant_type not in ("nf4", "fp4"):
+            return False
+        if qs.nested and (qs.state2.dtype != torch.float32 or qs.absmax.dtype != torch.uint8):
+            return False
+        return not gemm or not qs.nested or qs.state2.blocksize == 256
+
+    def __init__(self, packed: torch.Tensor, qs):
+        lib = self._lib
+        dt = _KERNEL_DTYPES[qs.dtype]
+        self.packed, self.qs = packed, qs
+        self.index = packed.device.index
+        self.numel = qs.shape[0] * qs.shape[1]
+        self.dequant4 = getattr(lib, f"cdequantize_blockwise_{dt}_{qs.quant_type}")
+        self.dequant8 = lib.cdequantize_blockwise_fp32
+        self.gemm = getattr(lib, f"cgemm_4bit_{dt}")
+        self.offset = qs.offset.to(device=packed.device, dtype=torch.float32).reshape(1) if qs.nested else None
+
+    def _device(self):
+        return torch.cuda.device(self.index) if torch.cuda.current_device() != self.index else contextlib.nullcontext()
+
+    def dequantize(self) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return _dequantize_4bit(self.packed, self.qs)
+        qs = self.qs
+        with self._device():
+            stream = torch._C._cuda_getCurrentRawStream(self.index)
+            absmax = qs.absmax
+            if qs.nested:
+                s2 = qs.state2
+                nested = torch.empty(absmax.shape, dtype=torch.float32, device=absmax.device)
+                self.dequant8(s2.code.data_ptr(), absmax.data_ptr(), s2.absmax.data_ptr(), nested.data_ptr(),
+                              s2.blocksize, absmax.numel(), stream)
+                nested += qs.offset
+                absmax = nested
+            w = torch.empty(qs.shape, dtype=qs.dtype, device=self.packed.device)
+            self.dequant4(None, self.packed.data_ptr(), absmax.data_ptr(), w.data_ptr(), qs.blocksize, self.numel, stream)
+        return w
+
+    def matmul(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        qs = self.qs
+        nested = qs.nested
+        if torch.compiler.is_compiling():
+            return _bnb_ops.gemm_4bit.default(
+                x, self.packed.view(-1, 1), qs.shape, qs.state2.absmax if nested else qs.absmax, qs.blocksize,
+                qs.quant_type, bias=bias, absmax_8bit=qs.absmax if nested else None,
+                absmax_code=qs.state2.code if nested else None, absmax_offset=self.offset)
+        a = x.contiguous()
+        n, k = qs.shape
+        out = torch.empty((*a.shape[:-1], n), dtype=a.dtype, device=a.device)
+        with self._device():
+            self.gemm(a.data_ptr(), self.packed.data_ptr(),
+                      (qs.state2.absmax if nested else qs.absmax).data_ptr(),
+                      qs.absmax.data_ptr() if nested else None,
+                      qs.state2.code.data_ptr() if nested else None,
+                      self.offset.data_ptr() if nested else None,
+                      out.data_ptr(), bias.data_ptr() if bias is not None else None,
+                      a.numel() // k, n, k, qs.blocksize, 1 if qs.quant_type == "fp4" else 2,
+                      torch._C._cuda_getCurrentRawStream(self.index))
+        return out
 
 
 def _dequantize_4bit(packed: torch.Tensor, qs) -> torch.Tensor:
@@ -312,7 +423,17 @@ class QLinear4bit(QuantLinear, bnb.nn.Linear4bit):
         if param.device != device or qs.dtype != dtype or qs.absmax.device != device:
             return super()._dequantizer(device, dtype)  # offloaded (lowvram) or another dtype: per call
         packed = param.data  # a plain tensor: no parameter-subclass dispatch per call
+        if device.type == "cuda" and _Cuda4bit.usable(qs):
+            return _Cuda4bit(packed, qs).dequantize
         return lambda: _dequantize_4bit(packed, qs)
+
+    def _small_matmul(self, device, dtype):
+        param = self.weight
+        qs = param.quant_state
+        if (device.type == "cuda" and param.device == device and qs.dtype == dtype and
+                qs.absmax.device == device and _Cuda4bit.usable(qs, gemm=True)):
+            return _Cuda4bit(param.data, qs).matmul
+        return None
 
     def _weight_on(self, device, non_blocking=False):
         param = self.weight
@@ -372,13 +493,27 @@ class QLinear8bit(QuantLinear, bnb.nn.Linear8bitLt):
         # int8 * float promotes to the float dtype inside one kernel: no separate int8 -> float copy
         return torch.mul(cb, scale[:, None])
 
+    # How the GPU dequantizes: "promote" (torch.mul(int8, scale)), "cast" (cast, then scale in place) or
+    # "triton" (quant_expand.kernels, one pass). All three give the same bits; bench/README.md says
+    # which is fastest where. Without Triton "triton" falls back to "promote".
+    cuda_dequant = "triton"
+
     def _dequantizer(self, device, dtype):
         param = self.weight
         if param.device != device or param.SCB.device != device:
             return super()._dequantizer(device, dtype)
         cb = param.data
-        scale = (param.SCB / 127.0).to(dtype)[:, None]  # as dequantize_stored computes it, kept
-        return lambda: torch.mul(cb, scale)
+        scale = (param.SCB / 127.0).to(dtype)  # as dequantize_stored computes it, kept
+        rows = scale[:, None]
+        mode = self.cuda_dequant if device.type == "cuda" else "promote"
+        if mode == "triton" and cb.is_contiguous():
+            from . import kernels
+
+            if kernels.available():
+                return lambda: kernels.dequantize_int8_rows(cb, scale)
+        if mode == "cast":
+            return lambda: cb.to(dtype).mul_(rows)
+        return lambda: torch.mul(cb, rows)
 
     def _weight_on(self, device, non_blocking=False):
         param = self.weight

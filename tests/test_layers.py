@@ -229,3 +229,48 @@ def test_dequantized_state_dict_names_every_parameter():
     sd = dequantized_state_dict(root)
     assert set(sd) == {"q.weight", "q.bias", "norm.weight", "norm.bias"}
     assert torch.equal(sd["q.weight"], exact_weight(spec))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bnb's CUDA kernels)")
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.is_4bit], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_cuda_kernels_called_directly_match_bitsandbytes(spec, dtype):
+    """On CUDA the forward calls bnb's kernels through its ctypes entry points: the dequantized weight
+    equals bnb's dequantize_4bit bit for bit, and the fused few-token path (FLUX's modulation layers)
+    equals a matmul of that weight to the kernel's rounding. Lazy deltas ride on both paths."""
+    import bitsandbytes.functional as bnbf
+
+    from quant_expand.layers import _SMALL_M
+
+    w = torch.randn(3072, 1024, generator=torch.Generator().manual_seed(4)) * 0.02
+    layer = quantized_linear_from_float(w, torch.randn(3072) * 0.1, spec.with_compute_dtype(dtype),
+                                        store_device="cuda").to("cuda")
+    dev = torch.device("cuda", torch.cuda.current_device())
+    run = layer._run_state(dev, dtype)
+    assert run.small_matmul is not None
+    ref_w = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
+    assert torch.equal(run.dequantize(), ref_w)
+    bias = layer.bias.detach()
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    for tokens in (1, _SMALL_M, _SMALL_M + 1, 300):
+        x = torch.randn(1, tokens, 1024, device="cuda", dtype=dtype)
+        ref = F.linear(x.float(), ref_w.float(), bias.float())
+        assert rel(layer(x).float(), ref) < tol, tokens
+    terms = [LoraTerm(torch.randn(16, 1024) * 0.05, torch.randn(3072, 16) * 0.05, 0.8)]
+    layer.lora_delta = LazyLoraDelta(3072, 1024, terms)
+    full = ref_w.float() + 0.8 * (terms[0].up.cuda() @ terms[0].down.cuda())
+    for tokens in (1, 300):
+        x = torch.randn(1, tokens, 1024, device="cuda", dtype=dtype)
+        assert rel(layer(x).float(), F.linear(x.float(), full, bias.float())) < tol, tokens
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["promote", "cast", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_cuda_int8_dequantize_modes_give_the_same_bits(mode, dtype, monkeypatch):
+    w = torch.randn(3072, 1024, generator=torch.Generator().manual_seed(6)) * 0.02
+    layer = quantized_linear_from_float(w, None, QuantSpec("int8", compute_dtype=dtype), store_device="cuda").to("cuda")
+    monkeypatch.setattr(QLinear8bit, "cuda_dequant", mode)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    got = layer._run_state(dev, dtype).dequantize()
+    assert torch.equal(got, layer.dequantize_stored(dev, dtype))
