@@ -4,6 +4,7 @@ Imported by the pack's nodes inside a running ComfyUI (``comfy`` must be importa
 """
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import logging
 import uuid
@@ -22,7 +23,7 @@ import comfy.weight_adapter as weight_adapter
 from .formats import BnbFluxError
 from .layers import (QLinear4bit, QLinear8bit, QuantLinear, expand_in_features, is_quantized_linear,
                      quantized_linear_from_float, unexpand)
-from .prequantized import (UNQUANTIZED_LINEARS, FluxCheckpoint, StoredLinear, bfl_file_key,  # noqa: F401
+from .prequantized import (FluxCheckpoint, StoredLinear, bfl_file_key,  # noqa: F401
                            default_should_quantize, file_metadata, linear_tensors, open_flux_checkpoint)
 from .lora import LazyLoraDelta, LoraTerm
 from .spec import QuantSpec
@@ -106,6 +107,24 @@ def _owned(t: Optional[torch.Tensor], device, dtype) -> Optional[torch.Tensor]:
     return out.clone() if out.data_ptr() == t.data_ptr() else out
 
 
+def _read_ahead(ckpt, names: list):
+    """``ckpt.read_linear`` of each name in turn, the next one read on a thread while the caller
+    quantizes this one (file reads release the GIL): loading takes about as long as reading the file.
+    At most two layers are in memory at once."""
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bnb-flux-read")
+    try:
+        pending = pool.submit(ckpt.read_linear, names[0]) if names else None
+        for i in range(len(names)):
+            current = pending
+            pending = pool.submit(ckpt.read_linear, names[i + 1]) if i + 1 < len(names) else None
+            yield current.result()
+            current = None
+    finally:
+        if pending is not None:
+            pending.cancel()
+        pool.shutdown(wait=True)
+
+
 def load_bnb_flux(unet_path: str, options: dict, disable_dynamic: bool = False, progress=None):
     """Build a quantized FLUX as a :class:`BnbModelPatcher`, quantizing tensor by tensor while streaming.
 
@@ -143,40 +162,49 @@ def load_bnb_flux(unet_path: str, options: dict, disable_dynamic: bool = False, 
     quantized = 0
     schemes: dict[str, int] = {}
 
-    for name, lin in linears:
-        if name not in file_linears:
-            raise BnbFluxError(f"{ckpt.name}: tensor {name}.weight is missing; the file is not a complete FLUX.1 model")
-        stored = ckpt.read_linear(name)
-        loaded.update({f"{name}.weight", f"{name}.bias"})
-        if stored.shape != (lin.out_features, lin.in_features):
-            raise BnbFluxError(f"{ckpt.name}: {name}.weight has shape {list(stored.shape)}, the detected model "
-                               f"expects {[lin.out_features, lin.in_features]}")
-        if lin.deferred_bias and stored.bias is None:
-            raise BnbFluxError(f"{ckpt.name}: tensor {name}.bias is missing; the file is not a complete FLUX.1 model")
-        new = None
-        if stored.kind == "4bit":
-            new = QLinear4bit.from_prequantized(stored.packed, stored.quant_state,
-                                                _owned(stored.bias, offload_device, compute_dtype), compute_dtype,
-                                                offload_device)
-        elif stored.kind == "int8":
-            new = QLinear8bit.from_prequantized(stored.cb, stored.scb, _owned(stored.bias, offload_device, compute_dtype),
-                                                compute_dtype, offload_device)
-        elif not prequantized and default_should_quantize(name, lin.in_features, spec,
-                                                          bool(options.get("quantize_img_in", False))):
-            new = quantized_linear_from_float(stored.weight, stored.bias, spec, quantize_device=quantize_device,
-                                              store_device=offload_device)
-        if new is not None:
-            _set_module(dm, name, new)
-            quantized += 1
-            scheme = new.quant_spec().describe()
-            schemes[scheme] = schemes.get(scheme, 0) + 1
-        else:
-            lin.weight = torch.nn.Parameter(_owned(stored.weight, offload_device, compute_dtype), requires_grad=False)
-            if stored.bias is not None:
-                lin.bias = torch.nn.Parameter(_owned(stored.bias, offload_device, compute_dtype), requires_grad=False)
-        del stored, new
-        if bar is not None:
-            bar.update(1)
+    missing = [name for name, _ in linears if name not in file_linears]
+    if missing:
+        ckpt.close()
+        raise BnbFluxError(f"{ckpt.name}: tensor {missing[0]}.weight is missing; the file is not a complete FLUX.1 model")
+    module_of = dict(linears)
+    order = ckpt.read_order([name for name, _ in linears])  # the file's order: one pass over a cold disk
+    reads = _read_ahead(ckpt, order)
+    try:
+        for name in order:
+            lin = module_of[name]
+            stored = next(reads)
+            loaded.update({f"{name}.weight", f"{name}.bias"})
+            if stored.shape != (lin.out_features, lin.in_features):
+                raise BnbFluxError(f"{ckpt.name}: {name}.weight has shape {list(stored.shape)}, the detected model "
+                                   f"expects {[lin.out_features, lin.in_features]}")
+            if lin.deferred_bias and stored.bias is None:
+                raise BnbFluxError(f"{ckpt.name}: tensor {name}.bias is missing; the file is not a complete FLUX.1 model")
+            new = None
+            if stored.kind == "4bit":
+                new = QLinear4bit.from_prequantized(stored.packed, stored.quant_state,
+                                                    _owned(stored.bias, offload_device, compute_dtype), compute_dtype,
+                                                    offload_device)
+            elif stored.kind == "int8":
+                new = QLinear8bit.from_prequantized(stored.cb, stored.scb, _owned(stored.bias, offload_device, compute_dtype),
+                                                    compute_dtype, offload_device)
+            elif not prequantized and default_should_quantize(name, lin.in_features, spec,
+                                                              bool(options.get("quantize_img_in", False))):
+                new = quantized_linear_from_float(stored.weight, stored.bias, spec, quantize_device=quantize_device,
+                                                  store_device=offload_device)
+            if new is not None:
+                _set_module(dm, name, new)
+                quantized += 1
+                scheme = new.quant_spec().describe()
+                schemes[scheme] = schemes.get(scheme, 0) + 1
+            else:
+                lin.weight = torch.nn.Parameter(_owned(stored.weight, offload_device, compute_dtype), requires_grad=False)
+                if stored.bias is not None:
+                    lin.bias = torch.nn.Parameter(_owned(stored.bias, offload_device, compute_dtype), requires_grad=False)
+            del stored, new
+            if bar is not None:
+                bar.update(1)
+    finally:
+        reads.close()
 
     for key, src in logical_key.items():
         if key in loaded:
@@ -383,6 +411,28 @@ def build_lazy_delta(patches: list, module: QuantLinear, key: str, bias_terms=()
                          weight_fn=_full_weight_fn(others, key) if others else None, bias_terms=bias_terms)
 
 
+MERGED_ATTR = "bnb_flux_merged_patches"
+
+
+class MergeSignature:
+    """What a key's merged weight depends on: the patch objects (by identity, held so that no other
+    object can take their id), their strengths (except for ``set``, which ignores strength), and the
+    rest of each patch tuple."""
+
+    def __init__(self, patch_list):
+        self.objects = [(v, function) for _s, v, _sm, _o, function in patch_list]
+        self.key = tuple((id(v), None if (isinstance(v, tuple) and len(v) == 2 and v[0] == "set") else strength,
+                          strength_model, offset, id(function))
+                         for strength, v, strength_model, offset, function in patch_list)
+
+    def __eq__(self, other):
+        return isinstance(other, MergeSignature) and self.key == other.key
+
+
+def merge_signature(patch_list) -> MergeSignature:
+    return MergeSignature(patch_list)
+
+
 class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
     """ModelPatcher for models holding :class:`QuantLinear` layers.
 
@@ -464,6 +514,7 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
                 patches = self.patches.get(key)
                 if not patches and not bias_terms:
                     module.lora_delta = module.reusable_lora_delta = None
+                    self._prepare_run(module, device, dtype)
                     continue
                 delta = build_lazy_delta(patches or [], module, key, bias_terms or ())
                 # same LoRA tensors, new strengths: nothing is re-uploaded or re-stacked
@@ -471,6 +522,19 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
                 delta.prepare(device, dtype)
                 module.lora_delta = delta
                 module.reusable_lora_delta = None
+                self._prepare_run(module, device, dtype)
+
+    @staticmethod
+    def _prepare_run(module, device, dtype):
+        """Look up now what the layer's forward needs on ``device`` (so a torch.compile'd model traces
+        straight through it), and the bias + delta sum its delta will add."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        run = module._run_state(device, dtype)
+        delta = module.lora_delta
+        if delta is not None and delta.bias_terms and (run.static_bias or run.bias is None):
+            delta.bias_with(run.bias, device, dtype)
 
     def clear_lazy_deltas(self, keep_for_reuse=False):
         """Remove every layer's delta; ``keep_for_reuse`` (the model stays where it is) lets the next
@@ -482,14 +546,18 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
                 module.__dict__.pop("_run", None)
 
     def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+        setattr(self.model, MERGED_ATTR, None)
         super().load(device_to, lowvram_model_memory=lowvram_model_memory,
                      force_patch_weights=force_patch_weights, full_load=full_load)
         self.install_lazy_deltas(device_to)
+        if not self.model.model_lowvram:
+            self._record_merges()
 
     def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
         if self._can_swap_patches_in_place(device_to, force_patch_weights):
             self.swap_patches_in_place(device_to)
             return 0
+        setattr(self.model, MERGED_ATTR, None)
         out = super().partially_load(device_to, extra_memory=extra_memory, force_patch_weights=force_patch_weights)
         self.install_lazy_deltas(device_to)
         return out
@@ -501,12 +569,19 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
         patches and lazy deltas where the model is gives the same model state at a fraction of the cost."""
         with self.use_ejected(skip_and_inject_on_exit_only=True):
             self.clear_lazy_deltas(keep_for_reuse=True)
+            # a merge whose patches are the very same (a Control LoRA's norm sets after a strength change:
+            # a "set" ignores strength) stays as it is; only the others are undone and redone
+            merged = getattr(self.model, MERGED_ATTR, None) or {}
+            keep = {key for key, sig in merged.items()
+                    if key in self.backup and key in self.patches and merge_signature(self.patches[key]) == sig}
             for key, bk in list(self.backup.items()):  # as unpatch_model, onto the device the model is on
+                if key in keep:
+                    continue
                 if bk.inplace_update:
                     comfy.utils.copy_to_param(self.model, key, bk.weight)
                 else:
                     comfy.utils.set_attr_param(self.model, key, bk.weight.to(device_to))
-            self.backup.clear()
+                del self.backup[key]
             for key, old in list(self.object_patches_backup.items()):
                 comfy.utils.set_attr(self.model, key, old)
             self.object_patches_backup.clear()
@@ -515,9 +590,16 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
                 if isinstance(obj, torch.nn.Module):
                     obj.to(device_to)
             for key in self.patches:
-                self.patch_weight_to_device(key, device_to=device_to)
+                if key not in keep:
+                    self.patch_weight_to_device(key, device_to=device_to)
             self.install_lazy_deltas(device_to)
             self.model.current_weight_patches_uuid = self.patches_uuid
+            self._record_merges()
+
+    def _record_merges(self):
+        """Remember which patches are merged into which weights now (see :meth:`swap_patches_in_place`)."""
+        setattr(self.model, MERGED_ATTR, {key: merge_signature(self.patches[key]) for key in self.backup
+                                          if key in self.patches})
 
     def _can_swap_patches_in_place(self, device_to, force_patch_weights) -> bool:
         m = self.model
@@ -527,6 +609,7 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
                 and m.device == device_to)
 
     def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
+        setattr(self.model, MERGED_ATTR, None)
         out = super().partially_unload(device_to, memory_to_free=memory_to_free, force_patch_weights=force_patch_weights)
         self.install_lazy_deltas(self.load_device)
         return out
@@ -534,6 +617,7 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
     def unpatch_model(self, device_to=None, unpatch_weights=True):
         if unpatch_weights:  # before the object patches (a widened img_in) are taken out of the model
             self.clear_lazy_deltas(keep_for_reuse=device_to is None)
+            setattr(self.model, MERGED_ATTR, None)
         super().unpatch_model(device_to, unpatch_weights)
 
 

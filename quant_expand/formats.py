@@ -1,6 +1,8 @@
 """State dicts in: safetensors files read tensor by tensor, never all at once, never unpickled."""
 from __future__ import annotations
 
+import json
+import math
 import os
 from typing import Iterable, Optional
 
@@ -37,6 +39,7 @@ class TensorFile:
                                f"the download may be truncated or corrupted: download it again") from e
         self._keys = list(self._handle.keys())
         self.metadata = self._handle.metadata() or {}
+        self._offsets = self._data_offsets(path)
 
     def keys(self) -> list[str]:
         return list(self._keys)
@@ -65,9 +68,42 @@ class TensorFile:
         keys = self._keys if keys is None else keys
         return {k: torch.empty(self.shape(k), dtype=self.dtype(k), device="meta") for k in keys}
 
+    @staticmethod
+    def _data_offsets(path: str) -> dict:
+        """Where each tensor's bytes lie in the file (absolute ``(start, end)``), from the header that
+        ``safe_open`` has just validated."""
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        base = 8 + n
+        return {k: (base + v["data_offsets"][0], base + v["data_offsets"][1])
+                for k, v in header.items() if k != "__metadata__"}
+
+    def offset(self, key: str) -> int:
+        return self._offsets[key][0]
+
     def get(self, key: str) -> torch.Tensor:
+        """One tensor, read with one large ``readinto`` into memory of its own (a cold file is read at the
+        disk's sequential speed, where page faults through a memory map fetch it in small pieces; the
+        call releases the GIL, so a reader thread overlaps it with quantization)."""
         try:
-            return self._handle.get_tensor(key)
+            dtype, shape = self.dtype(key), self.shape(key)
+            start, end = self._offsets[key]
+            buf = torch.empty(end - start, dtype=torch.uint8)
+            if end > start:
+                with open(self.path, "rb", buffering=0) as f:
+                    f.seek(start)
+                    view, got = memoryview(buf.numpy()), 0
+                    while got < len(view):
+                        n = f.readinto(view[got:])
+                        if not n:
+                            raise OSError(f"file ends after {start + got} of {end} bytes")
+                        got += n
+            if buf.numel() != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"{end - start} bytes for shape {list(shape)} of {dtype}")
+            return buf.view(dtype).reshape(shape)
+        except BnbFluxError:
+            raise
         except Exception as e:
             raise BnbFluxError(f"{self.name}: could not read tensor {key} ({e}); the file may be truncated "
                                f"or corrupted: download it again") from e
