@@ -414,6 +414,10 @@ def build_lazy_delta(patches: list, module: QuantLinear, key: str, bias_terms=()
 MERGED_ATTR = "bnb_flux_merged_patches"
 
 
+def _set_plain(module, name: str, value):
+    object.__setattr__(module, name, value)
+
+
 class MergeSignature:
     """What a key's merged weight depends on: the patch objects (by identity, held so that no other
     object can take their id), their strengths (except for ``set``, which ignores strength), and the
@@ -494,14 +498,15 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
     def _compute_dtype(self):
         return self.model.manual_cast_dtype or self.model.get_dtype()
 
-    def install_lazy_deltas(self, device=None):
+    def _quantized_modules(self) -> list:
+        return [(n, m) for n, m in self.model.named_modules() if is_quantized_linear(m)]
+
+    def install_lazy_deltas(self, device=None, modules=None):
         """Give every quantized layer the delta of this patcher's patches (or none)."""
         device = device or self.load_device
         dtype = self._compute_dtype()
         with self.use_ejected():
-            for name, module in self.model.named_modules():
-                if not is_quantized_linear(module):
-                    continue
+            for name, module in (modules if modules is not None else self._quantized_modules()):
                 key = f"{name}.weight"
                 if module.weight_function:
                     # ComfyUI's lowvram path put a merge-per-forward patch here; the lazy delta replaces it
@@ -513,15 +518,16 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
                                             if not isinstance(f, comfy.model_patcher.LowVramPatch)]
                 patches = self.patches.get(key)
                 if not patches and not bias_terms:
-                    module.lora_delta = module.reusable_lora_delta = None
+                    _set_plain(module, "lora_delta", None)
+                    _set_plain(module, "reusable_lora_delta", None)
                     self._prepare_run(module, device, dtype)
                     continue
                 delta = build_lazy_delta(patches or [], module, key, bias_terms or ())
                 # same LoRA tensors, new strengths: nothing is re-uploaded or re-stacked
                 delta.adopt_stack(module.lora_delta or getattr(module, "reusable_lora_delta", None))
                 delta.prepare(device, dtype)
-                module.lora_delta = delta
-                module.reusable_lora_delta = None
+                _set_plain(module, "lora_delta", delta)
+                _set_plain(module, "reusable_lora_delta", None)
                 self._prepare_run(module, device, dtype)
 
     @staticmethod
@@ -536,14 +542,13 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
         if delta is not None and delta.bias_terms and (run.static_bias or run.bias is None):
             delta.bias_with(run.bias, device, dtype)
 
-    def clear_lazy_deltas(self, keep_for_reuse=False):
+    def clear_lazy_deltas(self, keep_for_reuse=False, modules=None):
         """Remove every layer's delta; ``keep_for_reuse`` (the model stays where it is) lets the next
         install take over the stacked device tensors of the same LoRAs."""
-        for module in self.model.modules():
-            if is_quantized_linear(module):
-                module.reusable_lora_delta = module.lora_delta if keep_for_reuse else None
-                module.lora_delta = None
-                module.__dict__.pop("_run", None)
+        for _, module in (modules if modules is not None else self._quantized_modules()):
+            # plain attributes: nn.Module.__setattr__'s checks cost more than the rest of a swap
+            _set_plain(module, "reusable_lora_delta", module.lora_delta if keep_for_reuse else None)
+            _set_plain(module, "lora_delta", None)
 
     def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
         setattr(self.model, MERGED_ATTR, None)
@@ -568,7 +573,8 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
         state, so undoing the few merges ComfyUI made (norm sets, unquantized layers) and swapping object
         patches and lazy deltas where the model is gives the same model state at a fraction of the cost."""
         with self.use_ejected(skip_and_inject_on_exit_only=True):
-            self.clear_lazy_deltas(keep_for_reuse=True)
+            quantized = self._quantized_modules()
+            self.clear_lazy_deltas(keep_for_reuse=True, modules=quantized)
             # a merge whose patches are the very same (a Control LoRA's norm sets after a strength change:
             # a "set" ignores strength) stays as it is; only the others are undone and redone
             merged = getattr(self.model, MERGED_ATTR, None) or {}
@@ -589,12 +595,25 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
                 self.object_patches_backup[key] = comfy.utils.set_attr(self.model, key, obj)
                 if isinstance(obj, torch.nn.Module):
                     obj.to(device_to)
+            lazy = self._lazy_keys(quantized)
             for key in self.patches:
-                if key not in keep:
+                if key not in keep and key not in lazy:
                     self.patch_weight_to_device(key, device_to=device_to)
-            self.install_lazy_deltas(device_to)
+            # object patches swapped above may have replaced quantized layers (a widened img_in)
+            self.install_lazy_deltas(device_to, modules=self._quantized_modules() if self.object_patches else quantized)
             self.model.current_weight_patches_uuid = self.patches_uuid
             self._record_merges()
+
+    def _lazy_keys(self, modules) -> set:
+        """Patch keys that the lazy deltas carry (quantized weights, their additive bias diffs): nothing
+        to merge, and asking ``patch_weight_to_device`` costs a module lookup per key."""
+        keys = set()
+        for name, module in modules:
+            keys.add(f"{name}.weight")
+            bias_key = f"{name}.bias"
+            if bias_key in self.patches and lazy_bias_terms(self.patches[bias_key], module.out_features) is not None:
+                keys.add(bias_key)
+        return keys
 
     def _record_merges(self):
         """Remember which patches are merged into which weights now (see :meth:`swap_patches_in_place`)."""
