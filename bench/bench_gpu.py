@@ -151,6 +151,7 @@ class Bench:
         self.pooled = torch.randn(1, cfg.vec_in_dim, generator=g)
         self.results = {}
         self.on_result = None
+        self.idle = 0.0  # allocated with no model loaded (measured at each unload)
 
     def sync(self):
         if self.cuda:
@@ -159,7 +160,7 @@ class Bench:
     def vram(self):
         return (self.torch.cuda.memory_allocated() / GIB) if self.cuda else 0.0
 
-    def sample(self, label, patcher, res=None, control=False, extra=None):
+    def sample(self, label, patcher, res=None, control=False, extra=None, preload=True):
         """1 + steps euler steps through comfy.sample.sample; per-step times from its callback."""
         import comfy.sample
 
@@ -178,17 +179,30 @@ class Bench:
             self.sync()
             marks.append(time.perf_counter())
 
+        import comfy.model_management as mm
+
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
         self.sync()
         t0 = time.perf_counter()
+        resident = None
+        if preload:  # "resident": what the loaded model holds on the GPU, before any activation exists
+            with torch.inference_mode():
+                mm.load_models_gpu([patcher])
+            self.sync()
+            resident = self.vram()  # minus what the process held with no model loaded (cuBLAS workspaces)
         with torch.inference_mode():
             out = comfy.sample.sample(patcher, noise, self.steps + 1, 1.0, "euler", "simple", pos, neg, lat,
                                       denoise=1.0, seed=0, callback=callback, disable_pbar=True)
         steps = [b - a for a, b in zip(marks, marks[1:])]
         r = {"median_step_s": round(statistics.median(steps), 4), "min_step_s": round(min(steps), 4),
              "max_step_s": round(max(steps), 4), "first_step_incl_load_s": round(marks[0] - t0, 3),
-             "resident_gib": round(self.vram(), 2),
+             "resident_gib": round((resident - self.idle) if resident is not None else self.vram(), 2),
+             "resident_measured": ("allocated after loading minus allocated with no model loaded"
+                                   if resident is not None else "allocated after sampling"),
+             "allocated_after_loading_gib": round(resident, 3) if resident is not None else None,
+             "allocated_with_no_model_gib": round(self.idle, 3),
+             "model_size_gib": round(patcher.model_size() / GIB, 2),
              "peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 2) if self.cuda else 0.0,
              "finite": bool(torch.isfinite(out).all()), "res": res}
         if extra:
@@ -208,17 +222,51 @@ class Bench:
         mm.unload_all_models()
         gc.collect()
         mm.soft_empty_cache()
+        self.sync()
+        self.idle = self.vram()
 
 
-def quantized_checksum(patcher, host):
-    """Sum of every stored byte of every quantized layer, per layer: any rewrite changes it."""
+def quantized_digest(patcher, host):
+    """SHA-256 over every stored byte of every quantized layer: any rewrite changes it."""
+    return host.pack_module("quant_expand.layers").quantized_digest(patcher.model.diffusion_model)
+
+
+def gpu_profile(bench, load_bnb, apply, log):
+    """GPU time by kernel for three 1024x1024 steps (1 + 2) of NF4 and of NF4 + Control (torch.profiler):
+    where a quantized step's time goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    m = load_bnb("nf4")
+    for label, model, control in (("nf4", m, False), ("nf4+control", apply(m, "control.safetensors", 1.0), True)):
+        bench.sample(f"{label} (warm-up for profile)", model, control=control)
+        steps = bench.steps
+        bench.steps = 2
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            bench.sample(f"{label} (profiled)", model, control=control)
+        bench.steps = steps
+        rows = []
+        for e in prof.key_averages():
+            cuda_us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+            if cuda_us > 0:
+                rows.append({"name": e.key[:120], "calls": e.count, "gpu_ms": round(cuda_us / 1000, 2)})
+        rows.sort(key=lambda r: -r["gpu_ms"])
+        total = sum(r["gpu_ms"] for r in rows)
+        out[label] = {"gpu_ms_total_3_steps": round(total, 1), "top_kernels": rows[:18]}
+        log(f"profile {label}: GPU busy {total:.1f} ms over 3 steps; top: " +
+            "; ".join(f"{r['name'][:50]} {r['gpu_ms']} ms" for r in rows[:6]))
+        del model
+    del m
+    bench.unload()
+    torch.cuda.synchronize()
+    return out
+
+
+def layer_bytes(patcher, host):
     layers = host.pack_module("quant_expand.layers")
-    sums = []
-    for m in patcher.model.diffusion_model.modules():
-        if layers.is_quantized_linear(m):
-            for t in layers.quantized_bytes(m).values():
-                sums.append(int(t.reshape(-1).view(__import__("torch").uint8).sum(dtype=__import__("torch").int64)))
-    return sums
+    return [sum(t.nbytes for t in layers.quantized_bytes(m).values())
+            for m in patcher.model.diffusion_model.modules() if layers.is_quantized_linear(m)]
 
 
 def run(args):
@@ -308,6 +356,15 @@ def run(args):
         nf4 = load_bnb("nf4")
 
     bench.sample("nf4", nf4)
+    if args.phase == "legacy":
+        # the same model through bnb's torch ops instead of its kernels' entry points (quant_expand.layers)
+        fast = host.pack_module("quant_expand.layers")._Cuda4bit
+        saved, fast._lib = fast._lib, False
+        bench.unload()  # the layers look their kernels up again when loaded
+        bench.sample("nf4 via bnb torch ops", nf4)
+        fast._lib = saved
+        bench.unload()
+        bench.sample("nf4 again", nf4)
     ctl = apply(nf4, "control.safetensors", 1.0)
     bench.sample("nf4+control", ctl, control=True)
 
@@ -323,21 +380,22 @@ def run(args):
         lazy.strategy = "auto"
         bench.sample("nf4+control", ctl, control=True)
         bench.sample("nf4+control again", ctl, control=True)
-        before = quantized_checksum(nf4, host)
+        before = quantized_digest(nf4, host)
         t = time.perf_counter()
         with torch.inference_mode():
             rescaled = ctl_mod.SetLoraScale.execute(ctl, "control.safetensors", 0.7).result[0]
         node_s = time.perf_counter() - t
-        out = bench.sample("nf4+control set_lora_scale", rescaled, control=True)
+        bench.sample("nf4+control set_lora_scale", rescaled, control=True)
         r = bench.results["nf4+control set_lora_scale"]
         r["set_lora_scale_node_s"] = round(node_s, 4)
         same = bench.results["nf4+control again"]
         r["added_before_first_step_s"] = round(node_s + r["first_step_incl_load_s"] - same["first_step_incl_load_s"], 4)
         r["baseline_first_step_same_model_s"] = same["first_step_incl_load_s"]
-        r["bytes_requantized"] = sum(1 for a, b in zip(before, quantized_checksum(nf4, host)) if a != b)
+        changed = before != quantized_digest(nf4, host)
+        r["quantized_bytes_unchanged"] = not changed
+        r["bytes_requantized"] = sum(layer_bytes(nf4, host)) if changed else 0
         log(f"set lora scale: added {r['added_before_first_step_s']} s before the first step, "
-            f"{r['bytes_requantized']} quantized tensors changed")
-        del out
+            f"{r['bytes_requantized']} bytes requantized")
         s2 = apply(apply(ctl, "style1.safetensors", 0.8), "style2.safetensors", 0.6)
         bench.sample("nf4+control+2style", s2, control=True)
         del s2
@@ -346,21 +404,44 @@ def run(args):
     del ctl, nf4
     bench.unload()
 
+    if args.phase == "legacy" and bench.cuda:
+        info["profile"] = gpu_profile(bench, load_bnb, apply, log)
+        save()
     if args.phase == "legacy":
         for quant in ("fp4", "int8"):
             m = load_bnb(quant)
             bench.sample(quant, m)
+            if quant == "int8":  # the three ways to dequantize int8 on the GPU (same bits), side by side
+                q8 = host.pack_module("quant_expand.layers").QLinear8bit
+                default = q8.cuda_dequant
+                for mode in ("promote", "cast", "triton"):
+                    if mode != default:
+                        q8.cuda_dequant = mode
+                        bench.unload()
+                        bench.sample(f"int8 dequant {mode}", m)
+                q8.cuda_dequant = default
             del m
             bench.unload()
         if bench.cuda:
             # hold VRAM back so the NF4 + Control model cannot be loaded whole: ComfyUI loads it partially
+            # ComfyUI loads a model whole when free memory minus its activation estimate holds it; leave
+            # room for the estimate and half the model, so that half of it stays on the CPU
             m = apply(load_bnb("nf4"), "control.safetensors", 1.0)
-            free = mm.get_free_memory(mm.get_torch_device())
-            keep = int((m.model_size() * 0.5 + 6 * GIB))
-            hog = torch.empty(max(0, free - keep), dtype=torch.uint8, device="cuda")
-            bench.sample("nf4+control lowvram", m, control=True,
-                         extra={"vram_left_for_model_and_activations_gib": round(keep / GIB, 2)})
-            bench.results["nf4+control lowvram"]["model_lowvram"] = bool(m.model.model_lowvram)
+            lat = res // 8
+            need = m.model.memory_required([1, 16, lat, lat]) + mm.minimum_inference_memory() + mm.extra_reserved_memory()
+            keep = int(m.model_size() * 0.5 + need + 0.25 * GIB)
+            gc.collect()
+            torch.cuda.empty_cache()  # what ComfyUI counts as free must be free for the driver too
+            free = torch.cuda.mem_get_info()[0]
+            # 1 GiB more stays with the driver (CUDA streams, cuBLAS): ComfyUI does not count it as free
+            hog = torch.empty(max(0, free - keep - GIB), dtype=torch.uint8, device="cuda")
+            bench.sample("nf4+control lowvram", m, control=True, preload=False,
+                         extra={"vram_left_for_model_and_activations_gib": round(keep / GIB, 2),
+                                "held_back_gib": round(hog.numel() / GIB, 2)})
+            r = bench.results["nf4+control lowvram"]
+            r["model_lowvram"] = bool(m.model.model_lowvram)
+            r["loaded_on_gpu_gib"] = round(m.model.model_loaded_weight_memory / GIB, 2)
+            bench.on_result()
             del hog, m
             bench.unload()
     else:
@@ -381,6 +462,19 @@ def run(args):
         except Exception as e:  # report, don't lose the other numbers
             bench.results["nf4+control compiled"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
             log(f"compile failed: {e}")
+        try:  # each block one graph (fullgraph=True raises on any break inside a block)
+            from comfy_api.torch_helpers.torch_compile import set_torch_compile_wrapper
+
+            torch._dynamo.reset()
+            dm = m.get_model_object("diffusion_model")
+            keys = [f"diffusion_model.double_blocks.{i}" for i in range(len(dm.double_blocks))] + \
+                   [f"diffusion_model.single_blocks.{i}" for i in range(len(dm.single_blocks))]
+            bm = m.clone()
+            set_torch_compile_wrapper(bm, backend="inductor", fullgraph=True, keys=keys)
+            bench.sample("nf4+control compiled per block fullgraph", bm, control=True)
+        except Exception as e:
+            bench.results["nf4+control compiled per block fullgraph"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            log(f"per-block compile failed: {e}")
         del m
         bench.unload()
 
