@@ -147,7 +147,7 @@ class Bench:
         self.torch, self.host, self.cfg, self.res, self.steps, self.log = torch, host, cfg, res, steps, log
         self.cuda = torch.cuda.is_available() and not host.cpu
         g = torch.Generator().manual_seed(1)
-        self.ctx = torch.randn(1, 512 if cfg is FULL else 16, cfg.context_in_dim, generator=g)
+        self.ctx = torch.randn(1, 512 if cfg.hidden_size == FULL.hidden_size else 16, cfg.context_in_dim, generator=g)
         self.pooled = torch.randn(1, cfg.vec_in_dim, generator=g)
         self.results = {}
         self.on_result = None
@@ -207,7 +207,7 @@ class Bench:
              "finite": bool(torch.isfinite(out).all()), "res": res}
         if extra:
             r.update(extra)
-        base = self.results.get("bf16" if res == 1024 or self.cfg is SMALL else None)
+        base = self.results.get("bf16" if res == self.res else None)
         if base and label != "bf16":
             r["ratio_to_bf16"] = round(r["median_step_s"] / base["median_step_s"], 3)
         self.results[label] = r
@@ -273,6 +273,10 @@ def run(args):
     import torch
 
     cfg = SMALL if args.small else FULL
+    if args.blocks:  # FLUX.1-dev width with fewer blocks (a quick run; ratios are not the full model's)
+        d, sgl = (int(v) for v in args.blocks.split(","))
+        cfg = TinyFluxConfig(hidden_size=FULL.hidden_size, depth=d, depth_single_blocks=sgl,
+                             context_in_dim=FULL.context_in_dim, vec_in_dim=FULL.vec_in_dim)
     res = 64 if args.small else 1024
     os.makedirs(os.path.join(args.workdir, "diffusion_models"), exist_ok=True)
     os.makedirs(os.path.join(args.workdir, "loras"), exist_ok=True)
@@ -283,7 +287,7 @@ def run(args):
         print(line, flush=True)
         log_lines.append(line)
 
-    model_file = "flux_dev_random_bf16.safetensors"
+    model_file = "flux_dev_random_bf16.safetensors" if not args.blocks else f"flux_width3072_{args.blocks.replace(',', '_')}_bf16.safetensors"
     model_path = os.path.join(args.workdir, "diffusion_models", model_file)
     device = "cpu" if args.cpu else "cuda"
     write_model(model_path, cfg, device, log)
@@ -490,6 +494,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=5, help="timed steps after the first")
     ap.add_argument("--small", action="store_true", help="tiny model at 64x64 (dry run)")
+    ap.add_argument("--blocks", help="DOUBLE,SINGLE: FLUX.1-dev width with this many blocks")
     ap.add_argument("--cpu", action="store_true")
     run(ap.parse_args())
 

@@ -282,7 +282,7 @@ class _Cuda4bit:
         self.dequant4 = getattr(lib, f"cdequantize_blockwise_{dt}_{qs.quant_type}")
         self.dequant8 = lib.cdequantize_blockwise_fp32
         self.gemm = getattr(lib, f"cgemm_4bit_{dt}")
-        self.offset = qs.offset.to(device=packed.device, dtype=torch.float32).reshape(1) if qs.nested else None
+        self.offset = qs.offset.to(device=packed.device, dtype=torch.float32) if qs.nested else None  # 0-dim, as bnb wants
 
     def _device(self):
         return torch.cuda.device(self.index) if torch.cuda.current_device() != self.index else contextlib.nullcontext()
