@@ -185,11 +185,12 @@ class Bench:
             torch.cuda.reset_peak_memory_stats()
         self.sync()
         t0 = time.perf_counter()
-        resident = None
+        resident = load_s = None
         if preload:  # "resident": what the loaded model holds on the GPU, before any activation exists
             with torch.inference_mode():
                 mm.load_models_gpu([patcher])
             self.sync()
+            load_s = time.perf_counter() - t0
             resident = self.vram()  # minus what the process held with no model loaded (cuBLAS workspaces)
         with torch.inference_mode():
             out = comfy.sample.sample(patcher, noise, self.steps + 1, 1.0, "euler", "simple", pos, neg, lat,
@@ -203,6 +204,7 @@ class Bench:
              "allocated_after_loading_gib": round(resident, 3) if resident is not None else None,
              "allocated_with_no_model_gib": round(self.idle, 3),
              "model_size_gib": round(patcher.model_size() / GIB, 2),
+             "load_before_sampling_s": round(load_s, 4) if load_s is not None else None,
              "peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 2) if self.cuda else 0.0,
              "finite": bool(torch.isfinite(out).all()), "res": res}
         if extra:
@@ -398,7 +400,24 @@ def run(args):
         changed = before != quantized_digest(nf4, host)
         r["quantized_bytes_unchanged"] = not changed
         r["bytes_requantized"] = sum(layer_bytes(nf4, host)) if changed else 0
-        log(f"set lora scale: added {r['added_before_first_step_s']} s before the first step, "
+        # the change itself, apart from the first step's own spread: node + ComfyUI loading the clone
+        # (the in-place swap), against loading the unchanged model (a no-op)
+        r["node_plus_load_s"] = round(node_s + r["load_before_sampling_s"], 4)
+        r["unchanged_model_load_s"] = same["load_before_sampling_s"]
+        swaps, current = [], rescaled
+        for strength in (0.5, 0.3, 0.9, 0.6, 0.8):
+            t = time.perf_counter()
+            with torch.inference_mode():
+                current = ctl_mod.SetLoraScale.execute(current, "control.safetensors", strength).result[0]
+                mm.load_models_gpu([current])
+            bench.sync()
+            swaps.append(time.perf_counter() - t)
+        r["set_lora_scale_then_load_s"] = [round(v, 4) for v in swaps]
+        r["set_lora_scale_then_load_median_s"] = round(statistics.median(swaps), 4)
+        bench.on_result()
+        del current
+        log(f"set lora scale: added {r['added_before_first_step_s']} s before the first step "
+            f"(node + swap {r['node_plus_load_s']} s; 5 more: median {r['set_lora_scale_then_load_median_s']} s), "
             f"{r['bytes_requantized']} bytes requantized")
         s2 = apply(apply(ctl, "style1.safetensors", 0.8), "style2.safetensors", 0.6)
         bench.sample("nf4+control+2style", s2, control=True)
