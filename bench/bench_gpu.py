@@ -356,7 +356,9 @@ def run(args):
             "quant": "nf4 double quant", "seconds": round(load_s, 2), "ratio_to_cold_read": round(load_s / info["cold_read_s"], 2),
             "rss_anon_peak_gib": round(rss.peak / GIB, 2), "rss_anon_before_gib": round(rss.start / GIB, 2),
             "rss_anon_peak_minus_before_gib": round((rss.peak - rss.start) / GIB, 2),
-            "quantized_size_gib": round(size / GIB, 2)}
+            "quantized_size_gib": round(size / GIB, 2),
+            # reading_s: the reader thread's reads; waiting_for_reads_s: the quantizing side idle
+            "load_timing": nf4.bnb_info.get("load_timing")}
         log(f"quantize-on-load: {info['quantize_on_load']}")
     else:
         nf4 = load_bnb("nf4")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import copy
 import logging
+import time
 import uuid
 from typing import Optional
 
@@ -107,18 +108,30 @@ def _owned(t: Optional[torch.Tensor], device, dtype) -> Optional[torch.Tensor]:
     return out.clone() if out.data_ptr() == t.data_ptr() else out
 
 
-def _read_ahead(ckpt, names: list):
+def _read_ahead(ckpt, names: list, timing: Optional[dict] = None):
     """``ckpt.read_linear`` of each name in turn, the next one read on a thread while the caller
     quantizes this one (file reads release the GIL): loading takes about as long as reading the file.
-    At most two layers are in memory at once."""
+    At most two layers are in memory at once. ``timing`` gets the seconds spent reading (on the thread)
+    and waiting for reads (the caller): which side holds a load up."""
+    def read(name):
+        t = time.perf_counter()
+        out = ckpt.read_linear(name)
+        if timing is not None:
+            timing["reading_s"] = timing.get("reading_s", 0.0) + time.perf_counter() - t
+        return out
+
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bnb-flux-read")
     try:
-        pending = pool.submit(ckpt.read_linear, names[0]) if names else None
+        pending = pool.submit(read, names[0]) if names else None
         for i in range(len(names)):
             current = pending
-            pending = pool.submit(ckpt.read_linear, names[i + 1]) if i + 1 < len(names) else None
-            yield current.result()
-            current = None
+            pending = pool.submit(read, names[i + 1]) if i + 1 < len(names) else None
+            t = time.perf_counter()
+            stored = current.result()
+            if timing is not None:
+                timing["waiting_for_reads_s"] = timing.get("waiting_for_reads_s", 0.0) + time.perf_counter() - t
+            yield stored
+            current = stored = None
     finally:
         if pending is not None:
             pending.cancel()
@@ -168,7 +181,9 @@ def load_bnb_flux(unet_path: str, options: dict, disable_dynamic: bool = False, 
         raise BnbFluxError(f"{ckpt.name}: tensor {missing[0]}.weight is missing; the file is not a complete FLUX.1 model")
     module_of = dict(linears)
     order = ckpt.read_order([name for name, _ in linears])  # the file's order: one pass over a cold disk
-    reads = _read_ahead(ckpt, order)
+    timing: dict = {}
+    started = time.perf_counter()
+    reads = _read_ahead(ckpt, order, timing)
     try:
         for name in order:
             lin = module_of[name]
@@ -231,13 +246,18 @@ def load_bnb_flux(unet_path: str, options: dict, disable_dynamic: bool = False, 
         "linear_layers": len(linears),
         "size_bytes": patcher.model_size(),
         "notes": list(ckpt.notes),
+        # where loading spent its time: a load waiting on reads is disk-bound, else the quantizing is
+        "load_timing": {"total_s": round(time.perf_counter() - started, 3),
+                        **{k: round(v, 3) for k, v in timing.items()}},
     }
     if prequantized:
         log.info("Load BnB Flux: %s; quantized as stored (quant_type/double_quant inputs not used)", source)
     for note in ckpt.notes:
         log.info("Load BnB Flux: %s: %s", ckpt.name, note)
-    log.info("Load BnB Flux: %s -> %s, %d of %d Linear layers quantized, compute %s, %.1f MiB",
-             ckpt.name, quant, quantized, len(linears), compute_dtype, patcher.model_size() / 2**20)
+    log.info("Load BnB Flux: %s -> %s, %d of %d Linear layers quantized, compute %s, %.1f MiB, %.1f s "
+             "(%.1f s waiting for the file)", ckpt.name, quant, quantized, len(linears), compute_dtype,
+             patcher.model_size() / 2**20, patcher.bnb_info["load_timing"]["total_s"],
+             timing.get("waiting_for_reads_s", 0.0))
     return patcher
 
 
