@@ -231,6 +231,14 @@ class TestInPlaceSwap:
             b = node_mod.SetLoraScale.execute(a, CONTROL, -0.4).result[0]
         assert torch.equal(sample_direct(a, control=ctl), expect_a)
         assert b._can_swap_patches_in_place(torch.device("cpu"), False)
+        import comfy.utils
+
+        norm_keys = [k for k, plist in b.patches.items() if k.endswith("_norm.weight")
+                     and all(isinstance(p[1], tuple) and p[1][0] == "set" for p in plist)]
+        assert norm_keys, "the Control LoRA should set norm scales"
+        merged_norms = {k: comfy.utils.get_attr(b.model, k) for k in norm_keys}
         assert torch.equal(sample_direct(b, control=ctl), expect_b)
+        # a "set" ignores strength: those merges stayed as they were (same tensors), the rest was redone
+        assert all(comfy.utils.get_attr(b.model, k) is t for k, t in merged_norms.items())
         assert torch.equal(sample_direct(a, control=ctl), expect_a)
         assert torch.equal(sample_direct(base, control=ctl), sample_direct(fresh(0.9)[0], control=ctl))
