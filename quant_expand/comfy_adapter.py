@@ -108,24 +108,40 @@ def _owned(t: Optional[torch.Tensor], device, dtype) -> Optional[torch.Tensor]:
     return out.clone() if out.data_ptr() == t.data_ptr() else out
 
 
-def _read_ahead(ckpt, names: list, timing: Optional[dict] = None):
+def _staging_buffers(ckpt, names, pin: bool) -> Optional[list]:
+    """Two reusable buffers for the float weights the loader quantizes (the reader fills one while the
+    other is copied to the GPU): no fresh pages to fault in per layer, and pinned ones copy to the GPU
+    at full speed. None when nothing is read as float."""
+    size = ckpt.staging_bytes(names)
+    if not size:
+        return None
+    try:
+        return [torch.empty(size, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+    except RuntimeError:  # pinning refused (a limit on locked memory): plain memory still helps
+        return [torch.empty(size, dtype=torch.uint8) for _ in range(2)]
+
+
+def _read_ahead(ckpt, names: list, timing: Optional[dict] = None, staging: Optional[list] = None):
     """``ckpt.read_linear`` of each name in turn, the next one read on a thread while the caller
     quantizes this one (file reads release the GIL): loading takes about as long as reading the file.
     At most two layers are in memory at once. ``timing`` gets the seconds spent reading (on the thread)
-    and waiting for reads (the caller): which side holds a load up."""
-    def read(name):
+    and waiting for reads (the caller): which side holds a load up. With ``staging`` (two buffers) layer
+    ``i`` is read into buffer ``i % 2``: the read of ``i + 2`` starts only when the caller asks for
+    ``i + 1``, so the caller must be done with layer ``i``'s weight (copied it) by then."""
+
+    def read(i):
         t = time.perf_counter()
-        out = ckpt.read_linear(name)
+        out = ckpt.read_linear(names[i], staging[i % 2] if staging else None)
         if timing is not None:
             timing["reading_s"] = timing.get("reading_s", 0.0) + time.perf_counter() - t
         return out
 
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bnb-flux-read")
     try:
-        pending = pool.submit(read, names[0]) if names else None
+        pending = pool.submit(read, 0) if names else None
         for i in range(len(names)):
             current = pending
-            pending = pool.submit(read, names[i + 1]) if i + 1 < len(names) else None
+            pending = pool.submit(read, i + 1) if i + 1 < len(names) else None
             t = time.perf_counter()
             stored = current.result()
             if timing is not None:
@@ -183,7 +199,10 @@ def load_bnb_flux(unet_path: str, options: dict, disable_dynamic: bool = False, 
     order = ckpt.read_order([name for name, _ in linears])  # the file's order: one pass over a cold disk
     timing: dict = {}
     started = time.perf_counter()
-    reads = _read_ahead(ckpt, order, timing)
+    # float weights are copied (to the GPU to be quantized, or into a kept float layer) before the
+    # buffer they were read into is reused
+    staging = None if prequantized else _staging_buffers(ckpt, order, pin=mm.is_device_cuda(quantize_device))
+    reads = _read_ahead(ckpt, order, timing, staging)
     try:
         for name in order:
             lin = module_of[name]
@@ -220,6 +239,10 @@ def load_bnb_flux(unet_path: str, options: dict, disable_dynamic: bool = False, 
                 bar.update(1)
     finally:
         reads.close()
+        pinned = staging is not None and staging[0].is_pinned()
+        del staging
+        if pinned and hasattr(torch._C, "_host_emptyCache"):
+            torch._C._host_emptyCache()  # hand the pinned staging memory back instead of caching it
 
     for key, src in logical_key.items():
         if key in loaded:

@@ -82,14 +82,23 @@ class TensorFile:
     def offset(self, key: str) -> int:
         return self._offsets[key][0]
 
-    def get(self, key: str) -> torch.Tensor:
+    def nbytes(self, key: str) -> int:
+        start, end = self._offsets[key]
+        return end - start
+
+    def get(self, key: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One tensor, read with one large ``readinto`` into memory of its own (a cold file is read at the
         disk's sequential speed, where page faults through a memory map fetch it in small pieces; the
-        call releases the GIL, so a reader thread overlaps it with quantization)."""
+        call releases the GIL, so a reader thread overlaps it with quantization). ``out``: a uint8
+        staging buffer to read into instead (the result is a view of it: the caller copies it before the
+        buffer is used again)."""
         try:
             dtype, shape = self.dtype(key), self.shape(key)
             start, end = self._offsets[key]
-            buf = torch.empty(end - start, dtype=torch.uint8)
+            if out is not None and out.dtype == torch.uint8 and out.is_contiguous() and out.numel() >= end - start:
+                buf = out[: end - start]
+            else:
+                buf = torch.empty(end - start, dtype=torch.uint8)
             if end > start:
                 with open(self.path, "rb", buffering=0) as f:
                     f.seek(start)

@@ -83,8 +83,11 @@ class TensorSet:
     def __contains__(self, key: str) -> bool:
         return key in self._where
 
-    def get(self, key: str) -> torch.Tensor:
-        return self._where[key].get(key)
+    def get(self, key: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self._where[key].get(key, out=out)
+
+    def nbytes(self, key: str) -> int:
+        return self._where[key].nbytes(key)
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self._where[key].shape(key)
@@ -738,11 +741,22 @@ class FluxCheckpoint:
         return out
 
     # -- reading --------------------------------------------------------------------------------
-    def read_linear(self, name: str) -> StoredLinear:
+    def staging_bytes(self, names) -> int:
+        """The largest float weight among ``names`` stored in one piece (what :meth:`read_linear` can
+        read into a staging buffer)."""
+        sizes = [self.tensors.nbytes(f"{plan.parts[0][0].module}.weight") for plan in map(self.plan, names)
+                 if len(plan.parts) == 1 and plan.parts[0][0].kind == "float"]
+        return max(sizes, default=0)
+
+    def read_linear(self, name: str, staging: Optional[torch.Tensor] = None) -> StoredLinear:
+        """One Linear as stored. ``staging``: a uint8 buffer that a float weight stored in one piece is
+        read into (the result's weight is then a view of it, valid until the buffer is reused)."""
         if name not in self._linears:
             raise BnbFluxError(f"{self.name}: tensor {name}.weight is missing; the file is not a complete FLUX.1 model")
         plan = self.plan(name)
-        stored = {p.module: self._read_piece(p) for p, _, _ in plan.parts}
+        if len(plan.parts) != 1:
+            staging = None
+        stored = {p.module: self._read_piece(p, staging) for p, _, _ in plan.parts}
         out = assemble_rows(plan, stored)
         if plan.method not in ("read", "float"):
             note = f"{name}: {plan.reason}"
@@ -756,10 +770,10 @@ class FluxCheckpoint:
             raise BnbFluxError(f"{self.name}: tensor {key} is missing; the file is not a complete FLUX.1 model")
         return self.tensors.get(src)
 
-    def _read_piece(self, info: PieceInfo) -> StoredLinear:
+    def _read_piece(self, info: PieceInfo, staging: Optional[torch.Tensor] = None) -> StoredLinear:
         t, m = self.tensors, info.module
         bias = t.get(f"{m}.bias") if f"{m}.bias" in t else None
-        weight = t.get(f"{m}.weight")
+        weight = t.get(f"{m}.weight", out=staging if info.kind == "float" else None)
         if info.kind == "float":
             return StoredLinear("float", weight=weight, bias=bias)
         if info.kind == "int8":
