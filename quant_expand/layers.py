@@ -144,18 +144,18 @@ class QuantLinear:
         if run is None or run.weight is not weight or run.bias is not bias or run.device != device or run.dtype != dtype:
             static_bias = (bias is not None and not self.bias_function and bias.device == device
                            and bias.dtype == dtype)
-            run = _RunState(weight, bias, device, dtype, self._dequantizer(device, dtype), static_bias,
-                            self._small_matmul(device, dtype) if static_bias or bias is None else None)
+            dequantize, small_matmul = self._kernels(device, dtype)
+            # the fused few-token path adds the bias inside the kernel: only a bias already in place
+            run = _RunState(weight, bias, device, dtype, dequantize, static_bias,
+                            small_matmul if static_bias or bias is None else None)
             self.__dict__["_run"] = run
         return run
 
-    def _dequantizer(self, device: torch.device, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
-        """A no-argument function giving the stored weight ``[out, stored_in]`` on ``device`` in ``dtype``."""
-        return lambda: self.dequantize_stored(device, dtype)
-
-    def _small_matmul(self, device, dtype):
-        """``f(x, bias)`` computing the layer on the stored bytes for a few tokens, or None."""
-        return None
+    def _kernels(self, device: torch.device, dtype: torch.dtype) -> tuple[Callable[[], torch.Tensor], Optional[Callable]]:
+        """``(dequantize, small_matmul)`` for this placement: a no-argument function giving the stored
+        weight ``[out, stored_in]`` on ``device`` in ``dtype``, and ``f(x, bias)`` computing the layer on the
+        stored bytes for a few tokens (or None). This default works wherever the weight sits."""
+        return (lambda: self.dequantize_stored(device, dtype)), None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device, dtype = x.device, x.dtype
@@ -417,23 +417,16 @@ class QLinear4bit(QuantLinear, bnb.nn.Linear4bit):
         w = _dequantize_4bit(packed, qs)
         return w if kernel_dtype == dtype else w.to(dtype)
 
-    def _dequantizer(self, device, dtype):
+    def _kernels(self, device, dtype):
         param = self.weight
         qs = param.quant_state
         if param.device != device or qs.dtype != dtype or qs.absmax.device != device:
-            return super()._dequantizer(device, dtype)  # offloaded (lowvram) or another dtype: per call
+            return super()._kernels(device, dtype)  # offloaded (lowvram) or another dtype: per call
         packed = param.data  # a plain tensor: no parameter-subclass dispatch per call
         if device.type == "cuda" and _Cuda4bit.usable(qs):
-            return _Cuda4bit(packed, qs).dequantize
-        return lambda: _dequantize_4bit(packed, qs)
-
-    def _small_matmul(self, device, dtype):
-        param = self.weight
-        qs = param.quant_state
-        if (device.type == "cuda" and param.device == device and qs.dtype == dtype and
-                qs.absmax.device == device and _Cuda4bit.usable(qs, gemm=True)):
-            return _Cuda4bit(param.data, qs).matmul
-        return None
+            cuda = _Cuda4bit(packed, qs)
+            return cuda.dequantize, (cuda.matmul if _Cuda4bit.usable(qs, gemm=True) else None)
+        return (lambda: _dequantize_4bit(packed, qs)), None
 
     def _weight_on(self, device, non_blocking=False):
         param = self.weight
@@ -498,10 +491,10 @@ class QLinear8bit(QuantLinear, bnb.nn.Linear8bitLt):
     # which is fastest where. Without Triton "triton" falls back to "promote".
     cuda_dequant = "triton"
 
-    def _dequantizer(self, device, dtype):
+    def _kernels(self, device, dtype):
         param = self.weight
         if param.device != device or param.SCB.device != device:
-            return super()._dequantizer(device, dtype)
+            return super()._kernels(device, dtype)
         cb = param.data
         scale = (param.SCB / 127.0).to(dtype)  # as dequantize_stored computes it, kept
         rows = scale[:, None]
@@ -510,10 +503,10 @@ class QLinear8bit(QuantLinear, bnb.nn.Linear8bitLt):
             from . import kernels
 
             if kernels.available():
-                return lambda: kernels.dequantize_int8_rows(cb, scale)
+                return (lambda: kernels.dequantize_int8_rows(cb, scale)), None
         if mode == "cast":
-            return lambda: cb.to(dtype).mul_(rows)
-        return lambda: torch.mul(cb, rows)
+            return (lambda: cb.to(dtype).mul_(rows)), None
+        return (lambda: torch.mul(cb, rows)), None
 
     def _weight_on(self, device, non_blocking=False):
         param = self.weight
