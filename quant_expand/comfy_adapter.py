@@ -26,7 +26,7 @@ from .layers import (QLinear4bit, QLinear8bit, QuantLinear, expand_in_features, 
                      quantized_linear_from_float, unexpand)
 from .prequantized import (FluxCheckpoint, StoredLinear, bfl_file_key,  # noqa: F401
                            default_should_quantize, file_metadata, linear_tensors, open_flux_checkpoint)
-from .lora import LazyLoraDelta, LoraTerm
+from .lora import LazyLoraDelta, LoraTerm, indexed_device
 from .spec import QuantSpec
 
 log = logging.getLogger("comfyui-bnb-flux")
@@ -476,10 +476,6 @@ class MergeSignature:
         return isinstance(other, MergeSignature) and self.key == other.key
 
 
-def merge_signature(patch_list) -> MergeSignature:
-    return MergeSignature(patch_list)
-
-
 class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
     """ModelPatcher for models holding :class:`QuantLinear` layers.
 
@@ -546,7 +542,7 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
 
     def install_lazy_deltas(self, device=None, modules=None):
         """Give every quantized layer the delta of this patcher's patches (or none)."""
-        device = device or self.load_device
+        device = indexed_device(device or self.load_device)
         dtype = self._compute_dtype()
         with self.use_ejected():
             for name, module in (modules if modules is not None else self._quantized_modules()):
@@ -576,10 +572,7 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
     @staticmethod
     def _prepare_run(module, device, dtype):
         """Look up now what the layer's forward needs on ``device`` (so a torch.compile'd model traces
-        straight through it), and the bias + delta sum its delta will add."""
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        straight through it), and the bias + delta sum its delta will add (``device`` indexed)."""
         run = module._run_state(device, dtype)
         delta = module.lora_delta
         if delta is not None and delta.bias_terms and (run.static_bias or run.bias is None):
@@ -622,7 +615,7 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
             # a "set" ignores strength) stays as it is; only the others are undone and redone
             merged = getattr(self.model, MERGED_ATTR, None) or {}
             keep = {key for key, sig in merged.items()
-                    if key in self.backup and key in self.patches and merge_signature(self.patches[key]) == sig}
+                    if key in self.backup and key in self.patches and MergeSignature(self.patches[key]) == sig}
             for key, bk in list(self.backup.items()):  # as unpatch_model, onto the device the model is on
                 if key in keep:
                     continue
@@ -660,7 +653,7 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
 
     def _record_merges(self):
         """Remember which patches are merged into which weights now (see :meth:`swap_patches_in_place`)."""
-        setattr(self.model, MERGED_ATTR, {key: merge_signature(self.patches[key]) for key in self.backup
+        setattr(self.model, MERGED_ATTR, {key: MergeSignature(self.patches[key]) for key in self.backup
                                           if key in self.patches})
 
     def _can_swap_patches_in_place(self, device_to, force_patch_weights) -> bool:

@@ -8,6 +8,15 @@ from typing import Callable, Optional, Sequence
 import torch
 
 
+def indexed_device(device) -> torch.device:
+    """``device`` as the forward sees it in ``x.device`` (a CUDA device always has an index): what the
+    caches here and the layers' run state are keyed by."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 @dataclass
 class LoraTerm:
     """One low-rank update ``scale * up @ down`` on rows ``[row_offset, row_offset + up.shape[0])``.
@@ -139,9 +148,7 @@ class LazyLoraDelta:
 
     def prepare(self, device, dtype):
         """Move and stack now (at model load), so the first sampling step pays nothing."""
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:  # the forward looks up x.device, which has one
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = indexed_device(device)
         if self.terms:
             self.stacked(device, dtype)
         self.bias_on(device, dtype)
