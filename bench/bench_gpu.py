@@ -32,6 +32,14 @@ sys.path.insert(0, REPO_ROOT)
 from quant_expand.synthetic import TinyFluxConfig, flux_shapes, linear_modules  # noqa: E402
 
 FULL = TinyFluxConfig(hidden_size=3072, depth=19, depth_single_blocks=38, context_in_dim=4096, vec_in_dim=768)
+
+
+def flux_width(depth: int, single: int) -> TinyFluxConfig:
+    """FLUX.1-dev's width (3072, T5 and CLIP inputs) with ``depth`` double and ``single`` single blocks."""
+    return TinyFluxConfig(hidden_size=FULL.hidden_size, depth=depth, depth_single_blocks=single,
+                          context_in_dim=FULL.context_in_dim, vec_in_dim=FULL.vec_in_dim)
+
+
 SMALL = TinyFluxConfig(hidden_size=256, depth=2, depth_single_blocks=2, context_in_dim=64, vec_in_dim=64)
 GIB = 2 ** 30
 
@@ -276,9 +284,7 @@ def run(args):
 
     cfg = SMALL if args.small else FULL
     if args.blocks:  # FLUX.1-dev width with fewer blocks (a quick run; ratios are not the full model's)
-        d, sgl = (int(v) for v in args.blocks.split(","))
-        cfg = TinyFluxConfig(hidden_size=FULL.hidden_size, depth=d, depth_single_blocks=sgl,
-                             context_in_dim=FULL.context_in_dim, vec_in_dim=FULL.vec_in_dim)
+        cfg = flux_width(*(int(v) for v in args.blocks.split(",")))
     res = 64 if args.small else 1024
     os.makedirs(os.path.join(args.workdir, "diffusion_models"), exist_ok=True)
     os.makedirs(os.path.join(args.workdir, "loras"), exist_ok=True)

@@ -24,7 +24,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_gpu import Bench, write_lora, write_model  # noqa: E402
+from bench_gpu import Bench, flux_width, write_lora, write_model  # noqa: E402
 from quant_expand.synthetic import TinyFluxConfig, linear_modules  # noqa: E402
 
 
@@ -43,8 +43,8 @@ def main():
 
     import torch
 
-    cfg = TinyFluxConfig(hidden_size=256 if args.cpu else 3072, depth=args.depth, depth_single_blocks=args.single,
-                         context_in_dim=64 if args.cpu else 4096, vec_in_dim=64 if args.cpu else 768)
+    cfg = (TinyFluxConfig(hidden_size=256, depth=args.depth, depth_single_blocks=args.single) if args.cpu
+           else flux_width(args.depth, args.single))
     sizes = (64, 32) if args.cpu else (1024, 256)
     for sub in ("diffusion_models", "loras"):
         os.makedirs(os.path.join(args.workdir, sub), exist_ok=True)
@@ -74,8 +74,7 @@ def main():
     info = {"device": "cpu" if args.cpu else torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
             "bitsandbytes": __import__("bitsandbytes").__version__, "depth": args.depth, "single": args.single,
             "runs": {}}
-    bench = Bench(host, cfg, sizes[0], args.steps, log)
-    bench.ctx = bench.ctx[:, :1].expand(1, 512, cfg.context_in_dim).contiguous()
+    bench = Bench(host, cfg, sizes[0], args.steps, log)  # 512 text tokens at FLUX width, as bench_gpu
 
     def save():
         info["log"] = lines
