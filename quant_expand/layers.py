@@ -22,6 +22,7 @@ import bitsandbytes.functional as bnbf
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .spec import QuantSpec
 
 _bnb_ops = torch.ops.bitsandbytes
@@ -77,11 +78,12 @@ class _RunState:
     """What a layer's forward looked up for one placement (see ``QuantLinear._run_state``). Never copied
     with the layer: a copy (``copy.deepcopy`` of a model) looks its own tensors up again."""
 
-    __slots__ = ("weight", "bias", "device", "dtype", "dequantize", "static_bias", "small_matmul")
+    __slots__ = ("weight", "bias", "device", "dtype", "dequantize", "static_bias", "small_matmul", "merged")
 
-    def __init__(self, weight, bias, device, dtype, dequantize, static_bias, small_matmul):
+    def __init__(self, weight, bias, device, dtype, dequantize, static_bias, small_matmul, merged):
         self.weight, self.bias, self.device, self.dtype = weight, bias, device, dtype
         self.dequantize, self.static_bias, self.small_matmul = dequantize, static_bias, small_matmul
+        self.merged = merged
 
     def __deepcopy__(self, memo):
         return None
@@ -144,18 +146,20 @@ class QuantLinear:
         if run is None or run.weight is not weight or run.bias is not bias or run.device != device or run.dtype != dtype:
             static_bias = (bias is not None and not self.bias_function and bias.device == device
                            and bias.dtype == dtype)
-            dequantize, small_matmul = self._kernels(device, dtype)
+            dequantize, small_matmul, merged = self._kernels(device, dtype)
             # the fused few-token path adds the bias inside the kernel: only a bias already in place
             run = _RunState(weight, bias, device, dtype, dequantize, static_bias,
-                            small_matmul if static_bias or bias is None else None)
+                            small_matmul if static_bias or bias is None else None, merged)
             self.__dict__["_run"] = run
         return run
 
-    def _kernels(self, device: torch.device, dtype: torch.dtype) -> tuple[Callable[[], torch.Tensor], Optional[Callable]]:
-        """``(dequantize, small_matmul)`` for this placement: a no-argument function giving the stored
-        weight ``[out, stored_in]`` on ``device`` in ``dtype``, and ``f(x, bias)`` computing the layer on the
-        stored bytes for a few tokens (or None). This default works wherever the weight sits."""
-        return (lambda: self.dequantize_stored(device, dtype)), None
+    def _kernels(self, device: torch.device, dtype: torch.dtype) -> tuple[Callable, Optional[Callable], Optional[Callable]]:
+        """``(dequantize, small_matmul, merged)`` for this placement: a no-argument function giving the
+        stored weight ``[out, stored_in]`` on ``device`` in ``dtype``; ``f(x, bias)`` computing the layer on
+        the stored bytes for a few tokens (or None); ``f(width, down, up, scale)`` giving the logical
+        weight with a stacked low-rank delta added as it is dequantized (or None). This default works
+        wherever the weight sits."""
+        return (lambda: self.dequantize_stored(device, dtype)), None, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device, dtype = x.device, x.dtype
@@ -180,6 +184,12 @@ class QuantLinear:
                 return y
             down, up, scale = delta.stacked(device, dtype)
             return _add_low_rank(y, x, down, up, scale)
+        if (run.merged is not None and len(weight_fns) == 0 and delta is not None and delta.terms
+                and delta.prefer_merged(tokens)):
+            # dequantize and add the delta in one kernel (each tile gets its rank-R product before it is
+            # written): no second pass over the weight
+            down, up, scale = delta.stacked(device, dtype)
+            return F.linear(x, run.merged(self.in_features, down, up, scale), bias)
         w = run.dequantize()
         stored = w.shape[1]
         if len(weight_fns) > 0:
@@ -191,7 +201,7 @@ class QuantLinear:
             return _linear_prefix(x, w, bias, stored)
         down, up, scale = delta.stacked(device, dtype)
         if delta.prefer_merged(tokens):
-            # one fused GEMM-accumulate into the transient dequantized buffer; stored bytes never change
+            # one GEMM-accumulate into the transient dequantized buffer; stored bytes never change
             w = _pad_columns(w, self.in_features)
             if isinstance(scale, float):
                 w.addmm_(up, down, alpha=scale)
@@ -254,6 +264,7 @@ class _Cuda4bit:
     """
 
     _lib = None
+    use_triton = True  # quant_expand.kernels.Dequant4bit where it is verified (bench A/B switch)
 
     @classmethod
     def usable(cls, qs, gemm: bool = False) -> bool:
@@ -283,6 +294,12 @@ class _Cuda4bit:
         self.dequant8 = lib.cdequantize_blockwise_fp32
         self.gemm = getattr(lib, f"cgemm_4bit_{dt}")
         self.offset = qs.offset.to(device=packed.device, dtype=torch.float32) if qs.nested else None  # 0-dim, as bnb wants
+        self.fused = None
+        if self.use_triton:
+            dev = packed.device
+            if kernels.available() and kernels.Dequant4bit.supports(packed, qs, qs.dtype) and \
+                    kernels.Dequant4bit.verified(qs, qs.dtype, dev):
+                self.fused = kernels.Dequant4bit(packed, qs)
 
     def _device(self):
         return torch.cuda.device(self.index) if torch.cuda.current_device() != self.index else contextlib.nullcontext()
@@ -292,6 +309,8 @@ class _Cuda4bit:
             return _dequantize_4bit(self.packed, self.qs)
         qs = self.qs
         with self._device():
+            if self.fused is not None:
+                return self.fused.dequantize()
             stream = torch._C._cuda_getCurrentRawStream(self.index)
             absmax = qs.absmax
             if qs.nested:
@@ -326,6 +345,14 @@ class _Cuda4bit:
                       a.numel() // k, n, k, qs.blocksize, 1 if qs.quant_type == "fp4" else 2,
                       torch._C._cuda_getCurrentRawStream(self.index))
         return out
+
+
+    def merged(self, width: int, down: torch.Tensor, up: torch.Tensor, scale) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            w = _pad_columns(_dequantize_4bit(self.packed, self.qs), width)
+            return w.addmm_(up, down, alpha=scale) if isinstance(scale, float) else w.addmm_(up * scale, down)
+        with self._device():
+            return self.fused.dequantize(width, down, up, scale)
 
 
 def _dequantize_4bit(packed: torch.Tensor, qs) -> torch.Tensor:
@@ -425,8 +452,10 @@ class QLinear4bit(QuantLinear, bnb.nn.Linear4bit):
         packed = param.data  # a plain tensor: no parameter-subclass dispatch per call
         if device.type == "cuda" and _Cuda4bit.usable(qs):
             cuda = _Cuda4bit(packed, qs)
-            return cuda.dequantize, (cuda.matmul if _Cuda4bit.usable(qs, gemm=True) else None)
-        return (lambda: _dequantize_4bit(packed, qs)), None
+            # the fused LoRA epilogue runs tensor-core GEMMs: 16-bit compute dtypes only
+            merged = cuda.merged if cuda.fused is not None and dtype in (torch.bfloat16, torch.float16) else None
+            return cuda.dequantize, (cuda.matmul if _Cuda4bit.usable(qs, gemm=True) else None), merged
+        return (lambda: _dequantize_4bit(packed, qs)), None, None
 
     def _weight_on(self, device, non_blocking=False):
         param = self.weight
@@ -500,13 +529,11 @@ class QLinear8bit(QuantLinear, bnb.nn.Linear8bitLt):
         rows = scale[:, None]
         mode = self.cuda_dequant if device.type == "cuda" else "promote"
         if mode == "triton" and cb.is_contiguous():
-            from . import kernels
-
             if kernels.available():
-                return (lambda: kernels.dequantize_int8_rows(cb, scale)), None
+                return (lambda: kernels.dequantize_int8_rows(cb, scale)), None, None
         if mode == "cast":
-            return (lambda: cb.to(dtype).mul_(rows)), None
-        return (lambda: torch.mul(cb, rows)), None
+            return (lambda: cb.to(dtype).mul_(rows)), None, None
+        return (lambda: torch.mul(cb, rows)), None, None
 
     def _weight_on(self, device, non_blocking=False):
         param = self.weight

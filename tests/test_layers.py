@@ -259,7 +259,9 @@ def test_cuda_kernels_called_directly_match_bitsandbytes(spec, dtype):
     terms = [LoraTerm(torch.randn(16, 1024) * 0.05, torch.randn(3072, 16) * 0.05, 0.8)]
     layer.lora_delta = LazyLoraDelta(3072, 1024, terms)
     full = ref_w.float() + 0.8 * (terms[0].up.cuda() @ terms[0].down.cuda())
-    for tokens in (1, 300):
+    # 2048 tokens take the merged path: in one Triton kernel for 16-bit dtypes, else dequantize + addmm_
+    assert (run.merged is not None) == (dtype == torch.bfloat16)
+    for tokens in (1, 300, 2048):
         x = torch.randn(1, tokens, 1024, device="cuda", dtype=dtype)
         assert rel(layer(x).float(), F.linear(x.float(), full, bias.float())) < tol, tokens
 

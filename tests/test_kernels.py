@@ -1,0 +1,118 @@
+"""quant_expand.kernels' 4-bit Triton kernel against bitsandbytes' own kernels.
+
+On CUDA: the dequantized weight equals bnb's bit for bit for every 4-bit type, nesting, blocksize and
+compute dtype, on shapes that fill no tile exactly; columns past the stored ones (a widened layer) are
++0.0; the merged LoRA epilogue equals ``W + scale * up @ down`` to the compute dtype's rounding. On a
+machine without a GPU the same kernel runs in Triton's interpreter (float32 and float16, which numpy
+has; the bit-exact comparison there is with bnb's CPU dequantize).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton, bnb's CUDA kernels)")
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def quantized(rows, cols, quant_type, nested, blocksize, dtype, device, seed=0):
+    import bitsandbytes.functional as bnbf
+
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(rows, cols, generator=g) * 0.02).to(device=device, dtype=dtype)
+    w[0, :5] = 0
+    return bnbf.quantize_4bit(w, blocksize=blocksize, compress_statistics=nested, quant_type=quant_type)
+
+
+@cuda
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+@pytest.mark.parametrize("blocksize", [64, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_dequantize_gives_bitsandbytes_bits(quant_type, nested, blocksize, dtype):
+    import bitsandbytes.functional as bnbf
+
+    from quant_expand.kernels import Dequant4bit
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    packed, qs = quantized(203, 7 * blocksize, quant_type, nested, blocksize, dtype, dev)
+    assert Dequant4bit.supports(packed, qs, dtype) and Dequant4bit.verified(qs, dtype, dev)
+    ref = bnbf.dequantize_4bit(packed, qs).to(dtype)
+    k = Dequant4bit(packed, qs)
+    assert torch.equal(k.dequantize(), ref)
+    wide = k.dequantize(7 * blocksize + 64)
+    assert torch.equal(wide[:, :7 * blocksize], ref)
+    assert torch.equal(wide[:, 7 * blocksize:].view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       torch.zeros(203, 64, dtype=torch.int16 if dtype != torch.float32 else torch.int32, device=dev))
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rank", [8, 128, 192])
+@pytest.mark.parametrize("vector_scale", [False, True], ids=["uniform", "per-term"])
+def test_merged_epilogue_adds_the_low_rank_product(dtype, rank, vector_scale):
+    import bitsandbytes.functional as bnbf
+
+    from quant_expand.kernels import Dequant4bit
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    packed, qs = quantized(3072 + 40, 1024, "nf4", True, 64, dtype, dev)  # rows past a tile
+    ref = bnbf.dequantize_4bit(packed, qs).double()
+    width = 1024 + 64  # a widened layer: the delta reaches the extra columns, the weight does not
+    g = torch.Generator().manual_seed(1)
+    down = (torch.randn(rank, width, generator=g) * 0.05).to(dev, dtype)
+    up = (torch.randn(3112, rank, generator=g) * 0.05).to(dev, dtype)
+    scale = (torch.rand(rank, generator=g) + 0.2).to(dev, dtype) if vector_scale else 0.8
+    got = Dequant4bit(packed, qs).dequantize(width, down, up, scale)
+    scaled_up = (up * scale).double() if vector_scale else 0.8 * up.double()
+    exact = torch.nn.functional.pad(ref, (0, 64)) + scaled_up @ down.double()
+    eps = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -11  # one rounding to the compute dtype
+    assert rel(got, exact) < eps
+    assert rel(got[:, 1024:], exact[:, 1024:]) < eps
+
+
+def test_kernel_logic_in_the_triton_interpreter(tmp_path):
+    """CPU: the kernel source runs in Triton's interpreter, against bnb's CPU dequantize (bit for bit in
+    float32 and float16) and a float64 reference for the merged epilogue."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed (CPU-only torch): the CUDA tests cover the kernel on a GPU")
+    script = textwrap.dedent("""
+        import torch, bitsandbytes.functional as bnbf
+        from quant_expand.kernels import Dequant4bit
+        torch.manual_seed(0)
+        for qt in ("nf4", "fp4"):
+            for nested in (False, True):
+                for dt in (torch.float32, torch.float16):
+                    w = torch.randn(72, 320, dtype=dt) * 0.02
+                    packed, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type=qt)
+                    ref = bnbf.dequantize_4bit(packed, qs).to(dt)
+                    k = Dequant4bit(packed, qs)
+                    assert torch.equal(k.dequantize(), ref), (qt, nested, dt)
+                    wide = k.dequantize(384)
+                    assert torch.equal(wide[:, :320], ref) and not wide[:, 320:].any()
+                    assert not torch.signbit(wide[:, 320:]).any()
+                    if dt == torch.float16:
+                        down = torch.randn(40, 384, dtype=dt) * 0.1
+                        up = torch.randn(72, 40, dtype=dt) * 0.1
+                        for scale in (0.7, torch.rand(40, dtype=dt)):
+                            got = k.dequantize(384, down, up, scale).double()
+                            s_up = up.double() * (scale.double() if torch.is_tensor(scale) else scale)
+                            exact = torch.nn.functional.pad(ref.double(), (0, 64)) + s_up @ down.double()
+                            assert ((got - exact).norm() / exact.norm()).item() < 2e-3, (qt, nested)
+        print("interpreter ok")
+    """)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "interpreter ok" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
