@@ -321,6 +321,11 @@ def run(args):
             "comfyui": open(os.path.join(args.comfyui, "comfyui_version.py")).read().split('"')[1],
             "dynamic_vram": bool(getattr(host, "dynamic_vram", False)), "res": res, "timed_steps": args.steps,
             "params_billion": round(sum(__import__("math").prod(s) for s in flux_shapes(cfg).values()) / 1e9, 3)}
+    kernels = host.pack_module("quant_expand.kernels")
+    if args.tiles:  # tile shapes picked by bench/dequant_kernels.py on this machine
+        best = json.load(open(args.tiles))["best_tiles"]
+        kernels._PLAIN_TILE, kernels._LORA_TILE = tuple(best["plain"]), tuple(best["lora"])
+    info["triton_tiles"] = {"plain": list(kernels._PLAIN_TILE), "lora": list(kernels._LORA_TILE)}
     def save():  # after every run: a command stopped at its time limit keeps what it measured
         info["runs"] = bench.results
         info["log"] = log_lines
@@ -370,16 +375,21 @@ def run(args):
         nf4 = load_bnb("nf4")
 
     bench.sample("nf4", nf4)
+    fast = host.pack_module("quant_expand.layers")._Cuda4bit
+    ctl = apply(nf4, "control.safetensors", 1.0)
     if args.phase == "legacy":
-        # the same model through bnb's torch ops instead of its kernels' entry points (quant_expand.layers)
-        fast = host.pack_module("quant_expand.layers")._Cuda4bit
-        saved, fast._lib = fast._lib, False
+        # A/B: bnb's own dequantize kernels through their entry points (no Triton), and bnb's torch ops
+        fast.use_triton = False
         bench.unload()  # the layers look their kernels up again when loaded
+        bench.sample("nf4 bnb dequantize kernels", nf4)
+        bench.sample("nf4+control bnb dequantize kernels + addmm", ctl, control=True)
+        fast.use_triton = True
+        saved, fast._lib = fast._lib, False
+        bench.unload()
         bench.sample("nf4 via bnb torch ops", nf4)
         fast._lib = saved
         bench.unload()
         bench.sample("nf4 again", nf4)
-    ctl = apply(nf4, "control.safetensors", 1.0)
     bench.sample("nf4+control", ctl, control=True)
 
     if args.phase == "legacy":
@@ -435,7 +445,38 @@ def run(args):
     del ctl, nf4
     bench.unload()
 
+    def lowvram_row():
+        # ComfyUI's --reserve-vram (EXTRA_RESERVED_VRAM), set so that ComfyUI budgets half the NF4 +
+        # Control model for the GPU: it loads it partially and streams the rest from the CPU. The memory
+        # stays physically free (holding it back with an allocation left ComfyUI's own activation
+        # estimate short and ran out of memory twice).
+        m = apply(load_bnb("nf4"), "control.safetensors", 1.0)
+        gc.collect()
+        torch.cuda.empty_cache()
+        free = mm.get_free_memory(mm.get_torch_device())
+        # load_models_gpu budgets at least (free - reserve) - minimum_inference_memory() for weights,
+        # and minimum_inference_memory() is 0.8 GiB + the reserve
+        reserve = int(free - m.model_size() * 0.5 - 0.8 * GIB)
+        saved = mm.EXTRA_RESERVED_VRAM
+        mm.EXTRA_RESERVED_VRAM = reserve
+        try:
+            bench.sample("nf4+control lowvram", m, control=True, preload=False,
+                         extra={"reserve_vram_gib": round(reserve / GIB, 2), "free_before_gib": round(free / GIB, 2)})
+            r = bench.results["nf4+control lowvram"]
+            r["model_lowvram"] = bool(m.model.model_lowvram)
+            r["loaded_on_gpu_gib"] = round(m.model.model_loaded_weight_memory / GIB, 2)
+            r["model_size_gib"] = round(m.model_size() / GIB, 2)
+            bench.on_result()
+        except Exception as e:  # report, keep the rest of the run
+            bench.results["nf4+control lowvram"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            log(f"lowvram row failed: {e}")
+        finally:
+            mm.EXTRA_RESERVED_VRAM = saved
+        del m
+        bench.unload()
+
     if args.phase == "legacy" and bench.cuda:
+        lowvram_row()  # before the profile and the other types: a run stopped at its limit still has it
         info["profile"] = gpu_profile(bench, load_bnb, apply, log)
         save()
     if args.phase == "legacy":
@@ -452,28 +493,6 @@ def run(args):
                         bench.sample(f"int8 dequant {mode}", m)
                 q8.cuda_dequant = default
             del m
-            bench.unload()
-        if bench.cuda:
-            # hold VRAM back so the NF4 + Control model cannot be loaded whole: ComfyUI loads it partially
-            # ComfyUI loads a model whole when free memory minus its activation estimate holds it; leave
-            # room for the estimate and half the model, so that half of it stays on the CPU
-            m = apply(load_bnb("nf4"), "control.safetensors", 1.0)
-            lat = res // 8
-            need = m.model.memory_required([1, 16, lat, lat]) + mm.minimum_inference_memory() + mm.extra_reserved_memory()
-            keep = int(m.model_size() * 0.5 + need + 0.25 * GIB)
-            gc.collect()
-            torch.cuda.empty_cache()  # what ComfyUI counts as free must be free for the driver too
-            free = torch.cuda.mem_get_info()[0]
-            # 1 GiB more stays with the driver (CUDA streams, cuBLAS): ComfyUI does not count it as free
-            hog = torch.empty(max(0, free - keep - GIB), dtype=torch.uint8, device="cuda")
-            bench.sample("nf4+control lowvram", m, control=True, preload=False,
-                         extra={"vram_left_for_model_and_activations_gib": round(keep / GIB, 2),
-                                "held_back_gib": round(hog.numel() / GIB, 2)})
-            r = bench.results["nf4+control lowvram"]
-            r["model_lowvram"] = bool(m.model.model_lowvram)
-            r["loaded_on_gpu_gib"] = round(m.model.model_loaded_weight_memory / GIB, 2)
-            bench.on_result()
-            del hog, m
             bench.unload()
     else:
         m = apply(load_bnb("nf4"), "control.safetensors", 1.0)
@@ -523,6 +542,7 @@ def main():
     ap.add_argument("--small", action="store_true", help="tiny model at 64x64 (dry run)")
     ap.add_argument("--blocks", help="DOUBLE,SINGLE: FLUX.1-dev width with this many blocks")
     ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--tiles", help="JSON from bench/dequant_kernels.py: use its best Triton tile shapes")
     run(ap.parse_args())
 
 
