@@ -461,6 +461,11 @@ def _set_plain(module, name: str, value):
     object.__setattr__(module, name, value)
 
 
+def _is_set(v) -> bool:
+    # v[0] may be a tensor: comparing that with a string costs ~0.2 ms in torch, per key per change
+    return isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str) and v[0] == "set"
+
+
 class MergeSignature:
     """What a key's merged weight depends on: the patch objects (by identity, held so that no other
     object can take their id), their strengths (except for ``set``, which ignores strength), and the
@@ -468,8 +473,7 @@ class MergeSignature:
 
     def __init__(self, patch_list):
         self.objects = [(v, function) for _s, v, _sm, _o, function in patch_list]
-        self.key = tuple((id(v), None if (isinstance(v, tuple) and len(v) == 2 and v[0] == "set") else strength,
-                          strength_model, offset, id(function))
+        self.key = tuple((id(v), None if _is_set(v) else strength, strength_model, offset, id(function))
                          for strength, v, strength_model, offset, function in patch_list)
 
     def __eq__(self, other):
@@ -616,11 +620,18 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
             merged = getattr(self.model, MERGED_ATTR, None) or {}
             keep = {key for key, sig in merged.items()
                     if key in self.backup and key in self.patches and MergeSignature(self.patches[key]) == sig}
+            lazy = self._lazy_keys(quantized)
             for key, bk in list(self.backup.items()):  # as unpatch_model, onto the device the model is on
                 if key in keep:
                     continue
                 if bk.inplace_update:
                     comfy.utils.copy_to_param(self.model, key, bk.weight)
+                elif key in self.patches and key not in lazy:
+                    # merged again below from the original, which stays backed up: put the backup itself
+                    # in place (patch_weight_to_device copies it to the device as it merges) instead of a
+                    # copy to the device now and a copy back into a new backup there
+                    comfy.utils.set_attr_param(self.model, key, bk.weight)
+                    continue
                 else:
                     comfy.utils.set_attr_param(self.model, key, bk.weight.to(device_to))
                 del self.backup[key]
@@ -631,14 +642,28 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
                 self.object_patches_backup[key] = comfy.utils.set_attr(self.model, key, obj)
                 if isinstance(obj, torch.nn.Module):
                     obj.to(device_to)
-            lazy = self._lazy_keys(quantized)
             for key in self.patches:
                 if key not in keep and key not in lazy:
                     self.patch_weight_to_device(key, device_to=device_to)
             # object patches swapped above may have replaced quantized layers (a widened img_in)
-            self.install_lazy_deltas(device_to, modules=self._quantized_modules() if self.object_patches else quantized)
+            self.install_lazy_deltas(device_to, modules=self._after_object_patches(quantized))
             self.model.current_weight_patches_uuid = self.patches_uuid
             self._record_merges()
+
+    def _after_object_patches(self, quantized: list) -> list:
+        """``quantized`` (name, module) pairs with this patcher's object patches in place (a widened img_in
+        replaces a layer): without a second walk over the model's ~1000 modules."""
+        names = dict(quantized)
+        for key, obj in self.object_patches.items():
+            if not isinstance(obj, torch.nn.Module):
+                continue
+            if next(obj.children(), None) is not None:  # a container may hold quantized layers: walk
+                return self._quantized_modules()
+            if is_quantized_linear(obj):
+                names[key] = obj
+            else:
+                names.pop(key, None)
+        return list(names.items())
 
     def _lazy_keys(self, modules) -> set:
         """Patch keys that the lazy deltas carry (quantized weights, their additive bias diffs): nothing
