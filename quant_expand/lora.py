@@ -159,8 +159,10 @@ class LazyLoraDelta:
         second GEMM accumulating into y) costs ``tokens*R*(in+out)`` and a pass over y. Both are exact;
         the FLOP count picks. For FLUX at 1024x1024 that merges the image-stream and single-block layers
         (4096-4608 tokens) and keeps the text stream (512 tokens) and the one-token modulation layers
-        unmerged. On an H200 forcing either path on every layer measured within 2 % of this mix
-        (bench/README.md), so the simple count stays."""
+        unmerged. On CUDA the merged product is the dequantize kernel's epilogue (no pass over W of its
+        own; quant_expand.kernels), which runs its GEMM at about half the rate of cuBLAS' large GEMMs
+        but does half the FLOPs of the unmerged path at these sizes: on an H200 the mix measured
+        1.092-1.095x bf16, every layer unmerged 1.113x, every layer merged 1.122x (bench/README.md)."""
         if self.strategy != "auto":
             return self.strategy == "merged"
         return self.out_features * self.in_features < tokens * (self.in_features + self.out_features)
