@@ -172,6 +172,33 @@ class Dequant4bit:
             cls._verified[key] = ok
         return ok
 
+    @classmethod
+    def epilogue_ok(cls, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether the merged-LoRA epilogue (a tensor-core GEMM in ``dtype``) builds and computes here:
+        checked once per device and dtype on a small layer against ``W + s * up @ down`` (GPUs without
+        tensor-core support for the dtype take the dequantize + ``addmm_`` path instead)."""
+        key = ("epilogue", device, dtype)
+        ok = cls._verified.get(key)
+        if ok is None:
+            import bitsandbytes.functional as bnbf
+
+            try:
+                g = torch.Generator(device=device).manual_seed(1)
+                w = torch.randn(96, 256, generator=g, device=device, dtype=dtype)
+                packed, q2 = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+                down = torch.randn(24, 320, generator=g, device=device, dtype=dtype) * 0.1
+                up = torch.randn(96, 24, generator=g, device=device, dtype=dtype) * 0.1
+                got = cls(packed, q2).dequantize(320, down, up, 0.5).float()
+                ref = torch.nn.functional.pad(bnbf.dequantize_4bit(packed, q2).float(), (0, 64)) + \
+                    0.5 * (up.float() @ down.float())
+                ok = bool(torch.isfinite(got).all()) and ((got - ref).norm() / ref.norm()).item() < 1e-2
+            except Exception as e:
+                warnings.warn(f"quant_expand: Triton LoRA epilogue unavailable for {dtype} ({type(e).__name__}: "
+                              f"{e}); dequantizing, then adding the LoRA with addmm_")
+                ok = False
+            cls._verified[key] = ok
+        return ok
+
     def __init__(self, packed: torch.Tensor, qs):
         self.packed, self.qs = packed, qs
         self.rows, self.stored = qs.shape

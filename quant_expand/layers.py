@@ -453,7 +453,8 @@ class QLinear4bit(QuantLinear, bnb.nn.Linear4bit):
         if device.type == "cuda" and _Cuda4bit.usable(qs):
             cuda = _Cuda4bit(packed, qs)
             # the fused LoRA epilogue runs tensor-core GEMMs: 16-bit compute dtypes only
-            merged = cuda.merged if cuda.fused is not None and dtype in (torch.bfloat16, torch.float16) else None
+            merged = cuda.merged if cuda.fused is not None and dtype in (torch.bfloat16, torch.float16) and \
+                kernels.Dequant4bit.epilogue_ok(dtype, device) else None
             return cuda.dequantize, (cuda.matmul if _Cuda4bit.usable(qs, gemm=True) else None), merged
         return (lambda: _dequantize_4bit(packed, qs)), None, None
 

@@ -48,6 +48,8 @@ def test_dequantize_gives_bitsandbytes_bits(quant_type, nested, blocksize, dtype
     dev = torch.device("cuda", torch.cuda.current_device())
     packed, qs = quantized(203, 7 * blocksize, quant_type, nested, blocksize, dtype, dev)
     assert Dequant4bit.supports(packed, qs, dtype) and Dequant4bit.verified(qs, dtype, dev)
+    if dtype != torch.float32:
+        assert Dequant4bit.epilogue_ok(dtype, dev)
     ref = bnbf.dequantize_4bit(packed, qs).to(dtype)
     k = Dequant4bit(packed, qs)
     assert torch.equal(k.dequantize(), ref)
@@ -114,6 +116,7 @@ def test_kernel_logic_in_the_triton_interpreter(tmp_path):
                             s_up = up.double() * (scale.double() if torch.is_tensor(scale) else scale)
                             exact = torch.nn.functional.pad(ref.double(), (0, 64)) + s_up @ down.double()
                             assert ((got - exact).norm() / exact.norm()).item() < 2e-3, (qt, nested)
+        assert Dequant4bit.epilogue_ok(torch.float16, torch.device("cpu"))
         print("interpreter ok")
     """)
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
