@@ -2,7 +2,6 @@
 the tiny FLUX model and parsing every synthetic LoRA kind (set COMFYUI_PATH to run those)."""
 
 import logging
-import math
 import os
 import sys
 import types
