@@ -626,7 +626,7 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
                     continue
                 if bk.inplace_update:
                     comfy.utils.copy_to_param(self.model, key, bk.weight)
-                elif key in self.patches and key not in lazy:
+                elif key in self.patches and key not in lazy and not self.weight_inplace_update:
                     # merged again below from the original, which stays backed up: put the backup itself
                     # in place (patch_weight_to_device copies it to the device as it merges) instead of a
                     # copy to the device now and a copy back into a new backup there
@@ -635,7 +635,8 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
                 else:
                     comfy.utils.set_attr_param(self.model, key, bk.weight.to(device_to))
                 del self.backup[key]
-            for key, old in list(self.object_patches_backup.items()):
+            restored = dict(self.object_patches_backup)
+            for key, old in restored.items():
                 comfy.utils.set_attr(self.model, key, old)
             self.object_patches_backup.clear()
             for key, obj in self.object_patches.items():
@@ -646,23 +647,26 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
                 if key not in keep and key not in lazy:
                     self.patch_weight_to_device(key, device_to=device_to)
             # object patches swapped above may have replaced quantized layers (a widened img_in)
-            self.install_lazy_deltas(device_to, modules=self._after_object_patches(quantized))
+            self.install_lazy_deltas(device_to, modules=self._after_object_patches(quantized, restored))
             self.model.current_weight_patches_uuid = self.patches_uuid
             self._record_merges()
 
-    def _after_object_patches(self, quantized: list) -> list:
-        """``quantized`` (name, module) pairs with this patcher's object patches in place (a widened img_in
-        replaces a layer): without a second walk over the model's ~1000 modules."""
+    def _after_object_patches(self, quantized: list, restored: dict) -> list:
+        """The (name, module) pairs of quantized layers once the previous clone's object patches were put
+        back (``restored``: their originals) and this patcher's went in (a widened img_in replaces a
+        layer): ``quantized``, taken before, brought up to date without a second walk over the model's
+        ~1000 modules."""
         names = dict(quantized)
-        for key, obj in self.object_patches.items():
-            if not isinstance(obj, torch.nn.Module):
-                continue
-            if next(obj.children(), None) is not None:  # a container may hold quantized layers: walk
-                return self._quantized_modules()
-            if is_quantized_linear(obj):
-                names[key] = obj
-            else:
-                names.pop(key, None)
+        for patches in (restored, self.object_patches):
+            for key, obj in patches.items():
+                if not isinstance(obj, torch.nn.Module):
+                    continue
+                if next(obj.children(), None) is not None:  # a container may hold quantized layers: walk
+                    return self._quantized_modules()
+                if is_quantized_linear(obj):
+                    names[key] = obj
+                else:
+                    names.pop(key, None)
         return list(names.items())
 
     def _lazy_keys(self, modules) -> set:

@@ -242,3 +242,33 @@ class TestInPlaceSwap:
         assert all(comfy.utils.get_attr(b.model, k) is t for k, t in merged_norms.items())
         assert torch.equal(sample_direct(a, control=ctl), expect_a)
         assert torch.equal(sample_direct(base, control=ctl), sample_direct(fresh(0.9)[0], control=ctl))
+
+    @pytest.mark.parametrize("img_in", [True, False], ids=["img_in-quantized", "img_in-float"])
+    @pytest.mark.parametrize("object_patch", [False, True], ids=["no-object-patch", "module-object-patch"])
+    def test_swap_back_from_a_widened_clone_restores_img_in(self, host, files, img_in, object_patch):
+        """B: a LoRA that touches img_in (through the stock loader); A: a Control LoRA on B (widens img_in
+        with an object patch). Sampling B, then A, then B again swaps in place both ways; B's img_in
+        delta must land on the layer that is in the model again, not on A's widened one."""
+        import copy
+
+        import nodes
+
+        node_mod = host.pack_module("nodes.apply_control_lora")
+
+        def build():
+            base = dequantized_file(host, files["nf4"], "nf4", False, img_in, "unused9.safetensors")[1]
+            with torch.inference_mode():
+                b = nodes.LoraLoaderModelOnly().load_lora_model_only(base, STYLE_IMG_IN, 0.8)[0]
+            if object_patch:  # a module object patch, as ModelSamplingFlux nodes add
+                b.add_object_patch("model_sampling", copy.deepcopy(b.get_model_object("model_sampling")))
+            with torch.inference_mode():
+                a = node_mod.ApplyControlLora.execute(b, CONTROL, 1.0).result[0]
+            return b, a
+
+        ctl = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(4))
+        expect_b = sample_direct(build()[0])
+        b, a = build()
+        assert torch.equal(sample_direct(b), expect_b)
+        sample_direct(a, control=ctl)
+        assert b._can_swap_patches_in_place(b.load_device, False)
+        assert torch.equal(sample_direct(b), expect_b)
