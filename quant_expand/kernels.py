@@ -18,6 +18,7 @@ over the weight.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -105,6 +106,9 @@ def dequantize_int8_rows(cb: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_NESTED_BLOCK = 256  # the nested absmax blocksize bnb's quantize_4bit uses
+_EPILOGUE_MAX_BLOCK = 512  # a tile is at least one quantization block wide: 72 KB of shared memory at 512
+_PLAIN_MAX_COLS = 1024  # columns per row of a plain tile (more quantization blocks per row: fewer)
 # tile shapes (rows, quantization blocks per row, LoRA rank chunk, warps, pipeline stages): chosen on an
 # H200 with bench/dequant_kernels.py (bench/README.md); any shape gives the same dequantized bits
 _PLAIN_TILE = (2, 16, 0, 4, 1)
@@ -152,51 +156,70 @@ class Dequant4bit:
     def verified(cls, qs, dtype: torch.dtype, device: torch.device) -> bool:
         """Whether this kernel gives bnb's bits for this kind of layer here (checked once on a random
         weight of the same type, blocksize, nesting and dtype; on a mismatch bnb's kernels are used)."""
-        key = (device, qs.quant_type, qs.blocksize, bool(qs.nested), qs.nested and qs.state2.blocksize, dtype)
+        if qs.nested and qs.state2.blocksize != _NESTED_BLOCK:
+            return False  # bnb's quantizer (the check's reference) makes only this nesting
+        key = (device, qs.quant_type, qs.blocksize, bool(qs.nested), dtype)
         ok = cls._verified.get(key)
         if ok is None:
-            import bitsandbytes.functional as bnbf
+            def check():
+                import bitsandbytes.functional as bnbf
 
-            g = torch.Generator(device=device).manual_seed(0)
-            w = torch.randn(96, 4 * qs.blocksize, generator=g, device=device, dtype=dtype)
-            w[0, :7] = 0.0  # zeros and a whole zero block's worth of codes
-            packed, q2 = bnbf.quantize_4bit(w, blocksize=qs.blocksize, compress_statistics=bool(qs.nested),
-                                            quant_type=qs.quant_type)
-            try:
-                ok = cls.supports(packed, q2, dtype) and torch.equal(
+                g = torch.Generator(device=device).manual_seed(0)
+                w = torch.randn(96, 4 * qs.blocksize, generator=g, device=device, dtype=dtype)
+                w[0, :7] = 0.0  # zeros
+                packed, q2 = bnbf.quantize_4bit(w, blocksize=qs.blocksize, compress_statistics=bool(qs.nested),
+                                                quant_type=qs.quant_type)
+                return cls.supports(packed, q2, dtype) and torch.equal(
                     cls(packed, q2).dequantize(), bnbf.dequantize_4bit(packed, q2).to(dtype))
-            except Exception as e:  # a Triton that cannot build the kernel here: bnb's kernels do the work
-                warnings.warn(f"quant_expand: Triton 4-bit dequantize unavailable ({type(e).__name__}: {e}); "
-                              "using bitsandbytes' kernels")
-                ok = False
-            cls._verified[key] = ok
+
+            ok = cls._check(key, check, "Triton 4-bit dequantize", "using bitsandbytes' kernels", device)
         return ok
 
     @classmethod
-    def epilogue_ok(cls, dtype: torch.dtype, device: torch.device) -> bool:
-        """Whether the merged-LoRA epilogue (a tensor-core GEMM in ``dtype``) builds and computes here:
-        checked once per device and dtype on a small layer against ``W + s * up @ down`` (GPUs without
-        tensor-core support for the dtype take the dequantize + ``addmm_`` path instead)."""
-        key = ("epilogue", device, dtype)
+    def _check(cls, key, check, what: str, instead: str, device: torch.device):
+        """Run ``check`` on ``device`` (Triton launches on the current device) and remember its verdict;
+        a Triton that cannot build or run the kernel here gives False with a warning. Running out of
+        memory says nothing about the kernel: False for now, checked again next time."""
+        try:
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                ok = bool(check())
+        except torch.OutOfMemoryError:
+            return False
+        except Exception as e:
+            warnings.warn(f"quant_expand: {what} unavailable on {device} ({type(e).__name__}: {e}); {instead}")
+            ok = False
+        cls._verified[key] = ok
+        return ok
+
+    @classmethod
+    def epilogue_ok(cls, dtype: torch.dtype, device: torch.device, blocksize: int = 64) -> bool:
+        """Whether the merged-LoRA epilogue (a tensor-core GEMM in ``dtype``) builds and computes here
+        for this blocksize: checked once per device, dtype and blocksize on a small layer (a vector
+        scale, a widened width) against ``W + (s * up) @ down``. Blocksizes above 512 would need more
+        shared memory per tile than GPUs have; GPUs without tensor cores for the dtype fail the check.
+        Both then dequantize and add the LoRA with ``addmm_``."""
+        if dtype not in (torch.bfloat16, torch.float16) or blocksize > _EPILOGUE_MAX_BLOCK:
+            return False
+        key = ("epilogue", device, dtype, blocksize)
         ok = cls._verified.get(key)
         if ok is None:
-            import bitsandbytes.functional as bnbf
+            def check():
+                import bitsandbytes.functional as bnbf
 
-            try:
                 g = torch.Generator(device=device).manual_seed(1)
-                w = torch.randn(96, 256, generator=g, device=device, dtype=dtype)
-                packed, q2 = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-                down = torch.randn(24, 320, generator=g, device=device, dtype=dtype) * 0.1
+                w = torch.randn(96, 2 * blocksize, generator=g, device=device, dtype=dtype)
+                packed, q2 = bnbf.quantize_4bit(w, blocksize=blocksize, compress_statistics=True, quant_type="nf4")
+                width = 2 * blocksize + 64
+                down = torch.randn(24, width, generator=g, device=device, dtype=dtype) * 0.1
                 up = torch.randn(96, 24, generator=g, device=device, dtype=dtype) * 0.1
-                got = cls(packed, q2).dequantize(320, down, up, 0.5).float()
+                scale = torch.rand(24, generator=g, device=device, dtype=dtype)
+                got = cls(packed, q2).dequantize(width, down, up, scale).float()
                 ref = torch.nn.functional.pad(bnbf.dequantize_4bit(packed, q2).float(), (0, 64)) + \
-                    0.5 * (up.float() @ down.float())
-                ok = bool(torch.isfinite(got).all()) and ((got - ref).norm() / ref.norm()).item() < 1e-2
-            except Exception as e:
-                warnings.warn(f"quant_expand: Triton LoRA epilogue unavailable for {dtype} ({type(e).__name__}: "
-                              f"{e}); dequantizing, then adding the LoRA with addmm_")
-                ok = False
-            cls._verified[key] = ok
+                    (up * scale).float() @ down.float()
+                return bool(torch.isfinite(got).all()) and ((got - ref).norm() / ref.norm()).item() < 1e-2
+
+            ok = cls._check(key, check, f"Triton LoRA epilogue ({dtype}, blocksize {blocksize})",
+                            "dequantizing, then adding the LoRA with addmm_", device)
         return ok
 
     def __init__(self, packed: torch.Tensor, qs):
@@ -226,7 +249,14 @@ class Dequant4bit:
         bm, nb, br, warps, stages = _LORA_TILE if lora else _PLAIN_TILE
         qblock = qs.blocksize
         if lora:
+            if down.shape != (rank, width) or up.shape != (self.rows, rank) or not (down.is_contiguous() and up.is_contiguous()):
+                raise ValueError(f"LoRA factors {tuple(up.shape)} x {tuple(down.shape)} do not fit a "
+                                 f"[{self.rows}, {width}] weight (contiguous [rows, R] and [R, width] expected)")
+            if not isinstance(scale, float) and scale.numel() != rank:
+                raise ValueError(f"{scale.numel()} LoRA scales for rank {rank}")
             nb = max(1, 128 // qblock)
+        else:
+            nb = max(1, min(nb, _PLAIN_MAX_COLS // qblock))
         out = torch.empty((self.rows, width), dtype=out_dtype, device=self.packed.device)
         vec = lora and not isinstance(scale, float)
         grid = (triton.cdiv(self.rows, bm), triton.cdiv(width, nb * qblock))

@@ -452,9 +452,9 @@ class QLinear4bit(QuantLinear, bnb.nn.Linear4bit):
         packed = param.data  # a plain tensor: no parameter-subclass dispatch per call
         if device.type == "cuda" and _Cuda4bit.usable(qs):
             cuda = _Cuda4bit(packed, qs)
-            # the fused LoRA epilogue runs tensor-core GEMMs: 16-bit compute dtypes only
-            merged = cuda.merged if cuda.fused is not None and dtype in (torch.bfloat16, torch.float16) and \
-                kernels.Dequant4bit.epilogue_ok(dtype, device) else None
+            # the fused LoRA epilogue runs tensor-core GEMMs: 16-bit compute dtypes only (epilogue_ok)
+            merged = cuda.merged if cuda.fused is not None and \
+                kernels.Dequant4bit.epilogue_ok(dtype, device, qs.blocksize) else None
             return cuda.dequantize, (cuda.matmul if _Cuda4bit.usable(qs, gemm=True) else None), merged
         return (lambda: _dequantize_4bit(packed, qs)), None, None
 

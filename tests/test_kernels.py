@@ -49,7 +49,7 @@ def test_dequantize_gives_bitsandbytes_bits(quant_type, nested, blocksize, dtype
     packed, qs = quantized(203, 7 * blocksize, quant_type, nested, blocksize, dtype, dev)
     assert Dequant4bit.supports(packed, qs, dtype) and Dequant4bit.verified(qs, dtype, dev)
     if dtype != torch.float32:
-        assert Dequant4bit.epilogue_ok(dtype, dev)
+        assert Dequant4bit.epilogue_ok(dtype, dev, blocksize)
     ref = bnbf.dequantize_4bit(packed, qs).to(dtype)
     k = Dequant4bit(packed, qs)
     assert torch.equal(k.dequantize(), ref)
@@ -84,6 +84,17 @@ def test_merged_epilogue_adds_the_low_rank_product(dtype, rank, vector_scale):
     assert rel(got[:, 1024:], exact[:, 1024:]) < eps
 
 
+def test_epilogue_only_where_a_tile_fits():
+    """The merged-LoRA epilogue is offered for 16-bit dtypes and blocksizes up to 512 (a tile is at
+    least one quantization block wide; wider ones need more shared memory than GPUs have)."""
+    from quant_expand.kernels import Dequant4bit
+
+    cpu = torch.device("cpu")
+    assert not Dequant4bit.epilogue_ok(torch.float32, cpu, 64)
+    assert not Dequant4bit.epilogue_ok(torch.bfloat16, cpu, 1024)
+    assert not Dequant4bit.epilogue_ok(torch.float16, cpu, 4096)
+
+
 def test_kernel_logic_in_the_triton_interpreter(tmp_path):
     """CPU: the kernel source runs in Triton's interpreter, against bnb's CPU dequantize in float32
     (bit for bit; in float16 against that, rounded once) and a float64 reference for the merged epilogue."""
@@ -116,7 +127,22 @@ def test_kernel_logic_in_the_triton_interpreter(tmp_path):
                             s_up = up.double() * (scale.double() if torch.is_tensor(scale) else scale)
                             exact = torch.nn.functional.pad(ref.double(), (0, 64)) + s_up @ down.double()
                             assert ((got - exact).norm() / exact.norm()).item() < 2e-3, (qt, nested)
-        assert Dequant4bit.epilogue_ok(torch.float16, torch.device("cpu"))
+        assert Dequant4bit.epilogue_ok(torch.float16, torch.device("cpu"), 64)
+        assert Dequant4bit.epilogue_ok(torch.float16, torch.device("cpu"), 512)
+        # a quantization block wider than a plain tile's column budget: one block per tile row
+        w = torch.randn(5, 4096) * 0.02
+        packed, qs = bnbf.quantize_4bit(w, blocksize=2048, compress_statistics=True, quant_type="nf4")
+        assert torch.equal(Dequant4bit(packed, qs).dequantize(), bnbf.dequantize_4bit(packed, qs))
+        # factors that do not fit the weight are refused, not read out of bounds
+        k = Dequant4bit(packed, qs)
+        for down, up, scale in ((torch.zeros(8, 4096), torch.zeros(6, 8), 1.0),
+                                (torch.zeros(8, 4000), torch.zeros(5, 8), 1.0),
+                                (torch.zeros(8, 4096), torch.zeros(5, 8), torch.ones(7))):
+            try:
+                k.dequantize(4096, down, up, scale)
+            except ValueError:
+                continue
+            raise AssertionError((down.shape, up.shape))
         print("interpreter ok")
     """)
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
