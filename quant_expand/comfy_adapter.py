@@ -621,12 +621,16 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
             keep = {key for key, sig in merged.items()
                     if key in self.backup and key in self.patches and MergeSignature(self.patches[key]) == sig}
             lazy = self._lazy_keys(quantized)
+            # layers the previous clone's or this clone's object patches replace: their weights are undone
+            # and backed up the usual way (a backup belongs to the module it was taken from)
+            replaced = tuple(f"{k}." for k in (*self.object_patches_backup, *self.object_patches))
             for key, bk in list(self.backup.items()):  # as unpatch_model, onto the device the model is on
                 if key in keep:
                     continue
                 if bk.inplace_update:
                     comfy.utils.copy_to_param(self.model, key, bk.weight)
-                elif key in self.patches and key not in lazy and not self.weight_inplace_update:
+                elif (key in self.patches and key not in lazy and not self.weight_inplace_update
+                      and not key.startswith(replaced)):
                     # merged again below from the original, which stays backed up: put the backup itself
                     # in place (patch_weight_to_device copies it to the device as it merges) instead of a
                     # copy to the device now and a copy back into a new backup there

@@ -272,3 +272,35 @@ class TestInPlaceSwap:
         sample_direct(a, control=ctl)
         assert b._can_swap_patches_in_place(b.load_device, False)
         assert torch.equal(sample_direct(b), expect_b)
+
+    def test_swap_into_an_object_patched_layer_keeps_each_layers_own_weight(self, host, files):
+        """A clone that replaces an unquantized, LoRA-merged layer with another module (object patch)
+        and patches it too: the swap merges into the new module from its own weight and backs that up,
+        so unloading leaves each module holding its own weight."""
+        import copy
+
+        import comfy.model_management as mm
+
+        node_mod = host.pack_module("nodes.apply_control_lora")
+        key = "diffusion_model.final_layer.linear"  # kept in the compute dtype; a style LoRA targets it
+
+        def build():
+            base = dequantized_file(host, files["nf4"], "nf4", False, False, "unused10.safetensors")[1]
+            with torch.inference_mode():
+                a = node_mod.ApplyControlLora.execute(base, STYLE, 0.8).result[0]
+                b = node_mod.SetLoraScale.execute(a, STYLE, 0.5).result[0]
+            other = copy.deepcopy(b.get_model_object(key))
+            with torch.no_grad():
+                other.weight.mul_(2.0)
+            b.add_object_patch(key, other)
+            return a, b, other
+
+        _, fresh_b, _ = build()
+        expect_b = sample_direct(fresh_b)
+        a, b, other = build()
+        own = other.weight.detach().clone()
+        sample_direct(a)
+        assert torch.equal(sample_direct(b), expect_b)
+        mm.unload_all_models()
+        assert torch.equal(other.weight.detach().to(own.device), own)
+        assert torch.equal(sample_direct(b), expect_b)
