@@ -184,10 +184,10 @@ class QuantLinear:
                 return y
             down, up, scale = delta.stacked(device, dtype)
             return _add_low_rank(y, x, down, up, scale)
-        if (run.merged is not None and len(weight_fns) == 0 and delta is not None and delta.terms
-                and delta.prefer_merged(tokens)):
+        merge = delta is not None and bool(delta.terms) and delta.prefer_merged(tokens)
+        if merge and run.merged is not None and len(weight_fns) == 0 and not torch.compiler.is_compiling():
             # dequantize and add the delta in one kernel (each tile gets its rank-R product before it is
-            # written): no second pass over the weight
+            # written): no second pass over the weight; a traced graph takes bnb's ops and addmm_ below
             down, up, scale = delta.stacked(device, dtype)
             return F.linear(x, run.merged(self.in_features, down, up, scale), bias)
         w = run.dequantize()
@@ -200,7 +200,7 @@ class QuantLinear:
         if delta is None or not delta.terms:
             return _linear_prefix(x, w, bias, stored)
         down, up, scale = delta.stacked(device, dtype)
-        if delta.prefer_merged(tokens):
+        if merge:
             # one GEMM-accumulate into the transient dequantized buffer; stored bytes never change
             w = _pad_columns(w, self.in_features)
             if isinstance(scale, float):
@@ -346,11 +346,7 @@ class _Cuda4bit:
                       torch._C._cuda_getCurrentRawStream(self.index))
         return out
 
-
     def merged(self, width: int, down: torch.Tensor, up: torch.Tensor, scale) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            w = _pad_columns(_dequantize_4bit(self.packed, self.qs), width)
-            return w.addmm_(up, down, alpha=scale) if isinstance(scale, float) else w.addmm_(up * scale, down)
         with self._device():
             return self.fused.dequantize(width, down, up, scale)
 
