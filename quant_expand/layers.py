@@ -184,7 +184,8 @@ class QuantLinear:
                 return y
             down, up, scale = delta.stacked(device, dtype)
             return _add_low_rank(y, x, down, up, scale)
-        merge = delta is not None and bool(delta.terms) and delta.prefer_merged(tokens)
+        # (no bool() on the list: dynamo in torch 2.11 cannot trace that builtin and breaks the graph)
+        merge = delta is not None and len(delta.terms) > 0 and delta.prefer_merged(tokens)
         if merge and run.merged is not None and len(weight_fns) == 0 and not torch.compiler.is_compiling():
             # dequantize and add the delta in one kernel (each tile gets its rank-R product before it is
             # written): no second pass over the weight; a traced graph takes bnb's ops and addmm_ below

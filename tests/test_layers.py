@@ -156,6 +156,23 @@ def test_lazy_delta_matches_merged_weight(spec, tokens):
     assert torch.equal(layer(x), F.linear(x, layer.dequantize(dtype=torch.float32), layer.bias))
 
 
+@pytest.mark.parametrize("spec", [QuantSpec("nf4", True), QuantSpec("int8")], ids=str)
+@pytest.mark.parametrize("tokens", [3, 4096])
+def test_forward_traces_as_one_graph(spec, tokens):
+    """torch.compile (dynamo, fullgraph=True: a graph break raises) traces the forward with a lazy delta
+    on both paths and without one, and gives the eager result. The "eager" backend needs no compiler; the
+    full inductor run through ComfyUI is tests/test_compile.py."""
+    torch._dynamo.reset()
+    layer = quantized_linear_from_float(exact_weight(spec), torch.randn(192), spec)
+    x = torch.randn(1, tokens, 128)
+    for delta in (LazyLoraDelta(192, 128, make_terms(), bias=torch.randn(192)), None):
+        layer.lora_delta = delta
+        eager = layer(x)  # looks the run state up (at load time in ComfyUI), as a loaded model has it
+        compiled = torch.compile(layer, backend="eager", fullgraph=True, dynamic=False)
+        assert torch.equal(compiled(x), eager)
+    torch._dynamo.reset()
+
+
 def test_lazy_delta_bias_and_weight_fn():
     spec = QuantSpec("fp4", False)
     layer = quantized_linear_from_float(exact_weight(spec), None, spec)
