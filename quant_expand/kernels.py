@@ -107,12 +107,15 @@ def dequantize_int8_rows(cb: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _NESTED_BLOCK = 256  # the nested absmax blocksize bnb's quantize_4bit uses
-_EPILOGUE_MAX_BLOCK = 512  # a tile is at least one quantization block wide: 72 KB of shared memory at 512
+_EPILOGUE_MAX_BLOCK = 512  # a tile is at least one quantization block wide: ~80 KB of shared memory at 512
 _PLAIN_MAX_COLS = 1024  # columns per row of a plain tile (more quantization blocks per row: fewer)
 # tile shapes (rows, quantization blocks per row, LoRA rank chunk, warps, pipeline stages): chosen on an
-# H200 with bench/dequant_kernels.py (bench/README.md); any shape gives the same dequantized bits
+# H200 with bench/dequant_kernels.py and bench/epilogue_variants.py (bench/README.md); any shape gives the
+# same dequantized bits. The LoRA tile's blocks count 64-column blocks (wider quantization blocks: one).
+# 64 x 64 LoRA tiles beat 64 x 128 by 14 % over a FLUX step: less shared memory per program, so more
+# programs per SM hide the dequantize's loads behind the others' tensor-core work.
 _PLAIN_TILE = (2, 16, 0, 4, 1)
-_LORA_TILE = (64, 2, 64, 4, 3)
+_LORA_TILE = (64, 1, 64, 4, 2)
 
 
 class Dequant4bit:
@@ -254,7 +257,9 @@ class Dequant4bit:
                                  f"[{self.rows}, {width}] weight (contiguous [rows, R] and [R, width] expected)")
             if not isinstance(scale, float) and scale.numel() != rank:
                 raise ValueError(f"{scale.numel()} LoRA scales for rank {rank}")
-            nb = max(1, 128 // qblock)
+            nb = max(1, nb * 64 // qblock)
+            if qblock > 128:  # one pipeline stage: a 256- or 512-wide tile of down fits consumer GPUs' shared memory
+                stages = 1
         else:
             nb = max(1, min(nb, _PLAIN_MAX_COLS // qblock))
         out = torch.empty((self.rows, width), dtype=out_dtype, device=self.packed.device)
