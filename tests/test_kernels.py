@@ -101,8 +101,22 @@ def test_kernel_logic_in_the_triton_interpreter(tmp_path):
     if importlib.util.find_spec("triton") is None:
         pytest.skip("Triton is not installed (CPU-only torch): the CUDA tests cover the kernel on a GPU")
     script = textwrap.dedent("""
-        import copy, torch, bitsandbytes.functional as bnbf
+        import copy, sys, torch, bitsandbytes.functional as bnbf
+        import triton, triton.language as tl
         from quant_expand.kernels import Dequant4bit
+
+        @triton.jit
+        def probe(x_ptr, n, B: tl.constexpr):
+            for i in range(0, n, B):
+                tl.store(x_ptr + i + tl.arange(0, B), tl.full((B,), 1.0, tl.float32))
+
+        x = torch.zeros(8)
+        try:  # some Triton/numpy pairs cannot interpret a loop over a runtime bound (the epilogue has one)
+            probe[(1,)](x, 8, B=4)
+        except Exception as e:
+            print(f"interpreter unusable: Triton {triton.__version__}: {type(e).__name__}: {str(e)[-200:]}")
+            sys.exit(0)
+        assert bool((x == 1).all())
         torch.manual_seed(0)
         for qt in ("nf4", "fp4"):
             for nested in (False, True):
@@ -148,4 +162,6 @@ def test_kernel_logic_in_the_triton_interpreter(tmp_path):
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    if "interpreter unusable" in out.stdout:
+        pytest.skip(out.stdout.strip().splitlines()[-1] + " (the CUDA tests run the kernel on a GPU)")
     assert out.returncode == 0 and "interpreter ok" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
