@@ -273,6 +273,56 @@ def gpu_profile(bench, load_bnb, apply, log):
     return out
 
 
+def resident_breakdown(patcher, host, device_type="cuda"):
+    """What the GPU holds while ``patcher`` is loaded, by owner (GiB): the model's state dict (packed bytes,
+    quantization state, unquantized weights), the layers' stacked LoRA factors and bias deltas, and what
+    else live tensors hold (largest by shape). Tensors only C++ holds (cuBLAS workspaces) are not seen."""
+    import torch
+
+    layers = host.pack_module("quant_expand.layers")
+    import warnings
+
+    storages = {}
+    with warnings.catch_warnings():  # isinstance() on every object touches deprecated module attributes
+        warnings.simplefilter("ignore")
+        objects = gc.get_objects()
+        tensors = [o for o in objects if isinstance(o, torch.Tensor)]
+    for o in tensors:
+        try:
+            if o.device.type == device_type:
+                st = o.untyped_storage()
+                storages.setdefault(st.data_ptr(), (st.nbytes(), tuple(o.shape), str(o.dtype)))
+        except Exception:  # tensor subclasses without storage
+            continue
+
+    def ptrs(tensors):
+        return {t.untyped_storage().data_ptr() for t in tensors
+                if isinstance(t, torch.Tensor) and t.device.type == device_type}
+
+    model = patcher.model.diffusion_model
+    owned = {"state_dict": ptrs(patcher.model.state_dict().values())}
+    lora = []
+    for m in model.modules():
+        if layers.is_quantized_linear(m) and m.lora_delta is not None:
+            d = m.lora_delta
+            lora += [t for pair in d._stack_cache.values() for t in pair]
+            lora += [t for t in d._scale_cache.values()] + list(d._bias_cache.values())
+            lora += [t for raw in d._bias_raw.values() for t in raw]
+            if d._bias_sum is not None:
+                lora.append(d._bias_sum[3])
+    owned["lora_factors_and_bias_deltas"] = ptrs(lora) - owned["state_dict"]
+    out, counted = {}, set()
+    for name, ps in owned.items():
+        out[name] = round(sum(storages[p][0] for p in ps if p in storages) / GIB, 4)
+        counted |= ps
+    rest = sorted((v for p, v in storages.items() if p not in counted), key=lambda v: -v[0])
+    out["other_live_tensors"] = round(sum(v[0] for v in rest) / GIB, 4)
+    out["largest_other"] = [f"{v[1]} {v[2]} {v[0] / 2**20:.1f} MiB" for v in rest[:8]]
+    if device_type == "cuda":
+        out["allocated"] = round(torch.cuda.memory_allocated() / GIB, 4)
+    return out
+
+
 def layer_bytes(patcher, host):
     layers = host.pack_module("quant_expand.layers")
     return [sum(t.nbytes for t in layers.quantized_bytes(m).values())
@@ -375,6 +425,9 @@ def run(args):
         nf4 = load_bnb("nf4")
 
     bench.sample("nf4", nf4)
+    if bench.cuda:
+        bench.results["nf4"]["resident_breakdown_gib"] = resident_breakdown(nf4, host)
+        log(f"nf4 resident: {bench.results['nf4']['resident_breakdown_gib']}")
     fast = host.pack_module("quant_expand.layers")._Cuda4bit
     ctl = apply(nf4, "control.safetensors", 1.0)
     if args.phase == "legacy":
@@ -391,6 +444,9 @@ def run(args):
         bench.unload()
         bench.sample("nf4 again", nf4)
     bench.sample("nf4+control", ctl, control=True)
+    if bench.cuda:
+        bench.results["nf4+control"]["resident_breakdown_gib"] = resident_breakdown(ctl, host)
+        log(f"nf4+control resident: {bench.results['nf4+control']['resident_breakdown_gib']}")
 
     if args.phase == "legacy":
         # the same model again: ComfyUI's own per-sampling setup, the baseline for Set LoRA Scale
