@@ -160,9 +160,10 @@ class LazyLoraDelta:
         the FLOP count picks. For FLUX at 1024x1024 that merges the image-stream and single-block layers
         (4096-4608 tokens) and keeps the text stream (512 tokens) and the one-token modulation layers
         unmerged. On CUDA the merged product is the dequantize kernel's epilogue (no pass over W of its
-        own; quant_expand.kernels), which runs its GEMM at about half the rate of cuBLAS' large GEMMs
-        but does half the FLOPs of the unmerged path at these sizes: on an H200 the mix measured
-        1.092-1.095x bf16, every layer unmerged 1.113x, every layer merged 1.122x (bench/README.md)."""
+        own; quant_expand.kernels), which runs its GEMM at about a third of the rate of cuBLAS' large
+        GEMMs but does about half the FLOPs of the unmerged path at these sizes, and the unmerged path
+        also reads and writes the output once more: on an H200 the mix measured 1.077-1.083x bf16,
+        every layer unmerged 1.12-1.16x, every layer merged 1.077x (bench/README.md)."""
         if self.strategy != "auto":
             return self.strategy == "merged"
         return self.out_features * self.in_features < tokens * (self.in_features + self.out_features)
