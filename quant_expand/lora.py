@@ -131,7 +131,12 @@ class LazyLoraDelta:
             if raw is None:
                 raw = [b.to(device=device) for b, _ in self.bias_terms]
                 self._bias_raw = {device: raw}
-            hit = sum(b.to(torch.float32) * float(s) for b, (_, s) in zip(raw, self.bias_terms)).to(dtype)
+            if len(raw) == 1 and raw[0].dtype == dtype:
+                # one kernel: torch forms the product in float32 and rounds it once, the same bits as the
+                # general path below (three more kernels per layer on every strength change)
+                hit = raw[0] * float(self.bias_terms[0][1])
+            else:
+                hit = sum(b.to(torch.float32) * float(s) for b, (_, s) in zip(raw, self.bias_terms)).to(dtype)
             self._bias_cache = {key: hit}
         return hit
 

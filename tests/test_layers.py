@@ -173,6 +173,22 @@ def test_forward_traces_as_one_graph(spec, tokens):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_bias_delta_rounds_once_from_float32(dtype):
+    """The summed bias delta is formed in float32 and rounded once to the compute dtype; with one term in
+    that dtype it takes one kernel, which must give the same bits."""
+    g = torch.Generator().manual_seed(3)
+    b1, b2 = (torch.randn(4099, generator=g) * 3).to(dtype), (torch.randn(4099, generator=g) * 3).to(dtype)
+    cpu = torch.device("cpu")
+    for scale in (0.7, -1.3, 0.123456789, 1e-3):
+        one = LazyLoraDelta(4099, 8, bias_terms=[(b1, scale)]).bias_on(cpu, dtype)
+        assert torch.equal(one, (b1.float() * scale).to(dtype))
+        two = LazyLoraDelta(4099, 8, bias_terms=[(b1, scale), (b2, 0.5)]).bias_on(cpu, dtype)
+        assert torch.equal(two, (b1.float() * scale + b2.float() * 0.5).to(dtype))
+    wider = LazyLoraDelta(4099, 8, bias_terms=[(b1.float(), 0.7)]).bias_on(cpu, dtype)  # file dtype != compute
+    assert torch.equal(wider, (b1.float() * 0.7).to(dtype))
+
+
 def test_lazy_delta_bias_and_weight_fn():
     spec = QuantSpec("fp4", False)
     layer = quantized_linear_from_float(exact_weight(spec), None, spec)
