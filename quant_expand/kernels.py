@@ -110,7 +110,7 @@ _NESTED_BLOCK = 256  # the nested absmax blocksize bnb's quantize_4bit uses
 _EPILOGUE_MAX_BLOCK = 512  # a tile is at least one quantization block wide: ~80 KB of shared memory at 512
 _PLAIN_MAX_COLS = 1024  # columns per row of a plain tile (more quantization blocks per row: fewer)
 # tile shapes (rows, quantization blocks per row, LoRA rank chunk, warps, pipeline stages): chosen on an
-# H200 with bench/dequant_kernels.py and bench/epilogue_variants.py (bench/README.md); any shape gives the
+# H200 with bench/dequant_kernels.py and the kernel variants in bench/README.md; any shape gives the
 # same dequantized bits. The LoRA tile's blocks count 64-column blocks (wider quantization blocks: one).
 # 64 x 64 LoRA tiles beat 64 x 128 by 14 % over a FLUX step: less shared memory per program, so more
 # programs per SM hide the dequantize's loads behind the others' tensor-core work.
