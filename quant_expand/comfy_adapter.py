@@ -544,8 +544,9 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
     def _quantized_modules(self) -> list:
         return [(n, m) for n, m in self.model.named_modules() if is_quantized_linear(m)]
 
-    def install_lazy_deltas(self, device=None, modules=None):
-        """Give every quantized layer the delta of this patcher's patches (or none)."""
+    def install_lazy_deltas(self, device=None, modules=None, bias_terms_of=None):
+        """Give every quantized layer the delta of this patcher's patches (or none). ``bias_terms_of``:
+        :func:`lazy_bias_terms` by layer name where the caller already worked them out."""
         device = indexed_device(device or self.load_device)
         dtype = self._compute_dtype()
         with self.use_ejected():
@@ -555,7 +556,10 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
                     # ComfyUI's lowvram path put a merge-per-forward patch here; the lazy delta replaces it
                     module.weight_function = [f for f in module.weight_function
                                               if not isinstance(f, comfy.model_patcher.LowVramPatch)]
-                bias_terms = lazy_bias_terms(self.patches.get(f"{name}.bias", []), module.out_features)
+                if bias_terms_of is not None and name in bias_terms_of:
+                    bias_terms = bias_terms_of[name]
+                else:
+                    bias_terms = lazy_bias_terms(self.patches.get(f"{name}.bias", []), module.out_features)
                 if bias_terms and module.bias_function:
                     module.bias_function = [f for f in module.bias_function
                                             if not isinstance(f, comfy.model_patcher.LowVramPatch)]
@@ -620,7 +624,7 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
             merged = getattr(self.model, MERGED_ATTR, None) or {}
             keep = {key for key, sig in merged.items()
                     if key in self.backup and key in self.patches and MergeSignature(self.patches[key]) == sig}
-            lazy = self._lazy_keys(quantized)
+            lazy, bias_terms_of = self._lazy_keys(quantized)
             # layers the previous clone's or this clone's object patches replace: their weights are undone
             # and backed up the usual way (a backup belongs to the module it was taken from)
             replaced = tuple(f"{k}." for k in (*self.object_patches_backup, *self.object_patches))
@@ -651,7 +655,8 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
                 if key not in keep and key not in lazy:
                     self.patch_weight_to_device(key, device_to=device_to)
             # object patches swapped above may have replaced quantized layers (a widened img_in)
-            self.install_lazy_deltas(device_to, modules=self._after_object_patches(quantized, restored))
+            self.install_lazy_deltas(device_to, modules=self._after_object_patches(quantized, restored),
+                                     bias_terms_of=bias_terms_of)
             self.model.current_weight_patches_uuid = self.patches_uuid
             self._record_merges()
 
@@ -673,16 +678,19 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
                     names.pop(key, None)
         return list(names.items())
 
-    def _lazy_keys(self, modules) -> set:
+    def _lazy_keys(self, modules) -> tuple[set, dict]:
         """Patch keys that the lazy deltas carry (quantized weights, their additive bias diffs): nothing
-        to merge, and asking ``patch_weight_to_device`` costs a module lookup per key."""
-        keys = set()
+        to merge, and asking ``patch_weight_to_device`` costs a module lookup per key. Also the layers'
+        :func:`lazy_bias_terms` by name, for :meth:`install_lazy_deltas` to reuse."""
+        keys, bias_terms_of = set(), {}
         for name, module in modules:
             keys.add(f"{name}.weight")
             bias_key = f"{name}.bias"
-            if bias_key in self.patches and lazy_bias_terms(self.patches[bias_key], module.out_features) is not None:
+            terms = lazy_bias_terms(self.patches.get(bias_key, []), module.out_features)
+            bias_terms_of[name] = terms
+            if bias_key in self.patches and terms is not None:
                 keys.add(bias_key)
-        return keys
+        return keys, bias_terms_of
 
     def _record_merges(self):
         """Remember which patches are merged into which weights now (see :meth:`swap_patches_in_place`)."""
