@@ -236,6 +236,48 @@ class Bench:
         self.idle = self.vram()
 
 
+def scrub_paths(text: str, comfyui: str, workdir: str) -> str:
+    """This machine's folders (in tracebacks and log lines) as placeholders: results are committed."""
+    import re
+
+    import torch
+
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    names = {}
+    for path, name in ((comfyui, "<comfyui>"), (workdir, "<workdir>"), (REPO_ROOT, "<repo>"), (site, "<site-packages>")):
+        for form in (os.path.abspath(path), path.rstrip("/")):
+            if len(form) > 1:
+                names.setdefault(json.dumps(form)[1:-1], name)
+    for form in sorted(names, key=len, reverse=True):  # a whole path only, not a prefix of a longer name
+        text = re.sub(re.escape(form) + r"(?![\w.-])", names[form], text)
+    return text
+
+
+def paired_ratios(bench, comfy_nodes, model_file, models, log, rounds=3):
+    """Ratios to bf16 with bf16 sampled again in every round, right before the quantized ``models``
+    (``(label, patcher, control)``), all kept loaded: on some GPU machines later rows of a long run
+    come out a few percent slower (four NF4 + Control models averaged 0.2125, 0.2166, 0.2189 s/step
+    in three successive rounds on an H200, bench/strength_probe.py), which a ratio to a bf16 row
+    measured minutes earlier takes for the model's cost. Ratio = median step / the same round's bf16
+    median."""
+    import torch
+
+    with torch.inference_mode():
+        bf = comfy_nodes.UNETLoader().load_unet(model_file, "default")[0]
+    per = {label: [] for label, _, _ in models}
+    for r in range(rounds):
+        bench.sample(f"paired r{r} bf16", bf)
+        base = bench.results[f"paired r{r} bf16"]["median_step_s"]
+        for label, m, control in models:
+            bench.sample(f"paired r{r} {label}", m, control=control)
+            per[label].append(round(bench.results[f"paired r{r} {label}"]["median_step_s"] / base, 3))
+    out = {label: {"per_round": v, "median": round(statistics.median(v), 3)} for label, v in per.items()}
+    log(f"paired ratios to bf16: {out}")
+    del bf
+    bench.unload()
+    return out
+
+
 def quantized_digest(patcher, host):
     """SHA-256 over every stored byte of every quantized layer: any rewrite changes it."""
     return host.pack_module("quant_expand.layers").quantized_digest(patcher.model.diffusion_model)
@@ -357,7 +399,7 @@ def run(args):
 
     from quant_expand.inprocess import ComfyHost
 
-    extra = ["--disable-dynamic-vram"] if args.phase == "legacy" and not args.cpu else []
+    extra = ["--disable-dynamic-vram"] if args.phase != "dynamic" and not args.cpu else []
     host = ComfyHost.start(args.comfyui, REPO_ROOT, args.workdir, cpu=args.cpu,
                            dynamic_vram=(args.phase == "dynamic" and not args.cpu), extra_args=extra)
     host.cpu = args.cpu
@@ -380,7 +422,7 @@ def run(args):
         info["runs"] = bench.results
         info["log"] = log_lines
         with open(args.out, "w") as f:
-            json.dump(info, f, indent=1)
+            f.write(scrub_paths(json.dumps(info, indent=1), args.comfyui, args.workdir))
 
     bench.on_result = save
     load_node = host.pack_module("nodes.load_bnb_flux").LoadBnbFlux
@@ -400,6 +442,17 @@ def run(args):
         bench.sample("bf16", m)
         del m
         bench.unload()
+
+    if args.phase == "paired":  # only the paired ratios, every quantization (about 4 minutes)
+        nf4 = load_bnb("nf4")
+        ctl = apply(nf4, "control.safetensors", 1.0)
+        s2 = apply(apply(ctl, "style1.safetensors", 0.8), "style2.safetensors", 0.6)
+        models = [("nf4", nf4, False), ("nf4+control", ctl, True), ("nf4+control+2style", s2, True),
+                  ("fp4", load_bnb("fp4"), False), ("int8", load_bnb("int8"), False)]
+        info["paired"] = paired_ratios(bench, comfy_nodes, model_file, models, log, rounds=args.rounds)
+        save()
+        log(f"wrote {args.out}")
+        return
 
     bf16_stock()
 
@@ -498,6 +551,11 @@ def run(args):
         del s2
         bench.sample("nf4+control 512", ctl, res=res // 2, control=True)
         del rescaled
+        s2 = apply(apply(ctl, "style1.safetensors", 0.8), "style2.safetensors", 0.6)
+        info["paired"] = paired_ratios(bench, comfy_nodes, model_file, (
+            ("nf4", nf4, False), ("nf4+control", ctl, True), ("nf4+control+2style", s2, True)), log)
+        del s2
+        save()
     del ctl, nf4
     bench.unload()
 
@@ -551,24 +609,32 @@ def run(args):
             del m
             bench.unload()
     else:
-        m = apply(load_bnb("nf4"), "control.safetensors", 1.0)
-        try:
-            import torch._dynamo
+        import torch._dynamo
 
-            torch._dynamo.reset()
-            compile_node = comfy_nodes.NODE_CLASS_MAPPINGS["TorchCompileModel"]
-            with torch.inference_mode():
-                cm = compile_node.execute(m, "inductor").result[0] if hasattr(compile_node, "execute") and \
-                    hasattr(compile_node, "define_schema") else compile_node().patch(m, "inductor")[0]
+        m = apply(load_bnb("nf4"), "control.safetensors", 1.0)
+        if args.cpu:  # ComfyUI's CPU attention asks psutil for free memory: a break of its own; GPUs use this
+            import comfy.ldm.flux.math
+            import comfy.ldm.modules.attention as attention
+
+            comfy.ldm.flux.math.optimized_attention = attention.attention_pytorch
+
+        def compiled_row(label, patcher, control=True):
             torch._dynamo.utils.counters.clear()
-            bench.sample("nf4+control compiled", cm, control=True)
-            breaks = dict(torch._dynamo.utils.counters.get("graph_break", {}))
-            bench.results["nf4+control compiled"]["graph_breaks"] = sum(breaks.values())
-            bench.results["nf4+control compiled"]["graph_break_reasons"] = {str(k)[:160]: v for k, v in list(breaks.items())[:10]}
-        except Exception as e:  # report, don't lose the other numbers
-            bench.results["nf4+control compiled"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
-            log(f"compile failed: {e}")
-        try:  # each block one graph (fullgraph=True raises on any break inside a block)
+            bench.sample(label, patcher, control=control)
+            counters = torch._dynamo.utils.counters
+            breaks = dict(counters.get("graph_break", {}))
+            r = bench.results[label]
+            r["graph_breaks"] = sum(breaks.values())
+            r["graph_break_reasons"] = {str(k)[:160]: v for k, v in list(breaks.items())[:10]}
+            r["unique_graphs"] = counters["stats"].get("unique_graphs", 0)
+            r["recompiles"] = sum(counters.get("recompiles", {}).values())
+            r["first_step_includes"] = "compiling"
+            bench.on_result()
+
+        # Each block one graph first (fullgraph=True raises on any break inside a block; the 57 blocks
+        # share two graphs, so it compiles in about a minute), then the whole model through ComfyUI's
+        # TorchCompileModel node (one graph of every block: minutes to compile)
+        try:
             from comfy_api.torch_helpers.torch_compile import set_torch_compile_wrapper
 
             torch._dynamo.reset()
@@ -577,10 +643,34 @@ def run(args):
                    [f"diffusion_model.single_blocks.{i}" for i in range(len(dm.single_blocks))]
             bm = m.clone()
             set_torch_compile_wrapper(bm, backend="inductor", fullgraph=True, keys=keys)
-            bench.sample("nf4+control compiled per block fullgraph", bm, control=True)
+            compiled_row("nf4+control compiled per block fullgraph", bm)
+            del bm
         except Exception as e:
             bench.results["nf4+control compiled per block fullgraph"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
             log(f"per-block compile failed: {e}")
+        bench.unload()
+        try:  # bf16 the same way: what compiling alone gains
+            torch._dynamo.reset()
+            with torch.inference_mode():
+                b = comfy_nodes.UNETLoader().load_unet(model_file, "default")[0]
+            set_torch_compile_wrapper(b, backend="inductor", fullgraph=True, keys=keys)
+            compiled_row("bf16 compiled per block fullgraph", b, control=False)
+            del b
+        except Exception as e:
+            bench.results["bf16 compiled per block fullgraph"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            log(f"bf16 per-block compile failed: {e}")
+        bench.unload()
+        try:
+            torch._dynamo.reset()
+            compile_node = comfy_nodes.NODE_CLASS_MAPPINGS["TorchCompileModel"]
+            with torch.inference_mode():
+                cm = compile_node.execute(m, "inductor").result[0] if hasattr(compile_node, "execute") and \
+                    hasattr(compile_node, "define_schema") else compile_node().patch(m, "inductor")[0]
+            compiled_row("nf4+control compiled", cm)
+            del cm
+        except Exception as e:  # report, don't lose the other numbers
+            bench.results["nf4+control compiled"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            log(f"compile failed: {e}")
         del m
         bench.unload()
 
@@ -591,7 +681,8 @@ def run(args):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--comfyui", required=True)
-    ap.add_argument("--phase", choices=["legacy", "dynamic"], default="legacy")
+    ap.add_argument("--phase", choices=["legacy", "dynamic", "paired"], default="legacy")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of --phase paired")
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=5, help="timed steps after the first")
