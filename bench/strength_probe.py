@@ -1,0 +1,92 @@
+"""Does a model run slower after Set LoRA Scale, or at a strength other than 1.0? (GPU)
+
+    python bench/strength_probe.py --comfyui PATH --workdir DIR --out FILE [--full]
+
+Samples NF4 + Control applied at 1.0 and at 0.7, and each rescaled to the other strength with Set LoRA
+Scale (the in-place swap), in three interleaved rounds, then profiles one sampling run of three of
+them (GPU time per kernel, CPU time). Same kernels and same GPU time mean a slower row in the main
+benchmark is the machine, not the model. Default model: FLUX.1-dev width with 4 + 8 blocks (--full:
+all 19 + 38).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_gpu as bg  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--comfyui", required=True)
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--full", action="store_true")
+    args = ap.parse_args()
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = bg.FULL if args.full else bg.flux_width(4, 8)
+    wd = args.workdir
+    os.makedirs(f"{wd}/diffusion_models", exist_ok=True)
+    os.makedirs(f"{wd}/loras", exist_ok=True)
+
+    def log(m):
+        print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True)
+
+    mf = "probe.safetensors"
+    bg.write_model(f"{wd}/diffusion_models/{mf}", cfg, "cuda", log)
+    bg.write_lora(f"{wd}/loras/c.safetensors", cfg, 128, bg.linear_modules(cfg), True, 3)
+    from quant_expand.inprocess import ComfyHost
+
+    host = ComfyHost.start(args.comfyui, bg.REPO_ROOT, wd, cpu=False, dynamic_vram=False,
+                           extra_args=["--disable-dynamic-vram"])
+    host.cpu = False
+    b = bg.Bench(host, cfg, 1024, 8, log)
+    load = host.pack_module("nodes.load_bnb_flux").LoadBnbFlux
+    nodes = host.pack_module("nodes.apply_control_lora")
+    with torch.inference_mode():
+        nf4 = load.execute(mf, "nf4", True, "auto").result[0]
+        a10 = nodes.ApplyControlLora.execute(nf4, "c.safetensors", 1.0).result[0]
+        a07 = nodes.ApplyControlLora.execute(nf4, "c.safetensors", 0.7).result[0]
+        sw = nodes.SetLoraScale.execute(a10, "c.safetensors", 0.7).result[0]
+        sw10 = nodes.SetLoraScale.execute(a07, "c.safetensors", 1.0).result[0]
+    medians = {}
+    for rnd in range(3):
+        for name, m in (("apply 1.0", a10), ("set 1.0->0.7", sw), ("apply 0.7", a07), ("set 0.7->1.0", sw10)):
+            b.sample(f"{name} r{rnd}", m, control=True)
+            medians[f"{name} r{rnd}"] = b.results[f"{name} r{rnd}"]["median_step_s"]
+    profiles = {}
+    for name, m in (("apply 1.0", a10), ("set 1.0->0.7", sw), ("apply 0.7", a07)):
+        b.sample(name + " warm", m, control=True)
+        b.steps = 2
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            b.sample(name + " prof", m, control=True)
+        b.steps = 8
+        ev = prof.key_averages()
+        rows = sorted(((e.key[:90], e.count, round(getattr(e, "self_device_time_total", 0) / 1000, 2)) for e in ev),
+                      key=lambda r: -r[2])
+        profiles[name] = rows[:14]
+        profiles[name + " totals"] = {
+            "gpu_ms": round(sum(getattr(e, "self_device_time_total", 0) for e in ev) / 1000, 1),
+            "cpu_self_ms": round(sum(e.self_cpu_time_total for e in ev) / 1000, 1),
+            "gpu_events": sum(e.count for e in ev if getattr(e, "self_device_time_total", 0) > 0)}
+        log(f"{name} totals: {profiles[name + ' totals']}")
+    info = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+            "bitsandbytes": __import__("bitsandbytes").__version__,
+            "comfyui": open(os.path.join(args.comfyui, "comfyui_version.py")).read().split('"')[1],
+            "model": "full" if args.full else "4+8 blocks", "res": 1024, "timed_steps": 8,
+            "medians": medians, "profiles": profiles}
+    with open(args.out, "w") as f:
+        f.write(bg.scrub_paths(json.dumps(info, indent=1), args.comfyui, args.workdir))
+    log(json.dumps(medians))
+
+
+if __name__ == "__main__":
+    main()
