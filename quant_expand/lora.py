@@ -167,8 +167,8 @@ class LazyLoraDelta:
         unmerged. On CUDA the merged product is the dequantize kernel's epilogue (no pass over W of its
         own; quant_expand.kernels), which runs its GEMM at about a third of the rate of cuBLAS' large
         GEMMs but does about half the FLOPs of the unmerged path at these sizes, and the unmerged path
-        also reads and writes the output once more: on an H200 the mix measured 1.077-1.083x bf16,
-        every layer unmerged 1.12-1.16x, every layer merged 1.077x (bench/README.md)."""
+        also reads and writes the output once more: on an H200 the mix measured 1.07-1.11x bf16,
+        every layer unmerged 1.10-1.16x, every layer merged 1.08x (bench/README.md)."""
         if self.strategy != "auto":
             return self.strategy == "merged"
         return self.out_features * self.in_features < tokens * (self.in_features + self.out_features)
