@@ -253,28 +253,29 @@ def scrub_paths(text: str, comfyui: str, workdir: str) -> str:
     return text
 
 
-def paired_ratios(bench, comfy_nodes, model_file, models, log, rounds=3):
-    """Ratios to bf16 with bf16 sampled again in every round, right before the quantized ``models``
-    (``(label, patcher, control)``), all kept loaded: on some GPU machines later rows of a long run
-    come out a few percent slower (four NF4 + Control models averaged 0.2125, 0.2166, 0.2189 s/step
-    in three successive rounds on an H200, bench/strength_probe.py), which a ratio to a bf16 row
-    measured minutes earlier takes for the model's cost. Ratio = median step / the same round's bf16
-    median."""
-    import torch
+def block_keys(patcher):
+    """Keys of every FLUX block for ComfyUI's ``set_torch_compile_wrapper`` (each block one graph)."""
+    dm = patcher.get_model_object("diffusion_model")
+    return [f"diffusion_model.double_blocks.{i}" for i in range(len(dm.double_blocks))] + \
+           [f"diffusion_model.single_blocks.{i}" for i in range(len(dm.single_blocks))]
 
-    with torch.inference_mode():
-        bf = comfy_nodes.UNETLoader().load_unet(model_file, "default")[0]
+
+def paired_ratios(bench, base, models, log, rounds=3, prefix="paired"):
+    """Ratios to the bf16 model ``base`` sampled again in every round, right before the quantized
+    ``models`` (``(label, patcher, control)``), all kept loaded: on some GPU machines later rows of a
+    long run come out a few percent slower (four NF4 + Control models averaged 0.2125, 0.2166, 0.2189
+    s/step in three successive rounds on an H200, bench/strength_probe.py), which a ratio to a bf16
+    row measured minutes earlier takes for the model's cost. Ratio = median step / the same round's
+    bf16 median."""
     per = {label: [] for label, _, _ in models}
     for r in range(rounds):
-        bench.sample(f"paired r{r} bf16", bf)
-        base = bench.results[f"paired r{r} bf16"]["median_step_s"]
+        bench.sample(f"{prefix} r{r} bf16", base)
+        ref = bench.results[f"{prefix} r{r} bf16"]["median_step_s"]
         for label, m, control in models:
-            bench.sample(f"paired r{r} {label}", m, control=control)
-            per[label].append(round(bench.results[f"paired r{r} {label}"]["median_step_s"] / base, 3))
+            bench.sample(f"{prefix} r{r} {label}", m, control=control)
+            per[label].append(round(bench.results[f"{prefix} r{r} {label}"]["median_step_s"] / ref, 3))
     out = {label: {"per_round": v, "median": round(statistics.median(v), 3)} for label, v in per.items()}
-    log(f"paired ratios to bf16: {out}")
-    del bf
-    bench.unload()
+    log(f"{prefix} ratios to bf16: {out}")
     return out
 
 
@@ -436,9 +437,12 @@ def run(args):
         with torch.inference_mode():
             return ctl_mod.ApplyControlLora.execute(model, name, strength).result[0]
 
-    def bf16_stock():
+    def bf16_model():
         with torch.inference_mode():
-            m = comfy_nodes.UNETLoader().load_unet(model_file, "default")[0]
+            return comfy_nodes.UNETLoader().load_unet(model_file, "default")[0]
+
+    def bf16_stock():
+        m = bf16_model()
         bench.sample("bf16", m)
         del m
         bench.unload()
@@ -449,8 +453,26 @@ def run(args):
         s2 = apply(apply(ctl, "style1.safetensors", 0.8), "style2.safetensors", 0.6)
         models = [("nf4", nf4, False), ("nf4+control", ctl, True), ("nf4+control+2style", s2, True),
                   ("fp4", load_bnb("fp4"), False), ("int8", load_bnb("int8"), False)]
-        info["paired"] = paired_ratios(bench, comfy_nodes, model_file, models, log, rounds=args.rounds)
+        bf = bf16_model()
+        info["paired"] = paired_ratios(bench, bf, models, log, rounds=args.rounds)
         save()
+        if args.compiled:  # compiled against compiled: each block one graph, bf16 and NF4 + Control
+            import torch._dynamo
+            from comfy_api.torch_helpers.torch_compile import set_torch_compile_wrapper
+
+            if args.cpu:  # ComfyUI's CPU attention asks psutil for free memory (a break of its own)
+                import comfy.ldm.flux.math
+                import comfy.ldm.modules.attention as attention
+
+                comfy.ldm.flux.math.optimized_attention = attention.attention_pytorch
+            torch._dynamo.reset()
+            bfc, ctlc = bf.clone(), ctl.clone()
+            for m in (bfc, ctlc):
+                set_torch_compile_wrapper(m, backend="inductor", fullgraph=True, keys=block_keys(m))
+            info["paired_compiled"] = paired_ratios(bench, bfc, [("nf4+control", ctlc, True)], log,
+                                                    rounds=args.rounds, prefix="paired compiled")
+            info["paired_compiled_graph_breaks"] = sum(torch._dynamo.utils.counters.get("graph_break", {}).values())
+            save()
         log(f"wrote {args.out}")
         return
 
@@ -552,9 +574,11 @@ def run(args):
         bench.sample("nf4+control 512", ctl, res=res // 2, control=True)
         del rescaled
         s2 = apply(apply(ctl, "style1.safetensors", 0.8), "style2.safetensors", 0.6)
-        info["paired"] = paired_ratios(bench, comfy_nodes, model_file, (
+        bf = bf16_model()
+        info["paired"] = paired_ratios(bench, bf, (
             ("nf4", nf4, False), ("nf4+control", ctl, True), ("nf4+control+2style", s2, True)), log)
-        del s2
+        del s2, bf
+        bench.unload()
         save()
     del ctl, nf4
     bench.unload()
@@ -638,9 +662,7 @@ def run(args):
             from comfy_api.torch_helpers.torch_compile import set_torch_compile_wrapper
 
             torch._dynamo.reset()
-            dm = m.get_model_object("diffusion_model")
-            keys = [f"diffusion_model.double_blocks.{i}" for i in range(len(dm.double_blocks))] + \
-                   [f"diffusion_model.single_blocks.{i}" for i in range(len(dm.single_blocks))]
+            keys = block_keys(m)
             bm = m.clone()
             set_torch_compile_wrapper(bm, backend="inductor", fullgraph=True, keys=keys)
             compiled_row("nf4+control compiled per block fullgraph", bm)
@@ -651,8 +673,7 @@ def run(args):
         bench.unload()
         try:  # bf16 the same way: what compiling alone gains
             torch._dynamo.reset()
-            with torch.inference_mode():
-                b = comfy_nodes.UNETLoader().load_unet(model_file, "default")[0]
+            b = bf16_model()
             set_torch_compile_wrapper(b, backend="inductor", fullgraph=True, keys=keys)
             compiled_row("bf16 compiled per block fullgraph", b, control=False)
             del b
@@ -683,6 +704,8 @@ def main():
     ap.add_argument("--comfyui", required=True)
     ap.add_argument("--phase", choices=["legacy", "dynamic", "paired"], default="legacy")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of --phase paired")
+    ap.add_argument("--compiled", action="store_true",
+                    help="--phase paired: also bf16 and NF4 + Control with every block compiled")
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=5, help="timed steps after the first")
