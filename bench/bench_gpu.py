@@ -699,15 +699,22 @@ def run(args):
     log(f"wrote {args.out}")
 
 
-def main():
+def bench_parser() -> argparse.ArgumentParser:
+    """The options every full-pipeline GPU script here takes: ComfyUI, a folder for the model files
+    it writes (kept between runs), and the JSON to write."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("--comfyui", required=True)
+    ap.add_argument("--comfyui", required=True, help="a ComfyUI tree (the kit's)")
+    ap.add_argument("--workdir", required=True, help="models/ folder for the generated files")
+    ap.add_argument("--out", required=True, help="results JSON")
+    return ap
+
+
+def main():
+    ap = bench_parser()
     ap.add_argument("--phase", choices=["legacy", "dynamic", "paired"], default="legacy")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of --phase paired")
     ap.add_argument("--compiled", action="store_true",
                     help="--phase paired: also bf16 and NF4 + Control with every block compiled")
-    ap.add_argument("--workdir", required=True)
-    ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=5, help="timed steps after the first")
     ap.add_argument("--small", action="store_true", help="tiny model at 64x64 (dry run)")
     ap.add_argument("--blocks", help="DOUBLE,SINGLE: FLUX.1-dev width with this many blocks")

@@ -11,7 +11,6 @@ and cProfile of the same at 256x256 gives host time per Python function.
 """
 from __future__ import annotations
 
-import argparse
 import cProfile
 import io
 import json
@@ -24,15 +23,12 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_gpu import Bench, flux_width, write_lora, write_model  # noqa: E402
+from bench_gpu import Bench, bench_parser, flux_width, write_lora, write_model  # noqa: E402
 from quant_expand.synthetic import TinyFluxConfig, linear_modules  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--comfyui", required=True)
-    ap.add_argument("--workdir", required=True)
-    ap.add_argument("--out", required=True)
+    ap = bench_parser()
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--single", type=int, default=8)
     ap.add_argument("--steps", type=int, default=6)

@@ -10,7 +10,6 @@ all 19 + 38).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -22,10 +21,7 @@ import bench_gpu as bg  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--comfyui", required=True)
-    ap.add_argument("--workdir", required=True)
-    ap.add_argument("--out", required=True)
+    ap = bg.bench_parser()
     ap.add_argument("--full", action="store_true")
     args = ap.parse_args()
 
