@@ -4,6 +4,7 @@ same run.
 
     python bench/bench_gpu.py --comfyui PATH --phase legacy  --workdir DIR --out FILE
     python bench/bench_gpu.py --comfyui PATH --phase dynamic --workdir DIR --out FILE
+    python bench/bench_gpu.py --comfyui PATH --phase paired  --workdir DIR --out FILE [--compiled]
     python bench/bench_gpu.py --comfyui PATH --phase legacy --small --cpu ...   (a quick dry run)
 
 legacy (ComfyUI's classic ModelPatcher): writes a bf16 safetensors of the 11.9 B-parameter model to
@@ -11,9 +12,12 @@ DIR (kept for the next phase), times a cold read of it and quantize-on-load (pea
 then samples at 1024x1024 (euler, 1 + STEPS steps; the first is reported apart): bf16 (UNETLoader),
 NF4, NF4 + Control LoRA (rank 128 on all 314 Linears, widened img_in, norm sets), Set LoRA Scale on
 it (time to the first step, bytes requantized), NF4 + Control + two rank-32 style LoRAs, NF4 + Control
-at 512x512, FP4, int8, and NF4 + Control with VRAM held back so the model does not fit (lowvram).
+at 512x512, three rounds of bf16 / NF4 / Control / + 2 style (ratios paired round by round), FP4,
+int8, and NF4 + Control with ComfyUI's VRAM reserve set so the model does not fit (lowvram).
 dynamic (ComfyUI's dynamic VRAM, set up as main.py does): bf16, NF4, NF4 + Control, and NF4 + Control
-under torch.compile (ComfyUI's TorchCompileModel node) with graph breaks counted.
+under torch.compile, each block one graph, then ComfyUI's TorchCompileModel node, graph breaks counted.
+paired (legacy patcher): only the paired rounds, for every quantization; --compiled adds rounds of
+bf16 and NF4 + Control with every block compiled.
 """
 from __future__ import annotations
 
@@ -253,6 +257,15 @@ def scrub_paths(text: str, comfyui: str, workdir: str) -> str:
     return text
 
 
+def attention_for_compile_on_cpu():
+    """ComfyUI's CPU attention asks psutil for free memory inside every block (a graph break of
+    ComfyUI's own); a CPU dry run of the compiled rows uses PyTorch's attention, which GPUs run."""
+    import comfy.ldm.flux.math
+    import comfy.ldm.modules.attention as attention
+
+    comfy.ldm.flux.math.optimized_attention = attention.attention_pytorch
+
+
 def block_keys(patcher):
     """Keys of every FLUX block for ComfyUI's ``set_torch_compile_wrapper`` (each block one graph)."""
     dm = patcher.get_model_object("diffusion_model")
@@ -460,11 +473,8 @@ def run(args):
             import torch._dynamo
             from comfy_api.torch_helpers.torch_compile import set_torch_compile_wrapper
 
-            if args.cpu:  # ComfyUI's CPU attention asks psutil for free memory (a break of its own)
-                import comfy.ldm.flux.math
-                import comfy.ldm.modules.attention as attention
-
-                comfy.ldm.flux.math.optimized_attention = attention.attention_pytorch
+            if args.cpu:
+                attention_for_compile_on_cpu()
             torch._dynamo.reset()
             bfc, ctlc = bf.clone(), ctl.clone()
             for m in (bfc, ctlc):
@@ -636,11 +646,8 @@ def run(args):
         import torch._dynamo
 
         m = apply(load_bnb("nf4"), "control.safetensors", 1.0)
-        if args.cpu:  # ComfyUI's CPU attention asks psutil for free memory: a break of its own; GPUs use this
-            import comfy.ldm.flux.math
-            import comfy.ldm.modules.attention as attention
-
-            comfy.ldm.flux.math.optimized_attention = attention.attention_pytorch
+        if args.cpu:
+            attention_for_compile_on_cpu()
 
         def compiled_row(label, patcher, control=True):
             torch._dynamo.utils.counters.clear()
@@ -656,8 +663,8 @@ def run(args):
             bench.on_result()
 
         # Each block one graph first (fullgraph=True raises on any break inside a block; the 57 blocks
-        # share two graphs, so it compiles in about a minute), then the whole model through ComfyUI's
-        # TorchCompileModel node (one graph of every block: minutes to compile)
+        # share two graphs: ~15 s to compile on an H200), then the whole model through ComfyUI's
+        # TorchCompileModel node (one graph of every block: ~95 s)
         try:
             from comfy_api.torch_helpers.torch_compile import set_torch_compile_wrapper
 
