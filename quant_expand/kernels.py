@@ -161,28 +161,30 @@ class Dequant4bit:
         weight of the same type, blocksize, nesting and dtype; on a mismatch bnb's kernels are used)."""
         if qs.nested and qs.state2.blocksize != _NESTED_BLOCK:
             return False  # bnb's quantizer (the check's reference) makes only this nesting
-        key = (device, qs.quant_type, qs.blocksize, bool(qs.nested), dtype)
-        ok = cls._verified.get(key)
-        if ok is None:
-            def check():
-                import bitsandbytes.functional as bnbf
 
-                g = torch.Generator(device=device).manual_seed(0)
-                w = torch.randn(96, 4 * qs.blocksize, generator=g, device=device, dtype=dtype)
-                w[0, :7] = 0.0  # zeros
-                packed, q2 = bnbf.quantize_4bit(w, blocksize=qs.blocksize, compress_statistics=bool(qs.nested),
-                                                quant_type=qs.quant_type)
-                return cls.supports(packed, q2, dtype) and torch.equal(
-                    cls(packed, q2).dequantize(), bnbf.dequantize_4bit(packed, q2).to(dtype))
+        def check():
+            import bitsandbytes.functional as bnbf
 
-            ok = cls._check(key, check, "Triton 4-bit dequantize", "using bitsandbytes' kernels", device)
-        return ok
+            g = torch.Generator(device=device).manual_seed(0)
+            w = torch.randn(96, 4 * qs.blocksize, generator=g, device=device, dtype=dtype)
+            w[0, :7] = 0.0  # zeros
+            packed, q2 = bnbf.quantize_4bit(w, blocksize=qs.blocksize, compress_statistics=bool(qs.nested),
+                                            quant_type=qs.quant_type)
+            return cls.supports(packed, q2, dtype) and torch.equal(
+                cls(packed, q2).dequantize(), bnbf.dequantize_4bit(packed, q2).to(dtype))
+
+        return cls._check((device, qs.quant_type, qs.blocksize, bool(qs.nested), dtype), check,
+                          "Triton 4-bit dequantize", "using bitsandbytes' kernels", device)
 
     @classmethod
     def _check(cls, key, check, what: str, instead: str, device: torch.device):
-        """Run ``check`` on ``device`` (Triton launches on the current device) and remember its verdict;
-        a Triton that cannot build or run the kernel here gives False with a warning. Running out of
-        memory says nothing about the kernel: False for now, checked again next time."""
+        """The verdict remembered for ``key``, else run ``check`` on ``device`` (Triton launches on the
+        current device) and remember it; a Triton that cannot build or run the kernel here gives False
+        with a warning. Running out of memory says nothing about the kernel: False for now, checked
+        again next time."""
+        ok = cls._verified.get(key)
+        if ok is not None:
+            return ok
         try:
             with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
                 ok = bool(check())
@@ -203,27 +205,25 @@ class Dequant4bit:
         Both then dequantize and add the LoRA with ``addmm_``."""
         if dtype not in (torch.bfloat16, torch.float16) or blocksize > _EPILOGUE_MAX_BLOCK:
             return False
-        key = ("epilogue", device, dtype, blocksize)
-        ok = cls._verified.get(key)
-        if ok is None:
-            def check():
-                import bitsandbytes.functional as bnbf
 
-                g = torch.Generator(device=device).manual_seed(1)
-                w = torch.randn(96, 2 * blocksize, generator=g, device=device, dtype=dtype)
-                packed, q2 = bnbf.quantize_4bit(w, blocksize=blocksize, compress_statistics=True, quant_type="nf4")
-                width = 2 * blocksize + 64
-                down = torch.randn(24, width, generator=g, device=device, dtype=dtype) * 0.1
-                up = torch.randn(96, 24, generator=g, device=device, dtype=dtype) * 0.1
-                scale = torch.rand(24, generator=g, device=device, dtype=dtype)
-                got = cls(packed, q2).dequantize(width, down, up, scale).float()
-                ref = torch.nn.functional.pad(bnbf.dequantize_4bit(packed, q2).float(), (0, 64)) + \
-                    (up * scale).float() @ down.float()
-                return bool(torch.isfinite(got).all()) and ((got - ref).norm() / ref.norm()).item() < 1e-2
+        def check():
+            import bitsandbytes.functional as bnbf
 
-            ok = cls._check(key, check, f"Triton LoRA epilogue ({dtype}, blocksize {blocksize})",
-                            "dequantizing, then adding the LoRA with addmm_", device)
-        return ok
+            g = torch.Generator(device=device).manual_seed(1)
+            w = torch.randn(96, 2 * blocksize, generator=g, device=device, dtype=dtype)
+            packed, q2 = bnbf.quantize_4bit(w, blocksize=blocksize, compress_statistics=True, quant_type="nf4")
+            width = 2 * blocksize + 64
+            down = torch.randn(24, width, generator=g, device=device, dtype=dtype) * 0.1
+            up = torch.randn(96, 24, generator=g, device=device, dtype=dtype) * 0.1
+            scale = torch.rand(24, generator=g, device=device, dtype=dtype)
+            got = cls(packed, q2).dequantize(width, down, up, scale).float()
+            ref = torch.nn.functional.pad(bnbf.dequantize_4bit(packed, q2).float(), (0, 64)) + \
+                (up * scale).float() @ down.float()
+            return bool(torch.isfinite(got).all()) and ((got - ref).norm() / ref.norm()).item() < 1e-2
+
+        return cls._check(("epilogue", device, dtype, blocksize), check,
+                          f"Triton LoRA epilogue ({dtype}, blocksize {blocksize})",
+                          "dequantizing, then adding the LoRA with addmm_", device)
 
     def __init__(self, packed: torch.Tensor, qs):
         self.packed, self.qs = packed, qs
