@@ -101,6 +101,31 @@ def write_lora(path, cfg, rank, targets, control, seed):
     save_file(sd, path)
 
 
+MODEL_FILE = "flux_random_bf16.safetensors"
+
+
+def write_inputs(workdir, cfg, device, log, styles=True) -> str:
+    """The random bf16 model (``MODEL_FILE``), ``control.safetensors`` (rank 128 on every Linear, as
+    :func:`write_lora` makes a Control LoRA) and, with ``styles``, ``style1``/``style2.safetensors``
+    (rank 32 on every Linear but img_in) for ``cfg``, in a folder of ``workdir`` named by the shape:
+    the writers keep a file that exists, so one written at another size is never taken for this one.
+    Returns that folder: ComfyUI's models folder for the run."""
+    import hashlib
+
+    tag = f"flux_w{cfg.hidden_size}_d{cfg.depth}_s{cfg.depth_single_blocks}_{hashlib.sha1(repr(cfg).encode()).hexdigest()[:8]}"
+    folder = os.path.join(workdir, tag)
+    for sub in ("diffusion_models", "loras"):
+        os.makedirs(os.path.join(folder, sub), exist_ok=True)
+    write_model(os.path.join(folder, "diffusion_models", MODEL_FILE), cfg, device, log)
+    linears = linear_modules(cfg)
+    write_lora(os.path.join(folder, "loras", "control.safetensors"), cfg, 128, linears, True, 3)
+    if styles:
+        targets = [m for m in linears if m != "img_in"]
+        write_lora(os.path.join(folder, "loras", "style1.safetensors"), cfg, 32, targets, False, 4)
+        write_lora(os.path.join(folder, "loras", "style2.safetensors"), cfg, 32, targets, False, 5)
+    return folder
+
+
 def drop_page_cache(path):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -392,8 +417,6 @@ def run(args):
     if args.blocks:  # FLUX.1-dev width with fewer blocks (a quick run; ratios are not the full model's)
         cfg = flux_width(*(int(v) for v in args.blocks.split(",")))
     res = 64 if args.small else 1024
-    os.makedirs(os.path.join(args.workdir, "diffusion_models"), exist_ok=True)
-    os.makedirs(os.path.join(args.workdir, "loras"), exist_ok=True)
     log_lines = []
 
     def log(msg):
@@ -401,20 +424,14 @@ def run(args):
         print(line, flush=True)
         log_lines.append(line)
 
-    model_file = "flux_dev_random_bf16.safetensors" if not args.blocks else f"flux_width3072_{args.blocks.replace(',', '_')}_bf16.safetensors"
-    model_path = os.path.join(args.workdir, "diffusion_models", model_file)
-    device = "cpu" if args.cpu else "cuda"
-    write_model(model_path, cfg, device, log)
-    linears = linear_modules(cfg)
-    write_lora(os.path.join(args.workdir, "loras", "control.safetensors"), cfg, 128, linears, True, 3)
-    style_targets = [m for m in linears if m != "img_in"]
-    write_lora(os.path.join(args.workdir, "loras", "style1.safetensors"), cfg, 32, style_targets, False, 4)
-    write_lora(os.path.join(args.workdir, "loras", "style2.safetensors"), cfg, 32, style_targets, False, 5)
+    models = write_inputs(args.workdir, cfg, "cpu" if args.cpu else "cuda", log)
+    model_file = MODEL_FILE
+    model_path = os.path.join(models, "diffusion_models", model_file)
 
     from quant_expand.inprocess import ComfyHost
 
     extra = ["--disable-dynamic-vram"] if args.phase != "dynamic" and not args.cpu else []
-    host = ComfyHost.start(args.comfyui, REPO_ROOT, args.workdir, cpu=args.cpu,
+    host = ComfyHost.start(args.comfyui, REPO_ROOT, models, cpu=args.cpu,
                            dynamic_vram=(args.phase == "dynamic" and not args.cpu), extra_args=extra)
     host.cpu = args.cpu
     import comfy.model_management as mm

@@ -19,18 +19,15 @@ def main():
     cpu = "--cpu" in sys.argv
     cfg = B.SMALL if cpu else B.flux_width(1, 2)
     res = 64 if cpu else 1024
-    for d in ("diffusion_models", "loras"):
-        os.makedirs(os.path.join(wd, d), exist_ok=True)
-    B.write_model(os.path.join(wd, "diffusion_models", "m.safetensors"), cfg, "cpu" if cpu else "cuda", print)
-    B.write_lora(os.path.join(wd, "loras", "control.safetensors"), cfg, 128, B.linear_modules(cfg), True, 3)
+    models = B.write_inputs(wd, cfg, "cpu" if cpu else "cuda", print, styles=False)
     from quant_expand.inprocess import ComfyHost
 
-    host = ComfyHost.start(comfy, B.REPO_ROOT, wd, cpu=cpu, extra_args=[] if cpu else ["--disable-dynamic-vram"])
+    host = ComfyHost.start(comfy, B.REPO_ROOT, models, cpu=cpu, extra_args=[] if cpu else ["--disable-dynamic-vram"])
     host.cpu = cpu
     load = host.pack_module("nodes.load_bnb_flux").LoadBnbFlux
     ctl_mod = host.pack_module("nodes.apply_control_lora")
     with torch.inference_mode():
-        nf4 = load.execute("m.safetensors", "nf4", True, "auto").result[0]
+        nf4 = load.execute(B.MODEL_FILE, "nf4", True, "auto").result[0]
         ctl = ctl_mod.ApplyControlLora.execute(nf4, "control.safetensors", 1.0).result[0]
     bench = B.Bench(host, cfg, res, 1, print)
 

@@ -23,8 +23,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_gpu import Bench, bench_parser, flux_width, write_lora, write_model  # noqa: E402
-from quant_expand.synthetic import TinyFluxConfig, linear_modules  # noqa: E402
+from bench_gpu import MODEL_FILE, Bench, bench_parser, flux_width, scrub_paths, write_inputs  # noqa: E402
+from quant_expand.synthetic import TinyFluxConfig  # noqa: E402
 
 
 def main():
@@ -42,8 +42,6 @@ def main():
     cfg = (TinyFluxConfig(hidden_size=256, depth=args.depth, depth_single_blocks=args.single) if args.cpu
            else flux_width(args.depth, args.single))
     sizes = (64, 32) if args.cpu else (1024, 256)
-    for sub in ("diffusion_models", "loras"):
-        os.makedirs(os.path.join(args.workdir, sub), exist_ok=True)
     lines = []
 
     def log(msg):
@@ -51,18 +49,12 @@ def main():
         print(line, flush=True)
         lines.append(line)
 
-    model_file = f"flux_width{cfg.hidden_size}_d{args.depth}_s{args.single}.safetensors"
-    write_model(os.path.join(args.workdir, "diffusion_models", model_file), cfg, "cpu" if args.cpu else "cuda", log)
-    linears = linear_modules(cfg)
-    tag = f"w{cfg.hidden_size}d{args.depth}s{args.single}"
-    write_lora(os.path.join(args.workdir, "loras", f"control_{tag}.safetensors"), cfg, 128, linears, True, 3)
-    style = [m for m in linears if m != "img_in"]
-    write_lora(os.path.join(args.workdir, "loras", f"style1_{tag}.safetensors"), cfg, 32, style, False, 4)
-    write_lora(os.path.join(args.workdir, "loras", f"style2_{tag}.safetensors"), cfg, 32, style, False, 5)
+    models = write_inputs(args.workdir, cfg, "cpu" if args.cpu else "cuda", log)
+    model_file = MODEL_FILE
 
     from quant_expand.inprocess import ComfyHost
 
-    host = ComfyHost.start(args.comfyui, REPO_ROOT, args.workdir, cpu=args.cpu, dynamic_vram=False,
+    host = ComfyHost.start(args.comfyui, REPO_ROOT, models, cpu=args.cpu, dynamic_vram=False,
                            extra_args=[] if args.cpu else ["--disable-dynamic-vram"])
     host.cpu = args.cpu
     import nodes as comfy_nodes
@@ -75,7 +67,7 @@ def main():
     def save():
         info["log"] = lines
         with open(args.out, "w") as f:
-            json.dump(info, f, indent=1)
+            f.write(scrub_paths(json.dumps(info, indent=1), args.comfyui, args.workdir))
 
     load_node = host.pack_module("nodes.load_bnb_flux").LoadBnbFlux
     ctl_mod = host.pack_module("nodes.apply_control_lora")
@@ -88,10 +80,10 @@ def main():
             m = load_node.execute(model_file, quant, True, "auto").result[0]
             control = "control" in config
             if control:
-                m = ctl_mod.ApplyControlLora.execute(m, f"control_{tag}.safetensors", 1.0).result[0]
+                m = ctl_mod.ApplyControlLora.execute(m, "control.safetensors", 1.0).result[0]
             if "2style" in config:
-                m = ctl_mod.ApplyControlLora.execute(m, f"style1_{tag}.safetensors", 0.8).result[0]
-                m = ctl_mod.ApplyControlLora.execute(m, f"style2_{tag}.safetensors", 0.6).result[0]
+                m = ctl_mod.ApplyControlLora.execute(m, "style1.safetensors", 0.8).result[0]
+                m = ctl_mod.ApplyControlLora.execute(m, "style2.safetensors", 0.6).result[0]
             return m, control
 
     for config in args.configs.split(","):

@@ -29,19 +29,15 @@ def main():
     from torch.profiler import ProfilerActivity, profile
 
     cfg = bg.FULL if args.full else bg.flux_width(4, 8)
-    wd = args.workdir
-    os.makedirs(f"{wd}/diffusion_models", exist_ok=True)
-    os.makedirs(f"{wd}/loras", exist_ok=True)
 
     def log(m):
         print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True)
 
-    mf = "probe.safetensors"
-    bg.write_model(f"{wd}/diffusion_models/{mf}", cfg, "cuda", log)
-    bg.write_lora(f"{wd}/loras/c.safetensors", cfg, 128, bg.linear_modules(cfg), True, 3)
+    models = bg.write_inputs(args.workdir, cfg, "cuda", log, styles=False)
+    mf = bg.MODEL_FILE
     from quant_expand.inprocess import ComfyHost
 
-    host = ComfyHost.start(args.comfyui, bg.REPO_ROOT, wd, cpu=False, dynamic_vram=False,
+    host = ComfyHost.start(args.comfyui, bg.REPO_ROOT, models, cpu=False, dynamic_vram=False,
                            extra_args=["--disable-dynamic-vram"])
     host.cpu = False
     b = bg.Bench(host, cfg, 1024, 8, log)
@@ -49,10 +45,10 @@ def main():
     nodes = host.pack_module("nodes.apply_control_lora")
     with torch.inference_mode():
         nf4 = load.execute(mf, "nf4", True, "auto").result[0]
-        a10 = nodes.ApplyControlLora.execute(nf4, "c.safetensors", 1.0).result[0]
-        a07 = nodes.ApplyControlLora.execute(nf4, "c.safetensors", 0.7).result[0]
-        sw = nodes.SetLoraScale.execute(a10, "c.safetensors", 0.7).result[0]
-        sw10 = nodes.SetLoraScale.execute(a07, "c.safetensors", 1.0).result[0]
+        a10 = nodes.ApplyControlLora.execute(nf4, "control.safetensors", 1.0).result[0]
+        a07 = nodes.ApplyControlLora.execute(nf4, "control.safetensors", 0.7).result[0]
+        sw = nodes.SetLoraScale.execute(a10, "control.safetensors", 0.7).result[0]
+        sw10 = nodes.SetLoraScale.execute(a07, "control.safetensors", 1.0).result[0]
     medians = {}
     for rnd in range(3):
         for name, m in (("apply 1.0", a10), ("set 1.0->0.7", sw), ("apply 0.7", a07), ("set 0.7->1.0", sw10)):
