@@ -291,11 +291,16 @@ def attention_for_compile_on_cpu():
     comfy.ldm.flux.math.optimized_attention = attention.attention_pytorch
 
 
-def block_keys(patcher):
-    """Keys of every FLUX block for ComfyUI's ``set_torch_compile_wrapper`` (each block one graph)."""
+def compiled_per_block(patcher):
+    """``patcher`` with every FLUX block compiled as one graph (ComfyUI's ``set_torch_compile_wrapper``,
+    inductor, ``fullgraph=True``: any graph break inside a block raises)."""
+    from comfy_api.torch_helpers.torch_compile import set_torch_compile_wrapper
+
     dm = patcher.get_model_object("diffusion_model")
-    return [f"diffusion_model.double_blocks.{i}" for i in range(len(dm.double_blocks))] + \
+    keys = [f"diffusion_model.double_blocks.{i}" for i in range(len(dm.double_blocks))] + \
            [f"diffusion_model.single_blocks.{i}" for i in range(len(dm.single_blocks))]
+    set_torch_compile_wrapper(patcher, backend="inductor", fullgraph=True, keys=keys)
+    return patcher
 
 
 def paired_ratios(bench, base, models, log, rounds=3, prefix="paired"):
@@ -322,27 +327,38 @@ def quantized_digest(patcher, host):
     return host.pack_module("quant_expand.layers").quantized_digest(patcher.model.diffusion_model)
 
 
+def profiled_kernels(bench, label, model, control):
+    """A warm-up sampling run, then one of 1 + 2 steps under torch.profiler: the ops and kernels with
+    GPU time (``name``, ``calls``, ``gpu_ms``; largest first) and the host's own time in ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    bench.sample(f"{label} (warm-up for profile)", model, control=control)
+    steps = bench.steps
+    bench.steps = 2
+    try:
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            bench.sample(f"{label} (profiled)", model, control=control)
+    finally:
+        bench.steps = steps
+    rows, cpu_us = [], 0.0
+    for e in prof.key_averages():
+        cpu_us += e.self_cpu_time_total
+        cuda_us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if cuda_us > 0:
+            rows.append({"name": e.key[:120], "calls": e.count, "gpu_ms": round(cuda_us / 1000, 2)})
+    rows.sort(key=lambda r: -r["gpu_ms"])
+    return rows, round(cpu_us / 1000, 1)
+
+
 def gpu_profile(bench, load_bnb, apply, log):
     """GPU time by kernel for three 1024x1024 steps (1 + 2) of NF4 and of NF4 + Control (torch.profiler):
     where a quantized step's time goes."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     out = {}
     m = load_bnb("nf4")
     for label, model, control in (("nf4", m, False), ("nf4+control", apply(m, "control.safetensors", 1.0), True)):
-        bench.sample(f"{label} (warm-up for profile)", model, control=control)
-        steps = bench.steps
-        bench.steps = 2
-        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-            bench.sample(f"{label} (profiled)", model, control=control)
-        bench.steps = steps
-        rows = []
-        for e in prof.key_averages():
-            cuda_us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-            if cuda_us > 0:
-                rows.append({"name": e.key[:120], "calls": e.count, "gpu_ms": round(cuda_us / 1000, 2)})
-        rows.sort(key=lambda r: -r["gpu_ms"])
+        rows, _ = profiled_kernels(bench, label, model, control)
         total = sum(r["gpu_ms"] for r in rows)
         out[label] = {"gpu_ms_total_3_steps": round(total, 1), "top_kernels": rows[:18]}
         log(f"profile {label}: GPU busy {total:.1f} ms over 3 steps; top: " +
@@ -488,14 +504,11 @@ def run(args):
         save()
         if args.compiled:  # compiled against compiled: each block one graph, bf16 and NF4 + Control
             import torch._dynamo
-            from comfy_api.torch_helpers.torch_compile import set_torch_compile_wrapper
 
             if args.cpu:
                 attention_for_compile_on_cpu()
             torch._dynamo.reset()
-            bfc, ctlc = bf.clone(), ctl.clone()
-            for m in (bfc, ctlc):
-                set_torch_compile_wrapper(m, backend="inductor", fullgraph=True, keys=block_keys(m))
+            bfc, ctlc = compiled_per_block(bf.clone()), compiled_per_block(ctl.clone())
             info["paired_compiled"] = paired_ratios(bench, bfc, [("nf4+control", ctlc, True)], log,
                                                     rounds=args.rounds, prefix="paired compiled")
             info["paired_compiled_graph_breaks"] = sum(torch._dynamo.utils.counters.get("graph_break", {}).values())
@@ -666,56 +679,42 @@ def run(args):
         if args.cpu:
             attention_for_compile_on_cpu()
 
-        def compiled_row(label, patcher, control=True):
-            torch._dynamo.utils.counters.clear()
-            bench.sample(label, patcher, control=control)
-            counters = torch._dynamo.utils.counters
-            breaks = dict(counters.get("graph_break", {}))
-            r = bench.results[label]
-            r["graph_breaks"] = sum(breaks.values())
-            r["graph_break_reasons"] = {str(k)[:160]: v for k, v in list(breaks.items())[:10]}
-            r["unique_graphs"] = counters["stats"].get("unique_graphs", 0)
-            r["recompiles"] = sum(counters.get("recompiles", {}).values())
-            r["first_step_includes"] = "compiling"
-            bench.on_result()
+        def compiled_row(label, make, control=True):
+            """Sample the compiled model ``make()`` builds (the first step includes compiling), with
+            dynamo's counts; a failure is the row's result, and the run goes on."""
+            try:
+                torch._dynamo.reset()
+                patcher = make()
+                counters = torch._dynamo.utils.counters
+                counters.clear()
+                bench.sample(label, patcher, control=control)
+                breaks = dict(counters.get("graph_break", {}))
+                r = bench.results[label]
+                r["graph_breaks"] = sum(breaks.values())
+                r["graph_break_reasons"] = {str(k)[:160]: v for k, v in list(breaks.items())[:10]}
+                r["unique_graphs"] = counters["stats"].get("unique_graphs", 0)
+                r["recompiles"] = sum(counters.get("recompiles", {}).values())
+                r["first_step_includes"] = "compiling"
+                bench.on_result()
+            except Exception as e:  # report, don't lose the other numbers
+                bench.results[label] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+                log(f"{label} failed: {e}")
+            patcher = None  # dropped before unloading, so the baseline after it is measured without it
+            bench.unload()
+
+        def torch_compile_model():
+            node = comfy_nodes.NODE_CLASS_MAPPINGS["TorchCompileModel"]
+            with torch.inference_mode():
+                if hasattr(node, "execute") and hasattr(node, "define_schema"):
+                    return node.execute(m, "inductor").result[0]
+                return node().patch(m, "inductor")[0]
 
         # Each block one graph first (fullgraph=True raises on any break inside a block; the 57 blocks
-        # share two graphs: ~15 s to compile on an H200), then the whole model through ComfyUI's
-        # TorchCompileModel node (one graph of every block: ~95 s)
-        try:
-            from comfy_api.torch_helpers.torch_compile import set_torch_compile_wrapper
-
-            torch._dynamo.reset()
-            keys = block_keys(m)
-            bm = m.clone()
-            set_torch_compile_wrapper(bm, backend="inductor", fullgraph=True, keys=keys)
-            compiled_row("nf4+control compiled per block fullgraph", bm)
-            del bm
-        except Exception as e:
-            bench.results["nf4+control compiled per block fullgraph"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
-            log(f"per-block compile failed: {e}")
-        bench.unload()
-        try:  # bf16 the same way: what compiling alone gains
-            torch._dynamo.reset()
-            b = bf16_model()
-            set_torch_compile_wrapper(b, backend="inductor", fullgraph=True, keys=keys)
-            compiled_row("bf16 compiled per block fullgraph", b, control=False)
-            del b
-        except Exception as e:
-            bench.results["bf16 compiled per block fullgraph"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
-            log(f"bf16 per-block compile failed: {e}")
-        bench.unload()
-        try:
-            torch._dynamo.reset()
-            compile_node = comfy_nodes.NODE_CLASS_MAPPINGS["TorchCompileModel"]
-            with torch.inference_mode():
-                cm = compile_node.execute(m, "inductor").result[0] if hasattr(compile_node, "execute") and \
-                    hasattr(compile_node, "define_schema") else compile_node().patch(m, "inductor")[0]
-            compiled_row("nf4+control compiled", cm)
-            del cm
-        except Exception as e:  # report, don't lose the other numbers
-            bench.results["nf4+control compiled"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
-            log(f"compile failed: {e}")
+        # share two graphs: ~15 s to compile on an H200), bf16 the same way (what compiling alone
+        # gains), then the whole model through ComfyUI's TorchCompileModel node (one graph: ~95 s)
+        compiled_row("nf4+control compiled per block fullgraph", lambda: compiled_per_block(m.clone()))
+        compiled_row("bf16 compiled per block fullgraph", lambda: compiled_per_block(bf16_model()), control=False)
+        compiled_row("nf4+control compiled", torch_compile_model)
         del m
         bench.unload()
 

@@ -26,7 +26,6 @@ def main():
     args = ap.parse_args()
 
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     cfg = bg.FULL if args.full else bg.flux_width(4, 8)
 
@@ -34,7 +33,6 @@ def main():
         print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True)
 
     models = bg.write_inputs(args.workdir, cfg, "cuda", log, styles=False)
-    mf = bg.MODEL_FILE
     from quant_expand.inprocess import ComfyHost
 
     host = ComfyHost.start(args.comfyui, bg.REPO_ROOT, models, cpu=False, dynamic_vram=False,
@@ -44,7 +42,7 @@ def main():
     load = host.pack_module("nodes.load_bnb_flux").LoadBnbFlux
     nodes = host.pack_module("nodes.apply_control_lora")
     with torch.inference_mode():
-        nf4 = load.execute(mf, "nf4", True, "auto").result[0]
+        nf4 = load.execute(bg.MODEL_FILE, "nf4", True, "auto").result[0]
         a10 = nodes.ApplyControlLora.execute(nf4, "control.safetensors", 1.0).result[0]
         a07 = nodes.ApplyControlLora.execute(nf4, "control.safetensors", 0.7).result[0]
         sw = nodes.SetLoraScale.execute(a10, "control.safetensors", 0.7).result[0]
@@ -56,19 +54,10 @@ def main():
             medians[f"{name} r{rnd}"] = b.results[f"{name} r{rnd}"]["median_step_s"]
     profiles = {}
     for name, m in (("apply 1.0", a10), ("set 1.0->0.7", sw), ("apply 0.7", a07)):
-        b.sample(name + " warm", m, control=True)
-        b.steps = 2
-        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-            b.sample(name + " prof", m, control=True)
-        b.steps = 8
-        ev = prof.key_averages()
-        rows = sorted(((e.key[:90], e.count, round(getattr(e, "self_device_time_total", 0) / 1000, 2)) for e in ev),
-                      key=lambda r: -r[2])
+        rows, cpu_ms = bg.profiled_kernels(b, name, m, True)
         profiles[name] = rows[:14]
-        profiles[name + " totals"] = {
-            "gpu_ms": round(sum(getattr(e, "self_device_time_total", 0) for e in ev) / 1000, 1),
-            "cpu_self_ms": round(sum(e.self_cpu_time_total for e in ev) / 1000, 1),
-            "gpu_events": sum(e.count for e in ev if getattr(e, "self_device_time_total", 0) > 0)}
+        profiles[name + " totals"] = {"gpu_ms": round(sum(r["gpu_ms"] for r in rows), 1), "cpu_self_ms": cpu_ms,
+                                      "gpu_events": sum(r["calls"] for r in rows)}
         log(f"{name} totals: {profiles[name + ' totals']}")
     info = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
             "bitsandbytes": __import__("bitsandbytes").__version__,
