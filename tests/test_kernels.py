@@ -18,12 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from comfy_host import rel_err
+
 ROOT = Path(__file__).resolve().parent.parent
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton, bnb's CUDA kernels)")
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def quantized(rows, cols, quant_type, nested, blocksize, dtype, device, seed=0):
@@ -80,8 +78,8 @@ def test_merged_epilogue_adds_the_low_rank_product(dtype, rank, vector_scale):
     scaled_up = (up * scale).double() if vector_scale else 0.8 * up.double()
     exact = torch.nn.functional.pad(ref, (0, 64)) + scaled_up @ down.double()
     eps = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -11  # one rounding to the compute dtype
-    assert rel(got, exact) < eps
-    assert rel(got[:, 1024:], exact[:, 1024:]) < eps
+    assert rel_err(got, exact) < eps
+    assert rel_err(got[:, 1024:], exact[:, 1024:]) < eps
 
 
 def test_epilogue_only_where_a_tile_fits():
