@@ -37,7 +37,7 @@ WARMUP, CYCLES = 5, 50
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="GPU variant: runs where CUDA is available"))])
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (the GPU variant of the leak test)"))])
 def test_apply_rescale_sample_drop_cycles_leave_memory_flat(device, tmp_path):
     comfy = os.environ.get("COMFYUI_PATH")
     if not comfy:

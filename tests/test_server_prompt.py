@@ -174,7 +174,7 @@ def test_non_flux_file_reports_error_then_server_recovers(server):
     assert rel_err(a, b) < 1e-6
 
 
-@pytest.mark.skipif(os.environ.get("BNB_FLUX_SERVER_DEVICE") != "gpu", reason="GPU run only (BNB_FLUX_SERVER_DEVICE=gpu)")
+@pytest.mark.skipif(os.environ.get("BNB_FLUX_SERVER_DEVICE") != "gpu", reason="needs a CUDA GPU: GPU run only (BNB_FLUX_SERVER_DEVICE=gpu)")
 def test_gpu_server_runs_with_dynamic_vram(server):
     """On NVIDIA, ComfyUI's main.py turns dynamic VRAM on: the stock model gets ModelPatcherDynamic while
     Load BnB Flux keeps its own non-dynamic patcher, in the same server and the same prompt."""
