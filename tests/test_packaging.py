@@ -47,3 +47,30 @@ def test_web_directory_exists():
     with open(os.path.join(REPO_ROOT, "__init__.py")) as f:
         assert 'WEB_DIRECTORY = "./web"' in f.read()
     assert os.path.isfile(os.path.join(REPO_ROOT, "web", "bnb_flux.js"))
+
+
+def test_one_supported_comfyui_version(pyproject):
+    """quant_expand/supported_comfyui.py names the ComfyUI release; pyproject, the README, the quick
+    start's known archives and CI's pinned host all say the same."""
+    from quant_expand.supported_comfyui import COMFYUI_ARCHIVES, COMFYUI_VERSION
+
+    assert pyproject["tool"]["comfy"]["requires-comfyui"] == f">={COMFYUI_VERSION}"
+    with open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    assert f"ComfyUI {COMFYUI_VERSION} (tested)" in readme and f"`v{COMFYUI_VERSION}` tag of ComfyUI" in readme
+    assert set(COMFYUI_ARCHIVES.values()) == {COMFYUI_VERSION}
+    with open(os.path.join(REPO_ROOT, ".ci", "run"), encoding="utf-8") as f:
+        ci = f.read()
+    assert re.findall(r"ComfyUI-([0-9.]+)\.tar\.gz", ci) == [COMFYUI_VERSION]
+
+
+def test_quickstart_reads_the_same_version():
+    """quickstart.py runs before anything is installed: it reads the constants file, not the package."""
+    import runpy
+
+    from quant_expand import supported_comfyui
+
+    qs = runpy.run_path(os.path.join(REPO_ROOT, "quickstart.py"))
+    assert qs["SUPPORTED"]["COMFYUI_VERSION"] == supported_comfyui.COMFYUI_VERSION
+    vt = supported_comfyui.version_tuple
+    assert vt("0.3.64") < vt("0.33.0") < vt("0.33.1") < vt("1.0") and vt("0.34.0rc1") == (0, 34, 0)
