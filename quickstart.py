@@ -314,8 +314,9 @@ def candidate_pythons(tree: str) -> list[tuple[str, str]]:
     found.append((os.path.join(os.path.dirname(tree), "python_embeded", "python.exe"), "the portable build's Python"))
     seen, out = set(), []
     for python, origin in found:
-        if os.path.isfile(python) and os.path.realpath(python) not in seen:
-            seen.add(os.path.realpath(python))
+        # not realpath: a venv's python is a link to the base Python, whose packages it does not see
+        if os.path.isfile(python) and os.path.abspath(python) not in seen:
+            seen.add(os.path.abspath(python))
             out.append((python, origin))
     return out
 
@@ -483,7 +484,9 @@ def main(argv=None) -> int:
         return 0
     if args.command == "demo":
         return run([python, "-m", "quant_expand.cli", "demo", "--comfyui", tree, *rest], tree)
-    return run([python, "-m", "pytest", "tests", *rest], tree)
+    # the whole suite unless test files or folders are named
+    named = any(not a.startswith("-") and (os.path.exists(os.path.join(REPO_ROOT, a.split("::")[0]))) for a in rest)
+    return run([python, "-m", "pytest", *([] if named else ["tests"]), *rest], tree)
 
 
 if __name__ == "__main__":

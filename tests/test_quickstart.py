@@ -97,7 +97,19 @@ def test_comfyui_path_runs_with_that_comfyuis_own_python(qs, monkeypatch):
 def test_a_python_without_comfyuis_requirements_is_not_taken(qs, tmp_path):
     archive = write_tree_archive(str(tmp_path / "host.tar.gz"))
     tree = tmp_path / "ComfyUI"
-    tarfile.open(archive).extractall(tmp_path, filter="data")
+    with tarfile.open(archive) as t:
+        t.extractall(tmp_path, filter="data")
     os.rename(tmp_path / "ComfyUI-0.33.0", tree)
     (tree / "requirements.txt").write_text("a-distribution-nobody-has==1.0\n")
     assert qs["hosts_own_python"](str(tree)) is None
+
+
+def test_a_venv_inside_comfyui_is_a_candidate_even_when_its_python_links_to_this_one(qs, tmp_path):
+    """A venv's python is a link to the base interpreter; the two are different environments."""
+    if os.name == "nt":
+        pytest.skip("needs symlinks (POSIX venv layout)")
+    tree = tmp_path / "ComfyUI"
+    (tree / "venv" / "bin").mkdir(parents=True)
+    os.symlink(sys.executable, tree / "venv" / "bin" / "python")
+    found = [p for p, _ in qs["candidate_pythons"](str(tree))]
+    assert str(tree / "venv" / "bin" / "python") in found
