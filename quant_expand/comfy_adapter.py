@@ -91,6 +91,8 @@ def detect_flux(ckpt: FluxCheckpoint):
 
 def describe_source(ckpt: FluxCheckpoint) -> str:
     """One line on what the file holds, for the log and the node's output text."""
+    if ckpt.scaled:
+        return f"{ckpt.name}: {ckpt.describe_layout()}"
     if not ckpt.is_prequantized:
         return f"{ckpt.name}: full precision ({ckpt.describe_layout()})"
     s = ckpt.quant_summary()
@@ -739,13 +741,22 @@ class AppliedLoras:
         return patcher.get_attachment(APPLIED_LORAS) or AppliedLoras()
 
 
+def is_linear_layer(module) -> bool:
+    """A Linear of any op class ComfyUI builds FLUX with: ``comfy.ops.mixed_precision_ops.Linear`` (scaled
+    fp8, ``comfy_quant`` files) is a plain ``nn.Module`` with a weight and in/out features, not an
+    ``nn.Linear``."""
+    return isinstance(module, torch.nn.Linear) or (
+        isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int)
+        and "weight" in getattr(module, "_parameters", {}))
+
+
 def linear_shapes(patcher) -> dict[str, tuple[int, int]]:
     """BFL name -> (out, in) of every Linear of the diffusion model as this clone will run it
     (a widened img_in counts with its new width)."""
     dm = patcher.get_model_object("diffusion_model")
     shapes = {}
     for name, m in dm.named_modules():
-        if isinstance(m, torch.nn.Linear):
+        if is_linear_layer(m):
             current = patcher.get_model_object(f"diffusion_model.{name}")
             shapes[name] = (current.out_features, current.in_features)
     for key, patch_list in patcher.patches.items():  # widening queued on a stock patcher (ComfyUI's reshape)

@@ -16,6 +16,8 @@ _ST_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+if hasattr(torch, "float8_e8m0fnu"):  # MXFP8 block scales (ComfyUI mixed-precision files)
+    _ST_DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2, torch.float64)
 
 

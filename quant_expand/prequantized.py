@@ -36,6 +36,7 @@ import bitsandbytes.functional as bnbf
 import torch
 from bitsandbytes.functional import QuantState
 
+from . import scaled_formats
 from .formats import FLOAT_DTYPES, BnbFluxError, TensorFile
 from .spec import QuantSpec
 
@@ -522,18 +523,26 @@ class FluxCheckpoint:
         self._pieces: dict[str, PieceInfo] = {}
         self._linears: dict[str, list[tuple[str, int, Optional[int]]]] = {}
         self._others: dict[str, str] = {}
+        self.scaled: dict[str, scaled_formats.ScaledLayer] = {}
         if self.layout is None:  # not FLUX: keep every key so the host can tell what the file is
             self._others = {k: k for k in keys}
             self._plans = {}
             return
+        # another tool's quantization (ComfyUI scaled fp8, comfy_quant): read as float32, quantized like bf16
+        self.scaled = scaled_formats.scaled_layers(tensors, under, self.prefix, self.name)
+        if self.scaled:
+            self.notes.append(f"{len(self.scaled)} Linear layers stored by ComfyUI as "
+                              f"{scaled_formats.describe_formats(self.scaled)}: read as their stored values times "
+                              f"their scales, then quantized with the node's quant_type")
         modules = _stored_modules(under)
+        modules.update({m: "float" for m in self.scaled})
         for k in under:  # float Linears: the remaining 2-D float weights (FLUX.1 has no other 2-D weights)
             if k.endswith(".weight") and k[: -len(".weight")] not in modules and len(tensors.shape(k)) == 2 \
                     and tensors.dtype(k) in FLOAT_DTYPES:
                 modules[k[: -len(".weight")]] = "float"
         for m, kind in modules.items():
             self._pieces[m] = self._piece_info(m, kind)
-        consumed = set()
+        consumed = scaled_formats.consumed_keys(under, self.scaled, self.prefix)
         for m, kind in modules.items():
             consumed.update(_module_keys(m, kind, tensors))
         if self.layout == "diffusers":
@@ -580,6 +589,10 @@ class FluxCheckpoint:
     def _piece_info(self, module: str, kind: str) -> PieceInfo:
         t = self.tensors
         wkey = f"{module}.weight"
+        scaled = self.scaled.get(module)
+        if scaled is not None:
+            return PieceInfo(module, "float", scaled.logical_shape(t.shape(wkey)), torch.float32,
+                             stored_bytes=scaled_formats.stored_bytes(t, scaled))
         if kind == "float":
             shape = t.shape(wkey)
             return PieceInfo(module, "float", tuple(shape), t.dtype(wkey), stored_bytes=_nbytes(t, wkey))
@@ -773,6 +786,8 @@ class FluxCheckpoint:
     def _read_piece(self, info: PieceInfo, staging: Optional[torch.Tensor] = None) -> StoredLinear:
         t, m = self.tensors, info.module
         bias = t.get(f"{m}.bias") if f"{m}.bias" in t else None
+        if m in self.scaled:
+            return StoredLinear("float", weight=scaled_formats.dequantize(self.scaled[m], t, self.name), bias=bias)
         weight = t.get(f"{m}.weight", out=staging if info.kind == "float" else None)
         if info.kind == "float":
             return StoredLinear("float", weight=weight, bias=bias)
@@ -809,6 +824,9 @@ class FluxCheckpoint:
         return {"kinds": kinds, "schemes": schemes, "fusions": fusions, "linears": len(self._linears)}
 
     def describe_layout(self) -> str:
+        if self.scaled:
+            return (f"ComfyUI-quantized ({scaled_formats.describe_formats(self.scaled)}), "
+                    f"{_LAYOUT_NAMES.get(self.layout, 'unknown names')}: dequantized on load")
         if not self.is_prequantized:
             return f"full precision, {_LAYOUT_NAMES.get(self.layout, 'unknown names')}"
         kinds = {p.kind for p in self._pieces.values()}
