@@ -122,6 +122,12 @@ class TensorFile:
     def close(self):
         self._handle = None
 
+    def __enter__(self) -> "TensorFile":
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
 
 def strip_prefix(keys: Iterable[str], prefix: str) -> dict[str, str]:
     """Map model keys (prefix removed) to file keys, for keys under ``prefix``."""

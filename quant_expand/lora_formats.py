@@ -14,14 +14,21 @@ Formats (detected from the keys, one per file):
 Canonical form: every low-rank update is a :class:`LoraLayer` on a BFL Linear, already in BFL row
 order, with the rows it targets; the weight delta at strength ``s`` is
 ``s * scale * up @ down`` on rows ``[row_offset, row_offset + rows)`` (``down`` zero-padded on the
-right when the layer is wider), and the bias delta is ``s * bias`` on the same rows (not scaled by
-alpha/rank: ComfyUI applies ``diff_b`` at plain strength, and PEFT adds ``lora_B.bias`` unscaled).
+right when the layer is wider), and the bias delta is ``s * bias`` on the same rows: a ``lora_B.bias`` is
+scaled by alpha/rank like the weight, as PEFT's forward does (``lora_B(lora_A(x)) * scaling``, bias
+included); ComfyUI's own ``diff_b`` is applied at plain strength, as ComfyUI does.
+
+alpha: an ``.alpha`` tensor per layer, else the PEFT ``LoraConfig`` that diffusers' ``save_lora_weights``
+keeps in the file's ``lora_adapter_metadata`` (``lora_alpha``, ``alpha_pattern``/``rank_pattern``,
+``use_rslora``), else none (scale 1).
 
 Pure torch: never imports ComfyUI (``comfy.utils.flux_to_diffusers`` is what the tests check the
 diffusers name table against).
 """
 from __future__ import annotations
 
+import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional
@@ -59,7 +66,7 @@ class LoraLayer:
     up: torch.Tensor            # [rows, rank] (lora_B / lora_up), rows already in BFL order
     alpha: Optional[float]      # None -> scale 1; else scale alpha/rank
     row_offset: int = 0         # first row of the (fused) weight this update targets
-    bias: Optional[torch.Tensor] = None   # bias delta [rows] on the same rows (lora_B.bias / diff_b), not alpha-scaled
+    bias: Optional[torch.Tensor] = None   # bias delta [rows] at strength 1 on the same rows (alpha/rank applied)
     source: str = ""            # the module's name in the file, for messages ("transformer.x_embedder")
 
     @property
@@ -87,6 +94,8 @@ class ParsedLora:
     bias_diffs: dict[str, torch.Tensor] = field(default_factory=dict)
     # Text-encoder keys (lora_te*, text_encoder*): left for a CLIP/T5 loader, not applied here.
     text_encoder_keys: list[str] = field(default_factory=list)
+    # where the alpha came from when it was not an .alpha tensor, for the node's text
+    alpha_note: str = ""
 
     @property
     def is_control(self) -> bool:
@@ -100,6 +109,8 @@ class ParsedLora:
         if self.norm_sets:
             parts.append(f"{len(self.norm_sets)} norm scales set")
         parts += [f"{m} widened to {w} inputs" for m, w in self.widened.items()]
+        if self.alpha_note:
+            parts.append(self.alpha_note)
         kind = "Control LoRA" if self.is_control else "LoRA"
         return f"{self.name}: {self.source_format} {kind}, " + ", ".join(parts)
 
@@ -496,6 +507,56 @@ def _norm_key(module: str, family: str, name: str) -> str:
     return key
 
 
+# ---------------------------------------------------------------- alpha from metadata
+
+ADAPTER_METADATA = "lora_adapter_metadata"  # diffusers' save_lora_weights: PEFT's LoraConfig, "transformer." keys
+
+
+class PeftScaling(NamedTuple):
+    """PEFT's per-module scale rule, from a LoraConfig: ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA),
+    ``alpha_pattern`` overriding alpha for the modules it matches."""
+
+    lora_alpha: float
+    alpha_pattern: dict
+    use_rslora: bool
+
+    def scale(self, module: str, rank: int) -> float:
+        alpha = self.lora_alpha
+        for pattern, value in self.alpha_pattern.items():  # peft.utils.other.get_pattern_key's rule
+            if re.match(rf"(.*\.)?({pattern})$", module):
+                alpha = float(value)
+                break
+        return alpha / (math.sqrt(rank) if self.use_rslora else rank)
+
+
+def peft_scaling(metadata: Optional[dict], name: str) -> Optional[PeftScaling]:
+    """The LoraConfig diffusers keeps in the file's metadata (its ``transformer.`` entries), or None."""
+    raw = (metadata or {}).get(ADAPTER_METADATA)
+    if not raw:
+        return None
+    try:
+        config = json.loads(raw)
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+        prefixed = {k[len("transformer."):]: v for k, v in config.items() if k.startswith("transformer.")}
+        config = prefixed or config
+        if "lora_alpha" not in config:
+            return None
+        alpha = float(config["lora_alpha"])
+        patterns = config.get("alpha_pattern") or {}
+        if not isinstance(patterns, dict):
+            raise ValueError("alpha_pattern is not a mapping")
+        for pattern, value in patterns.items():
+            re.compile(pattern)
+            float(value)
+        if not math.isfinite(alpha):
+            raise ValueError(f"lora_alpha is {alpha}")
+        return PeftScaling(alpha, dict(patterns), bool(config.get("use_rslora", False)))
+    except (ValueError, TypeError, re.error) as e:
+        raise LoraFormatError(f"{name}: its {ADAPTER_METADATA} metadata is not a readable LoRA config ({e}); "
+                              f"the file is damaged: download it again") from e
+
+
 # ---------------------------------------------------------------- parse
 
 def parse_lora(tensors, name: str, modules: dict[str, tuple[int, int]]) -> ParsedLora:
@@ -555,6 +616,8 @@ def parse_lora(tensors, name: str, modules: dict[str, tuple[int, int]]) -> Parse
     layers: list[LoraLayer] = []
     bias_diffs: dict[str, torch.Tensor] = {}
     widened: dict[str, int] = {}
+    config = peft_scaling(getattr(tensors, "metadata", None), name)
+    from_config = set()
     for module, group in groups.items():
         target = targets[module]
         source = "" if family in ("bfl", "comfy") else (module if family == "diffusers" else "lora_unet_" + module)
@@ -595,11 +658,17 @@ def parse_lora(tensors, name: str, modules: dict[str, tuple[int, int]]) -> Parse
             if alpha_t.numel() != 1:
                 raise LoraFormatError(f"{name}: {alpha_key} has {alpha_t.numel()} values, expected one number")
             alpha = float(alpha_t.reshape(()).item())
-        _check_magnitude(name, what, down, up, 1.0 if alpha is None else alpha / down.shape[0])
+        elif config is not None:  # as an alpha over this rank: LoraLayer.scale is alpha / rank
+            alpha = config.scale(module, down.shape[0]) * down.shape[0]
+            from_config.add(alpha / down.shape[0])
+        scale = 1.0 if alpha is None else alpha / down.shape[0]
+        _check_magnitude(name, what, down, up, scale)
         bias = None
         if "bias" in group:
             _check_vector(name, what, group["bias"], rows)
-            bias = group["bias"][1]
+            bias_key, bias = group["bias"]
+            if not bias_key.endswith(".diff_b") and scale != 1.0:
+                bias = bias * scale  # PEFT: lora_B's output, its bias included, times alpha / r
         if target.swap_halves:
             # diffusers' norm_out.linear emits (scale, shift); BFL's adaLN_modulation.1 emits (shift, scale).
             # Only the output rows move: lora_A mixes inputs and stays as it is.
@@ -633,9 +702,15 @@ def parse_lora(tensors, name: str, modules: dict[str, tuple[int, int]]) -> Parse
 
     order = {m: i for i, m in enumerate(modules)}
     layers.sort(key=lambda l: (order[l.module], l.row_offset))
+    alpha_note = ""
+    if from_config:
+        scales = ", ".join(f"{v:.4g}" for v in sorted(from_config))
+        alpha_note = (f"alpha {config.lora_alpha:g} from the file's {ADAPTER_METADATA}"
+                      f"{' (rsLoRA)' if config.use_rslora else ''}{' with alpha_pattern' if config.alpha_pattern else ''}: "
+                      f"scale {scales}")
     return ParsedLora(name=name, source_format=family, layers=layers,
                       norm_sets={k: norm_sets[k] for k in sorted(norm_sets, key=_norm_order(modules))},
-                      widened=widened, bias_diffs=bias_diffs, text_encoder_keys=te_keys)
+                      widened=widened, bias_diffs=bias_diffs, text_encoder_keys=te_keys, alpha_note=alpha_note)
 
 
 def _norm_order(modules):
