@@ -1,4 +1,5 @@
 """The pack's ComfyUI nodes (V3 API). Node ids and input names are public API: keep them stable."""
+from . import host_check  # noqa: F401  (names an unsupported ComfyUI in the log at start-up)
 from .apply_control_lora import ApplyControlLora, SetLoraScale
 from .load_bnb_flux import LoadBnbFlux
 from .save_bnb_flux import SaveBnbFlux

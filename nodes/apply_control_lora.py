@@ -9,6 +9,7 @@ from comfy_api.latest import io
 from ..quant_expand.comfy_adapter import apply_lora, linear_shapes, set_lora_scale
 from ..quant_expand.formats import BnbFluxError, TensorFile
 from ..quant_expand.lora_formats import parse_lora
+from .host_check import require_supported_host
 from .load_bnb_flux import CATEGORY
 
 STRENGTH_TOOLTIP = (
@@ -72,6 +73,7 @@ class ApplyControlLora(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora_name, strength) -> io.NodeOutput:
+        require_supported_host()
         check_strength(lora_name, strength)
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         tensors = TensorFile(path)
@@ -103,5 +105,6 @@ class SetLoraScale(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora_name, strength) -> io.NodeOutput:
+        require_supported_host()
         check_strength(lora_name, strength)
         return io.NodeOutput(set_lora_scale(model, lora_name, float(strength)))

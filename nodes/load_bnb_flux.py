@@ -7,6 +7,7 @@ import comfy.utils
 from comfy_api.latest import io
 
 from ..quant_expand.comfy_adapter import load_bnb_flux
+from .host_check import require_supported_host
 
 CATEGORY = "loaders/bnb flux"
 
@@ -72,6 +73,7 @@ class LoadBnbFlux(io.ComfyNode):
 
     @classmethod
     def execute(cls, unet_name, quant_type, double_quant, compute_dtype, quantize_img_in=False) -> io.NodeOutput:
+        require_supported_host()
         path = model_path(unet_name)
         options = {"quant_type": quant_type, "double_quant": bool(double_quant), "compute_dtype": compute_dtype,
                    "quantize_img_in": bool(quantize_img_in)}

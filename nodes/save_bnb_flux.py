@@ -10,6 +10,7 @@ from comfy_api.latest import io
 
 from ..quant_expand.comfy_adapter import bnb_flux_state_for_saving
 from ..quant_expand.prequantized import save_flux_file
+from .host_check import require_supported_host
 
 CATEGORY = "loaders/bnb flux"
 log = logging.getLogger("comfyui-bnb-flux")
@@ -38,6 +39,7 @@ class SaveBnbFlux(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, filename_prefix) -> io.NodeOutput:
+        require_supported_host()
         tensors, metadata = bnb_flux_state_for_saving(model, progress=comfy.utils.ProgressBar)
         output_dir = folder_paths.get_output_directory()
         folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, output_dir)

@@ -1,8 +1,8 @@
 """The ComfyUI release this pack is built and tested against: the one place that names it.
 
 pyproject.toml's ``requires-comfyui``, the README and the quick start's host set-up are checked against
-these by ``tests/test_packaging.py``. Standard library only and no imports at all: ``quickstart.py`` reads
-this file before anything is installed.
+these by ``tests/test_packaging.py``. Standard library only: ``quickstart.py`` reads this file before anything
+is installed, and the pack's start-up reads it without parsing TOML (no ``tomllib`` on Python 3.10).
 """
 
 # Oldest release the pack runs on, and the one its tests run against.
@@ -16,6 +16,29 @@ COMFYUI_REPOSITORY = "https://github.com/comfyanonymous/ComfyUI.git"
 COMFYUI_ARCHIVES = {
     "ba500f452ff903abbc368ca9ee767d695769bc4050ba170c841a711015174310": "0.33.0",
 }
+
+
+def installed_version(comfyui_root: str):
+    """The ``__version__`` in ``comfyui_root/comfyui_version.py`` (read as text, never run), or None."""
+    import os
+    import re
+
+    try:
+        with open(os.path.join(comfyui_root, "comfyui_version.py"), encoding="utf-8") as f:
+            found = re.search(r"""^__version__\s*=\s*["']([^"']+)["']""", f.read(), re.M)
+    except OSError:
+        return None
+    return found.group(1) if found else None
+
+
+def host_problem(comfyui_root: str):
+    """What to tell the user when the ComfyUI at ``comfyui_root`` is older than the pack needs, or None."""
+    found = installed_version(comfyui_root)
+    if found is None or version_tuple(found) >= version_tuple(COMFYUI_VERSION):
+        return None
+    return (f"comfyui-bnb-flux needs ComfyUI {COMFYUI_VERSION} or newer, and this is ComfyUI {found}: update "
+            f"ComfyUI (git pull and pip install -r requirements.txt, or ComfyUI-Manager's Update ComfyUI), then "
+            f"restart it; until then the BnB Flux nodes do not run")
 
 
 def version_tuple(version: str) -> tuple:

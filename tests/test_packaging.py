@@ -61,7 +61,7 @@ def test_one_supported_comfyui_version(pyproject):
     assert set(COMFYUI_ARCHIVES.values()) == {COMFYUI_VERSION}
     with open(os.path.join(REPO_ROOT, ".ci", "run"), encoding="utf-8") as f:
         ci = f.read()
-    assert re.findall(r"ComfyUI-([0-9.]+)\.tar\.gz", ci) == [COMFYUI_VERSION]
+    assert re.findall(r"COMFYUI_ARCHIVE=\S*ComfyUI-([0-9.]+)\.tar\.gz", ci) == [COMFYUI_VERSION]
 
 
 def test_quickstart_reads_the_same_version():
