@@ -56,9 +56,10 @@ def forge_state_dict(sd: dict, quant: str, double_quant: bool, prefix: str = "mo
 
 
 def diffusers_state_dict(sd: dict, cfg: TinyFluxConfig, quant: Optional[str], double_quant: bool = False,
-                         skip=("proj_out",)) -> dict:
+                         skip=()) -> dict:
     """A diffusers FluxTransformer2DModel state dict of a BFL one: q/k/v (+ proj_mlp) split, norm_out's
-    halves swapped; every Linear but ``skip`` quantized with bnb (diffusers keeps the output layer)."""
+    halves swapped; every Linear but ``skip`` quantized with bnb (diffusers 0.42 quantizes every Linear,
+    ``proj_out`` and ``x_embedder`` included; ``llm_int8_skip_modules`` keeps some in full precision)."""
     pieces, norms = diffusers_pieces(cfg)
     out = {}
     for module in linear_modules(cfg):
