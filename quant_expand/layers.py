@@ -165,7 +165,10 @@ class QuantLinear:
         device, dtype = x.device, x.dtype
         # prepared at load time (BnbModelPatcher): torch.compile then traces straight through, since
         # building it means looking into bnb's parameter subclass, which dynamo cannot trace
-        run = self._run_state(device, dtype)
+        streamed = self.__dict__.get("_stream")  # offloaded by a partial load: see quant_expand.streaming
+        run = streamed.run_state(device, dtype) if streamed is not None else None
+        if run is None:
+            run = self._run_state(device, dtype)
         static_bias = run.static_bias
         bias = run.bias if static_bias else self._bias_for(device, dtype)
         delta = self.lora_delta
@@ -211,9 +214,22 @@ class QuantLinear:
             return F.linear(x, w, bias)
         return _add_low_rank(_linear_prefix(x, w, bias, stored), x, down, up, scale)
 
+    # -- streamed placement (quant_expand.streaming) ------------------------------------------
+    def stream_sources(self) -> list[torch.Tensor]:
+        """The host tensors a streamed placement copies to the GPU ahead of each use: the stored bytes
+        and the per-block statistics (the small constant state stays on the device)."""
+        raise NotImplementedError
+
+    def stream_run_state(self, views: list[torch.Tensor], bias: Optional[torch.Tensor], device, dtype) -> "_RunState":
+        """The run state on ``views`` (device copies of :meth:`stream_sources`, persistent, refilled
+        before each use) with ``bias`` already on the device: the kernels a resident layer would run."""
+        dequantize, small_matmul, merged = self._streamed_kernels(views, device, dtype)
+        return _RunState(None, bias, device, dtype, dequantize, True, small_matmul, merged)
+
     # -- device moves -------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
         self.__dict__.pop("_run", None)  # holds the tensors of the old placement
+        self.__dict__.pop("_stream", None)
         weight = self._parameters.get("weight")
         if weight is None or weight.device.type == "meta":
             return super()._apply(fn, recurse)
@@ -446,7 +462,23 @@ class QLinear4bit(QuantLinear, bnb.nn.Linear4bit):
         qs = param.quant_state
         if param.device != device or qs.dtype != dtype or qs.absmax.device != device:
             return super()._kernels(device, dtype)  # offloaded (lowvram) or another dtype: per call
-        packed = param.data  # a plain tensor: no parameter-subclass dispatch per call
+        return self._kernels_on(param.data, qs, device, dtype)  # a plain tensor: no subclass dispatch
+
+    def stream_sources(self):
+        qs = self.weight.quant_state
+        return [self.weight.data, qs.absmax] + ([qs.state2.absmax] if qs.nested else [])
+
+    def _streamed_kernels(self, views, device, dtype):
+        src = self.weight.quant_state
+        qs = copy.copy(src)
+        qs.dtype, qs.absmax, qs.code = dtype, views[1], src.code.to(device)
+        if src.nested:
+            qs.state2 = copy.copy(src.state2)
+            qs.state2.absmax, qs.state2.code = views[2], src.state2.code.to(device)
+            qs.offset = torch.as_tensor(src.offset).to(device)
+        return self._kernels_on(views[0], qs, device, dtype)
+
+    def _kernels_on(self, packed, qs, device, dtype):
         if device.type == "cuda" and _Cuda4bit.usable(qs):
             cuda = _Cuda4bit(packed, qs)
             # the fused LoRA epilogue runs tensor-core GEMMs: 16-bit compute dtypes only (epilogue_ok)
@@ -522,8 +554,16 @@ class QLinear8bit(QuantLinear, bnb.nn.Linear8bitLt):
         param = self.weight
         if param.device != device or param.SCB.device != device:
             return super()._kernels(device, dtype)
-        cb = param.data
-        scale = (param.SCB / 127.0).to(dtype)  # as dequantize_stored computes it, kept
+        return self._kernels_on(param.data, param.SCB, device, dtype)
+
+    def stream_sources(self):
+        return [self.weight.data]
+
+    def _streamed_kernels(self, views, device, dtype):
+        return self._kernels_on(views[0], self.weight.SCB.to(device), device, dtype)
+
+    def _kernels_on(self, cb, scb, device, dtype):
+        scale = (scb / 127.0).to(dtype)  # as dequantize_stored computes it, kept
         rows = scale[:, None]
         mode = self.cuda_dequant if device.type == "cuda" else "promote"
         if mode == "triton" and cb.is_contiguous():

@@ -118,6 +118,30 @@ class LazyLoraDelta:
             r += t.rank
         return down, up
 
+    def host_stack(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``down``/``up`` on the CPU in ``dtype``, as :meth:`stacked` lays them out: the source a streamed
+        layer copies to the GPU. One term that already is the whole stack is returned as it is (no second
+        host copy of the LoRA)."""
+        if len(self.terms) == 1:
+            t = self.terms[0]
+            if (t.row_offset == 0 and t.up.shape[0] == self.out_features and t.down.shape[1] == self.in_features
+                    and t.down.dtype == dtype and t.up.dtype == dtype and t.down.device.type == "cpu"
+                    and t.up.device.type == "cpu" and t.down.is_contiguous() and t.up.is_contiguous()):
+                return t.down, t.up
+        return self._stack(torch.device("cpu"), dtype)
+
+    def use_stack(self, device, dtype, down: torch.Tensor, up: torch.Tensor):
+        """Take ``down``/``up`` (device views a streamer refills before each use) as the stacked terms."""
+        self._stack_cache = {(indexed_device(device), dtype): (down, up)}
+
+    def drop_stack(self):
+        """Forget the stacked terms (a streamer's views, refilled with other layers' bytes once it stops)."""
+        self._stack_cache = {}
+
+    def stack_bytes(self, dtype) -> int:
+        """Bytes of the stacked terms in ``dtype`` (what :meth:`stacked` puts on the compute device)."""
+        return self.rank * (self.in_features + self.out_features) * torch.empty(0, dtype=dtype).element_size()
+
     def bias_on(self, device, dtype):
         """The summed bias delta on ``device`` in ``dtype`` (None without bias terms). The unscaled terms
         are uploaded once (and kept across strength changes, see :meth:`adopt_stack`); the sum is formed on

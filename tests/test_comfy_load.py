@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_host import quantized_hash, rel_err, sample_direct, sampling_graph
+from comfy_host import denoise_once, quantized_hash, rel_err, sample_direct, sampling_graph
 from quant_expand.synthetic import TinyFluxConfig, make_lora, make_tiny_flux, save_safetensors
 
 CFG = TinyFluxConfig()
@@ -160,16 +160,6 @@ class TestStockLoraNodes:
             assert quantized_hash(host, model) == before
         assert torch.equal(sample_direct(model), base)  # removing the LoRAs restores the exact output
         assert quantized_hash(host, model) == before
-
-
-def denoise_once(patcher, size=16, seed=5):
-    """One call of the FLUX denoiser (BaseModel.apply_model) with the patcher's current loading."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 16, size, size, generator=g)
-    ctx, pooled = torch.randn(1, 8, CFG.context_in_dim, generator=g), torch.randn(1, CFG.vec_in_dim, generator=g)
-    with torch.inference_mode():
-        return patcher.model.apply_model(x, torch.tensor([0.7]), c_crossattn=ctx, y=pooled,
-                                         guidance=torch.tensor([3.5]))
 
 
 class TestModelManagement:

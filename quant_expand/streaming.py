@@ -1,0 +1,196 @@
+"""Quantized layers that do not fit the GPU budget, copied to the GPU a few blocks ahead of the compute.
+
+ComfyUI's lowvram partial load leaves the layers that do not fit on the offload device; stock, a layer's
+weight is then copied when the layer is reached, and the GPU waits for it. Here the offloaded layers are
+grouped into units (a FLUX block, or one top-level layer). Each unit's tensors (packed bytes, quantization
+statistics, stacked LoRA factors) have a pinned host source and a persistent device view in one of a few
+slot buffers, unit ``u`` in slot ``u % slots``. Entering unit ``u`` makes the compute stream wait for u's
+copy and starts copying the next ``slots - 1`` units on a side stream, each after the unit that held its
+slot has finished on the compute stream (events order the two streams; the order wraps around, so the
+last block fetches the first for the next step). The views never move, so each layer's kernels are set up
+once on them and are the same kernels a resident layer runs: where the bytes lived changes no result.
+
+Pure torch; which layers stream is ComfyUI's decision (``quant_expand.comfy_adapter``).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import torch
+
+log = logging.getLogger("comfyui-bnb-flux")
+
+ALIGN = 512            # every view starts where the caching allocator would put a tensor of its own
+PIN_IN_PLACE = 1 << 20  # tensors from this size are pinned where they are; smaller ones get a pinned copy
+
+
+_BLOCK_LIST = ("double_blocks.", "single_blocks.")
+
+
+def stream_unit_name(layer: str) -> str:
+    """The unit a layer streams with: its FLUX block (``double_blocks.3``), else the layer itself. Units
+    run in the order they are registered, which is FLUX's order of execution."""
+    for root in _BLOCK_LIST:
+        at = layer.find(root)
+        if at == 0 or (at > 0 and layer[at - 1] == "."):
+            index = layer[at + len(root):].split(".", 1)[0]
+            return layer[: at + len(root)] + index
+    return layer
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+class StreamUnit:
+    """The offloaded tensors of one unit: ``sources`` (host) and, once placed, their device ``views``."""
+
+    def __init__(self, name: str, sources: list[torch.Tensor]):
+        self.name = name
+        self.sources = sources
+        self.offsets = []
+        size = 0
+        for t in sources:
+            self.offsets.append(size)
+            size += _aligned(t.numel() * t.element_size())
+        self.nbytes = size
+        self.views: list[torch.Tensor] = []
+
+
+class LayerStreamer:
+    """Copies units into ``slots`` device buffers on a side stream, ahead of their use (see module doc).
+
+    ``pin(t) -> bool`` pins a host tensor in place (ComfyUI's ``model_management.pin_memory``, with its
+    accounting), ``unpin(t)`` undoes it; ``pinned_copies`` says whether small sources may get pinned copies
+    (False when pinned memory is disabled: sources stay pageable and the copies block the host)."""
+
+    def __init__(self, device: torch.device, units: list[StreamUnit], slots: int = 3,
+                 pin: Optional[Callable[[torch.Tensor], bool]] = None,
+                 unpin: Optional[Callable[[torch.Tensor], bool]] = None, pinned_copies: bool = True):
+        self.device = torch.device(device)
+        self.units = units
+        self.slots = max(1, min(slots, len(units)))
+        self._unpin = unpin
+        self._pinned_here: list[torch.Tensor] = []
+        self.pageable_bytes = 0
+        self.pinned_copy_bytes = 0
+        for unit in units:
+            unit.sources = [self._pinned(t, pin, pinned_copies) for t in unit.sources]
+        self.slot_bytes = max((u.nbytes for u in units), default=0)
+        self.buffers = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(self.slots)]
+        for i, unit in enumerate(units):
+            buf = self.buffers[i % self.slots]
+            unit.views = [buf[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+                          for o, t in zip(unit.offsets, unit.sources)]
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._filled = [-1] * self.slots          # unit index whose bytes each slot holds (or is receiving)
+        self._copied = [self._event() for _ in range(self.slots)]
+        self._released = [self._event() for _ in range(self.slots)]
+        self.current: Optional[int] = None
+        self.bytes_copied = 0                     # host -> device bytes since the last reset (benchmarks)
+        self.layout: tuple = ()                   # what the patcher streams (see BnbModelPatcher._stream_layout)
+        self.counted_bytes = 0                    # what the patcher added to the model's loaded memory
+        if self.pageable_bytes:
+            log.info("Load BnB Flux: %.0f MiB of offloaded layers stay in pageable memory (pinning refused or "
+                     "disabled): their copies hold the host up", self.pageable_bytes / 2**20)
+
+    @property
+    def device_bytes(self) -> int:
+        return self.slot_bytes * self.slots
+
+    def _event(self):
+        return torch.cuda.Event() if self.device.type == "cuda" else None
+
+    def _pinned(self, t: torch.Tensor, pin, pinned_copies: bool) -> torch.Tensor:
+        if t.device.type != "cpu" or self.device.type != "cuda":
+            return t
+        t = t if t.is_contiguous() else t.contiguous()
+        if t.is_pinned():
+            return t
+        nbytes = t.numel() * t.element_size()
+        if nbytes >= PIN_IN_PLACE and pin is not None and pin(t):
+            self._pinned_here.append(t)
+            return t
+        if pinned_copies and nbytes < PIN_IN_PLACE:
+            self.pinned_copy_bytes += nbytes
+            return torch.empty_like(t, pin_memory=True).copy_(t)
+        self.pageable_bytes += nbytes
+        return t
+
+    def views(self, unit: int) -> list[torch.Tensor]:
+        return self.units[unit].views
+
+    def enter(self, unit: int):
+        """Called by every streamed layer before it computes: cheap when ``unit`` is already current."""
+        if unit == self.current:
+            return
+        if self.stream is None:  # CPU: nothing to overlap (only plans and tests get here)
+            self._copy_now(unit)
+            self.current = unit
+            return
+        compute = torch.cuda.current_stream(self.device)
+        if self.current is not None:
+            self._released[self.current % self.slots].record(compute)
+        self._fetch(unit)
+        compute.wait_event(self._copied[unit % self.slots])
+        self.current = unit
+        for k in range(1, self.slots):
+            self._fetch((unit + k) % len(self.units))
+
+    def _fetch(self, unit: int):
+        slot = unit % self.slots
+        if self._filled[slot] == unit:
+            return
+        u = self.units[unit]
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(self._released[slot])  # whatever held the slot is done with it
+            for src, dst in zip(u.sources, u.views):
+                dst.copy_(src, non_blocking=True)
+            self._copied[slot].record(self.stream)
+        self._filled[slot] = unit
+        self.bytes_copied += u.nbytes
+
+    def _copy_now(self, unit: int):
+        slot = unit % self.slots
+        if self._filled[slot] != unit:
+            u = self.units[unit]
+            for src, dst in zip(u.sources, u.views):
+                dst.copy_(src)
+            self._filled[slot] = unit
+            self.bytes_copied += u.nbytes
+
+    def close(self):
+        """Unpin what was pinned in place and free the slots (the model is being unloaded or re-planned)."""
+        if self.stream is not None:
+            self.stream.synchronize()
+        for t in self._pinned_here:
+            if self._unpin is not None:
+                self._unpin(t)
+        self._pinned_here = []
+        self.buffers = []
+        for unit in self.units:
+            unit.views = []
+        self.units = []
+
+
+class StreamedPlacement:
+    """What a streamed layer's forward uses instead of its own placement: its unit in the streamer and the
+    run state built once on the unit's device views (see ``layers.QuantLinear.forward``)."""
+
+    __slots__ = ("streamer", "unit", "run", "device", "dtype")
+
+    def __init__(self, streamer: LayerStreamer, unit: int, run, device: torch.device, dtype: torch.dtype):
+        self.streamer, self.unit, self.run, self.device, self.dtype = streamer, unit, run, device, dtype
+
+    def run_state(self, device, dtype):
+        if device != self.device or dtype != self.dtype:
+            return None
+        self.streamer.enter(self.unit)
+        return self.run
+
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        return (type(None), ())

@@ -1,0 +1,72 @@
+"""quant_expand.streaming.LayerStreamer: units copied into a few slots ahead of use (no ComfyUI).
+
+What a unit's views hold when the compute stream reaches it must be exactly its sources, whatever order
+units are entered in (in order, wrapping around, out of order, one unit re-entered): checked with
+``torch.equal`` on every tensor, read on the compute stream right after ``enter``. On CUDA the copies run on
+a side stream with events ordering them, so the check also catches a missing wait.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quant_expand.streaming import LayerStreamer, StreamUnit, stream_unit_name
+
+
+def make_units(n=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    units = []
+    for i in range(n):
+        sources = [torch.randint(0, 255, (1000 + 37 * i,), dtype=torch.uint8, generator=g),
+                   torch.randn(3, 50 + i, generator=g), torch.randn(17, generator=g).to(torch.bfloat16)]
+        units.append(StreamUnit(f"double_blocks.{i}", sources))
+    return units
+
+
+ORDERS = [list(range(7)) * 3, [0, 1, 2, 1, 3, 6, 5, 4, 0, 0, 3], [5] * 3 + [2, 5, 2]]
+
+
+def check(streamer, units, order, device):
+    expected = [[t.clone() for t in u.sources] for u in units]
+    for i in order:
+        streamer.enter(i)
+        for got, want in zip(streamer.views(i), expected[i]):
+            assert torch.equal(got.cpu(), want), (i, order)
+        if device.type == "cuda":  # work on the compute stream, so the side stream can run ahead of it
+            torch.cuda._sleep(200_000)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_views_hold_their_units_sources_in_any_order_on_cpu(order):
+    units = make_units()
+    streamer = LayerStreamer(torch.device("cpu"), units, slots=3)
+    assert streamer.slot_bytes == max(u.nbytes for u in units) and len(streamer.buffers) == 3
+    check(streamer, units, order, torch.device("cpu"))
+    streamer.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (side-stream copies and events)")
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("slots", [1, 2, 3])
+def test_views_hold_their_units_sources_in_any_order_on_cuda(order, slots):
+    units = make_units()
+    streamer = LayerStreamer(torch.device("cuda"), units, slots=slots, pin=lambda t: False)
+    assert all(t.is_pinned() for u in units for t in u.sources)  # small sources: pinned copies
+    check(streamer, units, order, torch.device("cuda"))
+    streamer.close()
+
+
+def test_views_are_aligned_and_units_share_slots_round_robin():
+    units = make_units()
+    streamer = LayerStreamer(torch.device("cpu"), units, slots=3)
+    for i, u in enumerate(units):
+        base = streamer.buffers[i % 3].data_ptr()
+        assert all((v.data_ptr() - base) % 512 == 0 for v in u.views)
+        assert all(v.dtype == s.dtype and v.shape == s.shape for v, s in zip(u.views, u.sources))
+
+
+def test_unit_names_are_flux_blocks_or_the_layer():
+    assert stream_unit_name("diffusion_model.double_blocks.12.img_attn.qkv") == "diffusion_model.double_blocks.12"
+    assert stream_unit_name("single_blocks.3.linear1") == "single_blocks.3"
+    assert stream_unit_name("diffusion_model.txt_in") == "diffusion_model.txt_in"
+    assert stream_unit_name("diffusion_model.my_single_blocks.3.x") == "diffusion_model.my_single_blocks.3.x"
