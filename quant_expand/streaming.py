@@ -136,7 +136,10 @@ class LayerStreamer:
         compute.wait_event(self._copied[unit % self.slots])
         self.current = unit
         for k in range(1, self.slots):
-            self._fetch((unit + k) % len(self.units))
+            ahead = (unit + k) % len(self.units)
+            if ahead % self.slots == unit % self.slots:  # wrapped round onto the slot in use: not yet
+                break
+            self._fetch(ahead)
 
     def _fetch(self, unit: int):
         slot = unit % self.slots
