@@ -5,6 +5,7 @@ same run.
     python bench/bench_gpu.py --comfyui PATH --phase legacy  --workdir DIR --out FILE
     python bench/bench_gpu.py --comfyui PATH --phase dynamic --workdir DIR --out FILE
     python bench/bench_gpu.py --comfyui PATH --phase paired  --workdir DIR --out FILE [--compiled]
+    python bench/bench_gpu.py --comfyui PATH --phase lowvram --workdir DIR --out FILE [--dynamic-vram]
     python bench/bench_gpu.py --comfyui PATH --phase legacy --small --cpu ...   (a quick dry run)
 
 legacy (ComfyUI's classic ModelPatcher): writes a bf16 safetensors of the 11.9 B-parameter model to
@@ -18,6 +19,8 @@ dynamic (ComfyUI's dynamic VRAM, set up as main.py does): bf16, NF4, NF4 + Contr
 under torch.compile, each block one graph, then ComfyUI's TorchCompileModel node, graph breaks counted.
 paired (legacy patcher): only the paired rounds, for every quantization; --compiled adds rounds of
 bf16 and NF4 + Control with every block compiled.
+lowvram: a really smaller card (8, 6, 4 GiB free, held by a ballast process), one command per memory mode
+(--dynamic-vram for dynamic VRAM); see bench/lowvram_phase.py.
 """
 from __future__ import annotations
 
@@ -446,9 +449,9 @@ def run(args):
 
     from quant_expand.inprocess import ComfyHost
 
-    extra = ["--disable-dynamic-vram"] if args.phase != "dynamic" and not args.cpu else []
-    host = ComfyHost.start(args.comfyui, REPO_ROOT, models, cpu=args.cpu,
-                           dynamic_vram=(args.phase == "dynamic" and not args.cpu), extra_args=extra)
+    dynamic = (args.phase == "dynamic" or args.dynamic_vram) and not args.cpu
+    extra = ["--disable-dynamic-vram"] if not dynamic and not args.cpu else []
+    host = ComfyHost.start(args.comfyui, REPO_ROOT, models, cpu=args.cpu, dynamic_vram=dynamic, extra_args=extra)
     host.cpu = args.cpu
     import comfy.model_management as mm
     import nodes as comfy_nodes
@@ -492,6 +495,13 @@ def run(args):
         bench.sample("bf16", m)
         del m
         bench.unload()
+
+    if args.phase == "lowvram":  # a really smaller card (bench/lowvram_phase.py)
+        from lowvram_phase import run_lowvram
+
+        run_lowvram(args, bench, host, load_bnb, apply, bf16_model, info, save, log)
+        log(f"wrote {args.out}")
+        return
 
     if args.phase == "paired":  # only the paired ratios, every quantization (about 4 minutes)
         nf4 = load_bnb("nf4")
@@ -734,7 +744,8 @@ def bench_parser() -> argparse.ArgumentParser:
 
 def main():
     ap = bench_parser()
-    ap.add_argument("--phase", choices=["legacy", "dynamic", "paired"], default="legacy")
+    ap.add_argument("--phase", choices=["legacy", "dynamic", "paired", "lowvram"], default="legacy")
+    ap.add_argument("--dynamic-vram", action="store_true", help="--phase lowvram: with ComfyUI's dynamic VRAM")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of --phase paired")
     ap.add_argument("--compiled", action="store_true",
                     help="--phase paired: also bf16 and NF4 + Control with every block compiled")

@@ -1,0 +1,206 @@
+"""``bench_gpu.py --phase lowvram``: a really smaller card, through ComfyUI's model management.
+
+A ballast process holds all but N GiB of the GPU for each budget (8, 6, 4 GiB free), so ``mem_get_info``,
+NVML and ComfyUI's estimates all see N and an overshoot is a real out-of-memory error; ComfyUI keeps its
+default reserve. Rows: stock bf16 + Control (UNETLoader + LoraLoaderModelOnly), NF4 + Control and NF4 +
+Control + two style LoRAs (Load BnB Flux + Apply Control LoRA), each sampled uncapped first (two paired
+rounds, bf16 again in each) and then, per budget, in two rounds. Per row: ratio to uncapped bf16 + Control,
+the device's lowest free memory during the row (sampled ``mem_get_info``: torch's counters miss other
+allocators), host-to-device bytes per step (the pack's streamer counts them; for stock, ComfyUI's
+offloaded bytes), the floor max(compute, bytes / pinned bandwidth) with both measured in this run, and
+whether the capped latents equal the uncapped ones bit for bit. One command per memory mode
+(``--dynamic-vram``: ComfyUI's dynamic VRAM, set up as main.py does).
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+GIB = 2 ** 30
+BUDGETS_GIB = (8, 6, 4)
+
+# The ballast: a second process on the same GPU that takes all but N GiB, measured after its own CUDA
+# context exists, and holds it until its stdin closes.
+BALLAST = r"""
+import sys, torch
+keep = int(float(sys.argv[1]) * 2**30)
+torch.cuda.init()
+free, total = torch.cuda.mem_get_info()
+hold = []
+while free > keep + 64 * 2**20:
+    chunk = min(free - keep, 2 * 2**30)
+    hold.append(torch.empty(chunk, dtype=torch.uint8, device="cuda"))
+    free, total = torch.cuda.mem_get_info()
+print(f"ready {free} {sum(t.numel() for t in hold)}", flush=True)
+sys.stdin.read()
+"""
+
+
+class Ballast:
+    def __init__(self, free_gib: float):
+        self.proc = subprocess.Popen([sys.executable, "-c", BALLAST, str(free_gib)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline().split()
+        if not line or line[0] != "ready":
+            raise RuntimeError(f"ballast did not start: {line}")
+        self.free, self.held = int(line[1]), int(line[2])
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+class FreeMemoryFloor:
+    """The lowest ``mem_get_info`` free memory while the block runs (sampled every 5 ms)."""
+
+    def __enter__(self):
+        import torch
+
+        self.torch, self._stop, self.low = torch, threading.Event(), 0
+        if not torch.cuda.is_available():  # a CPU dry run
+            self.thread = None
+            return self
+        self.low = torch.cuda.mem_get_info()[0]
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.low = min(self.low, self.torch.cuda.mem_get_info()[0])
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self.thread is not None:
+            self.thread.join()
+
+
+def pinned_bandwidth_gbps():
+    import torch
+
+    out = {}
+    for pinned in (True, False):
+        src = torch.empty(GIB, dtype=torch.uint8, pin_memory=pinned)
+        dst = torch.empty(GIB, dtype=torch.uint8, device="cuda")
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            dst.copy_(src, non_blocking=True)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        out["pinned" if pinned else "pageable"] = round(GIB / statistics.median(times) / 1e9, 1)
+        del src, dst
+    torch.cuda.empty_cache()
+    return out
+
+
+def run_lowvram(args, bench, host, load_bnb, apply, bf16_model, info, save, log):
+    import torch
+    import comfy.model_management as mm
+    import nodes as comfy_nodes
+
+    adapter = host.pack_module("quant_expand.comfy_adapter")
+    info["host_to_device_GBps"] = pinned_bandwidth_gbps() if bench.cuda else {"pinned": 1.0, "pageable": 1.0}
+    bw = info["host_to_device_GBps"]["pinned"] * 1e9
+    log(f"host to device: {info['host_to_device_GBps']} GB/s")
+    steps_per_run = bench.steps + 1
+
+    def stock_control():
+        with torch.inference_mode():
+            return comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(bf16_model(), "control.safetensors", 1.0)[0]
+
+    nf4 = load_bnb("nf4")
+    ctl = apply(nf4, "control.safetensors", 1.0)
+    s2 = apply(apply(ctl, "style1.safetensors", 0.8), "style2.safetensors", 0.6)
+    ours = {"nf4+control": ctl, "nf4+control+2style": s2}
+    latents, table = {}, {}
+
+    def row(label, key, model, budget):
+        """One sampling run; returns the row's result dict (or its error)."""
+        def streamer():
+            return getattr(model.model, adapter.STREAMER_ATTR, None)
+
+        before = streamer()
+        before_bytes = before.bytes_copied if before is not None else 0
+        try:
+            with FreeMemoryFloor() as floor:
+                out = bench.sample(label, model, control=True, preload=False)
+        except Exception as e:  # an out-of-memory error is a result
+            bench.results[label] = {"error": f"{type(e).__name__}: {e}"[:1500]}
+            log(f"{label} failed: {e}")
+            bench.unload()
+            return bench.results[label]
+        r = bench.results[label]
+        s = streamer()
+        r["lowest_free_gib"] = round(floor.low / GIB, 3)
+        r["model_lowvram"] = bool(getattr(model.model, "model_lowvram", False))
+        r["loaded_gib"] = round(model.model.model_loaded_weight_memory / GIB, 3)
+        r["model_size_gib"] = round(model.model_size() / GIB, 3)
+        if s is not None:
+            copied = s.bytes_copied - (before_bytes if s is before else 0)
+            r["h2d_bytes_per_step_gib"] = round(copied / steps_per_run / GIB, 3)
+            r["streamed_units"] = len(s.units)
+            r["slot_gib"] = round(s.device_bytes / GIB, 3)
+            r["pageable_mib"] = round(s.pageable_bytes / 2**20, 1)
+        elif r["model_lowvram"]:  # stock: ComfyUI casts its offloaded weights every step
+            r["h2d_bytes_per_step_gib"] = round((model.model_size() - model.model.model_loaded_weight_memory) / GIB, 3)
+        if key in ours:
+            ref = latents.get((key, None))
+            if budget is None and ref is None:
+                latents[(key, None)] = out.clone()
+            elif ref is not None:
+                r["bitwise_equal_to_uncapped"] = bool(torch.equal(out, ref))
+        bench.on_result()
+        return r
+
+    uncapped = {"bf16+control": [], "nf4+control": [], "nf4+control+2style": []}
+    bf = stock_control()
+    for rnd in range(2):
+        for key, model in (("bf16+control", bf), *ours.items()):
+            r = row(f"uncapped r{rnd} {key}", key, model, None)
+            if "median_step_s" in r:
+                uncapped[key].append(r["median_step_s"])
+    bench.unload()
+    base = statistics.median(uncapped["bf16+control"])
+    table["all"] = {k: round(statistics.median(v) / base, 3) for k, v in uncapped.items() if v}
+    compute = {k: statistics.median(v) for k, v in uncapped.items() if v}
+    info["uncapped_bf16_control_s"] = uncapped["bf16+control"]
+    log(f"uncapped ratios: {table['all']}")
+    save()
+
+    for budget in BUDGETS_GIB if bench.cuda else ():  # a CPU dry run stops here
+        bench.unload()
+        mm.unload_all_models()
+        gc.collect()
+        torch.cuda.empty_cache()
+        ballast = Ballast(budget)
+        log(f"{budget} GiB: ballast holds {ballast.held / GIB:.2f} GiB, {ballast.free / GIB:.2f} GiB free")
+        per = {k: [] for k in uncapped}
+        try:
+            for rnd in range(2):
+                for key, model in (("bf16+control", bf), *ours.items()):
+                    r = row(f"{budget} GiB r{rnd} {key}", key, model, budget)
+                    r["free_gib_at_start"] = round(ballast.free / GIB, 2)
+                    if "median_step_s" in r:
+                        per[key].append(r["median_step_s"])
+                        moved = r.get("h2d_bytes_per_step_gib", 0) * GIB
+                        r["ratio_to_uncapped_bf16"] = round(r["median_step_s"] / base, 3)
+                        r["floor_ratio"] = round(max(compute[key], moved / bw) / base, 3)
+                bench.unload()
+        finally:
+            ballast.close()
+        table[f"{budget} GiB"] = {k: (round(statistics.median(v) / base, 3) if v else "error") for k, v in per.items()}
+        log(f"{budget} GiB free: {table[f'{budget} GiB']}")
+        info["table"] = table
+        save()
+    info["table"] = table
+    save()
