@@ -623,7 +623,7 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
         return total
 
     def _layer_lora_bytes(self, name: str, module) -> int:
-        itemsize = torch.empty(0, dtype=self._compute_dtype()).element_size()
+        itemsize = self._compute_dtype().itemsize
         total = 0
         for patch in self.patches.get(f"{name}.weight", []):
             term = _plain_lora_term(patch, module, f"{name}.weight")
@@ -645,7 +645,7 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
     def memory_required(self, input_shape):
         # on top of ComfyUI's activation estimate: one layer's weight dequantized into the compute dtype
         # (and, merged with a LoRA, written by the kernel's epilogue) exists during that layer's GEMM
-        itemsize = torch.empty(0, dtype=self._compute_dtype()).element_size()
+        itemsize = self._compute_dtype().itemsize
         largest = max((m.out_features * m.in_features for _, m in self._quantized_modules()), default=0)
         return super().memory_required(input_shape) + 2 * largest * itemsize
 
@@ -753,13 +753,12 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
         dtype = self._compute_dtype()
         units, members = {}, {}
         for name, module in offloaded:
-            sources = module.stream_sources()
+            own = module.stream_sources()
             delta = module.lora_delta
-            if delta is not None and delta.terms:
-                sources = sources + list(delta.host_stack(dtype))
+            lora = list(delta.host_stack(dtype)) if delta is not None and delta.terms else []
             unit = stream_unit_name(name)
-            units.setdefault(unit, []).extend(sources)
-            members.setdefault(unit, []).append((name, module, len(sources)))
+            units.setdefault(unit, []).extend(own + lora)
+            members.setdefault(unit, []).append((module, len(own), len(lora)))
         mm = comfy.model_management
         streamer = LayerStreamer(device, [StreamUnit(u, srcs) for u, srcs in units.items()], slots=STREAM_SLOTS,
                                  pin=mm.pin_memory, unpin=mm.unpin_memory, pinned_copies=mm.MAX_PINNED_MEMORY > 0)
@@ -767,19 +766,18 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
         for index, (unit, layers) in enumerate(members.items()):
             views = streamer.views(index)
             at = 0
-            for name, module, count in layers:
-                mine, at = views[at:at + count], at + count
+            for module, n_own, n_lora in layers:
+                own, lora, at = views[at:at + n_own], views[at + n_own:at + n_own + n_lora], at + n_own + n_lora
                 bias = module.bias.detach().to(device=device, dtype=dtype) if module.bias is not None else None
                 resident += bias.nbytes if bias is not None else 0
-                n_own = len(module.stream_sources())
                 delta = module.lora_delta
-                if delta is not None and delta.terms:
-                    delta.use_stack(device, dtype, *mine[n_own:])
-                run = module.stream_run_state(mine[:n_own], bias, device, dtype)
+                if lora:
+                    delta.use_stack(device, dtype, *lora)
+                run = module.stream_run_state(own, bias, device, dtype)
                 module.__dict__["_stream"] = StreamedPlacement(streamer, index, run, device, dtype)
                 if delta is not None and delta.bias_terms:
                     delta.bias_with(bias, device, dtype)
-                    resident += module.out_features * torch.empty(0, dtype=dtype).element_size()
+                    resident += module.out_features * dtype.itemsize
         streamer.layout = self._stream_layout(offloaded)
         streamer.counted_bytes = streamer.device_bytes + resident
         self.model.model_loaded_weight_memory += streamer.counted_bytes
@@ -789,10 +787,10 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
                  streamer.slots, streamer.slot_bytes / 2**20)
 
     def _stream_layout(self, offloaded) -> tuple:
-        """What the streamed bytes depend on: the layers and the LoRA tensors their deltas stack (by
-        identity); a strength change keeps it, another LoRA does not."""
-        return tuple((name, module.lora_delta._layout() if module.lora_delta is not None else ())
-                     for name, module in offloaded)
+        """What the streamed bytes depend on under this patcher's patches: the layers and the LoRA tensors
+        their deltas stack (by identity); a strength change keeps it, another LoRA does not."""
+        return tuple((name, build_lazy_delta(self.patches.get(f"{name}.weight") or [], module,
+                                             f"{name}.weight")._layout()) for name, module in offloaded)
 
     def _stop_streaming(self):
         streamer = getattr(self.model, STREAMER_ATTR, None)
@@ -907,9 +905,7 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
         if streamer is None:
             return False
         offloaded = [(n, mod) for n, mod in self._quantized_modules() if _offloaded(mod)]
-        layout = tuple((name, build_lazy_delta(self.patches.get(f"{name}.weight") or [], mod, f"{name}.weight")._layout())
-                       for name, mod in offloaded)
-        return layout == streamer.layout
+        return self._stream_layout(offloaded) == streamer.layout
 
     def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
         setattr(self.model, MERGED_ATTR, None)

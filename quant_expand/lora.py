@@ -140,7 +140,7 @@ class LazyLoraDelta:
 
     def stack_bytes(self, dtype) -> int:
         """Bytes of the stacked terms in ``dtype`` (what :meth:`stacked` puts on the compute device)."""
-        return self.rank * (self.in_features + self.out_features) * torch.empty(0, dtype=dtype).element_size()
+        return self.rank * (self.in_features + self.out_features) * dtype.itemsize
 
     def bias_on(self, device, dtype):
         """The summed bias delta on ``device`` in ``dtype`` (None without bias terms). The unscaled terms

@@ -20,7 +20,6 @@ Pure torch: never imports ComfyUI or comfy-kitchen (a plain file never reaches t
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -231,4 +230,4 @@ def describe_formats(layers: dict[str, ScaledLayer]) -> str:
 
 def stored_bytes(tensors, layer: ScaledLayer) -> int:
     keys = [f"{layer.module}.weight", layer.scale, layer.scale_2, layer.pre_quant_scale]
-    return sum(math.prod(tensors.shape(k)) * torch.empty(0, dtype=tensors.dtype(k)).element_size() for k in keys if k)
+    return sum(tensors.nbytes(k) for k in keys if k)

@@ -126,7 +126,7 @@ class LayerStreamer:
         if unit == self.current:
             return
         if self.stream is None:  # CPU: nothing to overlap (only plans and tests get here)
-            self._copy_now(unit)
+            self._fetch(unit)
             self.current = unit
             return
         compute = torch.cuda.current_stream(self.device)
@@ -146,22 +146,17 @@ class LayerStreamer:
         if self._filled[slot] == unit:
             return
         u = self.units[unit]
-        with torch.cuda.stream(self.stream):
-            self.stream.wait_event(self._released[slot])  # whatever held the slot is done with it
-            for src, dst in zip(u.sources, u.views):
-                dst.copy_(src, non_blocking=True)
-            self._copied[slot].record(self.stream)
-        self._filled[slot] = unit
-        self.bytes_copied += u.nbytes
-
-    def _copy_now(self, unit: int):
-        slot = unit % self.slots
-        if self._filled[slot] != unit:
-            u = self.units[unit]
+        if self.stream is None:
             for src, dst in zip(u.sources, u.views):
                 dst.copy_(src)
-            self._filled[slot] = unit
-            self.bytes_copied += u.nbytes
+        else:
+            with torch.cuda.stream(self.stream):
+                self.stream.wait_event(self._released[slot])  # whatever held the slot is done with it
+                for src, dst in zip(u.sources, u.views):
+                    dst.copy_(src, non_blocking=True)
+                self._copied[slot].record(self.stream)
+        self._filled[slot] = unit
+        self.bytes_copied += u.nbytes
 
     def close(self):
         """Unpin what was pinned in place and free the slots (the model is being unloaded or re-planned)."""
