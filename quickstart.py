@@ -341,26 +341,33 @@ def pip(python: str, *args: str):
         raise SetupError(f"pip failed: {shlex.join(cmd)}")
 
 
+@contextlib.contextmanager
+def lines_file(lines: list[str]):
+    """A temporary requirements/constraints file holding ``lines`` (Windows: closed before pip reads it)."""
+    f = tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False)
+    f.write("\n".join(lines) + "\n")
+    f.close()
+    try:
+        yield f.name
+    finally:
+        os.unlink(f.name)
+
+
 def install_torch_specs(python: str, specs: list[str]) -> list[str]:
     """The pinned torch packages, in order; one whose own pins contradict the torch already installed
     (a torchaudio that only exists for an older torch) goes in without its dependencies, said aloud.
     Returns constraints that keep them where they are while the rest installs."""
     kept = []
     for spec in specs:
-        constraint = tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False)
-        constraint.write("\n".join(kept) + "\n")
-        constraint.close()
-        try:
-            cmd = [python, "-m", "pip", "install", "--disable-pip-version-check", "-q", spec, "-c", constraint.name]
+        with lines_file(kept) as constraint:
+            cmd = [python, "-m", "pip", "install", "--disable-pip-version-check", "-q", spec, "-c", constraint]
             say(f"pip install {spec}")
             if subprocess.call(cmd) == 0:
                 kept.append(spec)
                 continue
-            say(f"{spec} asks for other versions of {', '.join(kept) or 'its dependencies'}: installing it without "
-                f"its dependencies (ComfyUI only imports it)")
-            pip(python, "-q", "--no-deps", spec)
-        finally:
-            os.unlink(constraint.name)
+        say(f"{spec} asks for other versions of {', '.join(kept) or 'its dependencies'}: installing it without "
+            f"its dependencies (ComfyUI only imports it)")
+        pip(python, "-q", "--no-deps", spec)
     return kept
 
 
@@ -384,22 +391,9 @@ def make_venv(tree: str, version: str, cache: str, torch_specs: list[str]) -> st
     if torch_specs:
         constraints = install_torch_specs(python, torch_specs)
         requirements = [r for r in requirements if requirement_name(r) not in TORCH_PACKAGES]
-    reqs = tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False)
-    reqs.write("\n".join(requirements + sum(pack_requirements(True).values(), [])) + "\n")
-    reqs.close()
-    pins = None
-    try:
-        args = ["-q", "-r", reqs.name]
-        if constraints:
-            pins = tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False)
-            pins.write("\n".join(constraints) + "\n")
-            pins.close()
-            args += ["-c", pins.name]
-        pip(python, *args)
-    finally:
-        os.unlink(reqs.name)
-        if pins is not None:
-            os.unlink(pins.name)
+    with lines_file(requirements + sum(pack_requirements(True).values(), [])) as reqs, \
+            lines_file(constraints) as pins:
+        pip(python, "-q", "-r", reqs, *(["-c", pins] if constraints else []))
     say("checking that ComfyUI starts with it (main.py --cpu --quick-test-for-ci)")
     check = subprocess.run([python, "main.py", "--cpu", "--quick-test-for-ci"], cwd=tree, capture_output=True,
                            text=True, timeout=600)
