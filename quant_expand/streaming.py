@@ -78,12 +78,16 @@ class LayerStreamer:
         for unit in units:
             unit.sources = [self._pinned(t, pin, pinned_copies) for t in unit.sources]
         self.slot_bytes = max((u.nbytes for u in units), default=0)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.buffers = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(self.slots)]
         for i, unit in enumerate(units):
             buf = self.buffers[i % self.slots]
             unit.views = [buf[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
                           for o, t in zip(unit.offsets, unit.sources)]
-        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        if self.stream is not None:
+            # the caching allocator may hand the slots memory that kernels queued on the compute stream still
+            # use (freed there, safe there): the side stream writes the slots only after those kernels
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
         self._filled = [-1] * self.slots          # unit index whose bytes each slot holds (or is receiving)
         self._copied = [self._event() for _ in range(self.slots)]
         self._released = [self._event() for _ in range(self.slots)]
