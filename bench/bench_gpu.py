@@ -747,6 +747,9 @@ def main():
     ap.add_argument("--phase", choices=["legacy", "dynamic", "paired", "lowvram"], default="legacy")
     ap.add_argument("--dynamic-vram", action="store_true", help="--phase lowvram: with ComfyUI's dynamic VRAM")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of --phase paired")
+    ap.add_argument("--budgets", help="--phase lowvram: free GiB to cap at, comma-separated (default 8,6,4)")
+    ap.add_argument("--profile", action="store_true",
+                    help="--phase lowvram: one more NF4 + Control run per budget under torch.profiler")
     ap.add_argument("--compiled", action="store_true",
                     help="--phase paired: also bf16 and NF4 + Control with every block compiled")
     ap.add_argument("--steps", type=int, default=5, help="timed steps after the first")

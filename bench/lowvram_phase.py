@@ -14,6 +14,7 @@ whether the capped latents equal the uncapped ones bit for bit. One command per 
 from __future__ import annotations
 
 import gc
+import gzip
 import json
 import os
 import statistics
@@ -82,6 +83,71 @@ class FreeMemoryFloor:
             self.thread.join()
 
 
+def _union(intervals):
+    out = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def _length(intervals) -> float:
+    return sum(b - a for a, b in intervals)
+
+
+def _minus(intervals, cover):
+    """The parts of ``intervals`` (a union) that ``cover`` (a union) does not cover."""
+    out, j = [], 0
+    for a, b in intervals:
+        while j < len(cover) and cover[j][1] <= a:
+            j += 1
+        k, start = j, a
+        while k < len(cover) and cover[k][0] < b:
+            if cover[k][0] > start:
+                out.append([start, cover[k][0]])
+            start = max(start, cover[k][1])
+            k += 1
+        if start < b:
+            out.append([start, b])
+    return out
+
+
+def timeline_summary(trace_path: str, step_s: float, steps: int = 4) -> dict:
+    """What a ``torch.profiler`` chrome trace of a sampling run says about its last ``steps`` steps (the
+    first holds the model's load), per step in seconds: the compute stream's busy time (kernels) and idle
+    time (waiting for copies, for the host, launch gaps), the host-to-device copy time, and the part of it
+    no kernel of the compute stream overlaps. ``step_s``: the run's median step, which sets the window."""
+    with gzip.open(trace_path) if trace_path.endswith(".gz") else open(trace_path) as f:
+        events = json.load(f)["traceEvents"]
+    kernels, copies = {}, []
+    for e in events:
+        dur = e.get("dur")
+        if dur is None:
+            continue
+        span = (e["ts"] / 1e6, (e["ts"] + dur) / 1e6)
+        if e.get("cat") == "kernel":
+            kernels.setdefault(e.get("args", {}).get("stream"), []).append(span)
+        elif e.get("cat") == "gpu_memcpy" and "HtoD" in e.get("name", ""):
+            copies.append(span)
+    if not kernels:
+        return {}
+    busy = _union(kernels[max(kernels, key=lambda k: sum(b - a for a, b in kernels[k]))])
+    hi = busy[-1][1]
+    lo = hi - steps * step_s
+
+    def clip(intervals):
+        return [[max(a, lo), min(b, hi)] for a, b in intervals if b > lo and a < hi]
+
+    busy, copy = clip(busy), _union(clip(copies))
+    return {"steps": steps, "step_s": round(step_s, 4),
+            "compute_busy_per_step_s": round(_length(busy) / steps, 4),
+            "compute_idle_per_step_s": round((hi - lo - _length(busy)) / steps, 4),
+            "h2d_copy_per_step_s": round(_length(copy) / steps, 4),
+            "h2d_not_under_compute_per_step_s": round(_length(_minus(copy, busy)) / steps, 4)}
+
+
 def pinned_bandwidth_gbps():
     import torch
 
@@ -143,7 +209,7 @@ def run_lowvram(args, bench, host, load_bnb, apply, bf16_model, info, save, log)
         s = streamer()
         r["lowest_free_gib"] = round(floor.low / GIB, 3)
         r["model_lowvram"] = bool(getattr(model.model, "model_lowvram", False))
-        r["loaded_gib"] = round(model.model.model_loaded_weight_memory / GIB, 3)
+        r["loaded_gib"] = round(model.loaded_size() / GIB, 3)  # dynamic VRAM: mapped VBAR pages included
         r["model_size_gib"] = round(model.model_size() / GIB, 3)
         if s is not None:
             copied = s.bytes_copied - (before_bytes if s is before else 0)
@@ -151,6 +217,7 @@ def run_lowvram(args, bench, host, load_bnb, apply, bf16_model, info, save, log)
             r["streamed_units"] = len(s.units)
             r["slot_gib"] = round(s.device_bytes / GIB, 3)
             r["pageable_mib"] = round(s.pageable_bytes / 2**20, 1)
+            r["streamer"] = type(s).__name__
         elif r["model_lowvram"]:  # stock: ComfyUI casts its offloaded weights every step
             r["h2d_bytes_per_step_gib"] = round((model.model_size() - model.model.model_loaded_weight_memory) / GIB, 3)
         if key in ours:
@@ -177,7 +244,27 @@ def run_lowvram(args, bench, host, load_bnb, apply, bf16_model, info, save, log)
     log(f"uncapped ratios: {table['all']}")
     save()
 
-    for budget in BUDGETS_GIB if bench.cuda else ():  # a CPU dry run stops here
+    def profile(label, key, budget):
+        """One more run of a row under torch.profiler (its time is not a ratio: the profiler slows the host
+        side); its trace summarised by timeline_summary, the gzipped trace kept beside the results JSON."""
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        name = label.replace(" ", "-").replace("+", "_")
+        trace = os.path.join(os.path.dirname(os.path.abspath(args.out)), f"trace-{name}.json")
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            r = row(label, key, ours[key], budget)
+        prof.export_chrome_trace(trace)
+        with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
+            dst.write(src.read())
+        os.remove(trace)
+        summary = timeline_summary(trace + ".gz", r["median_step_s"]) if "median_step_s" in r else {}
+        info.setdefault("timelines", {})[label] = summary
+        log(f"{label} timeline: {summary}")
+
+    if getattr(args, "profile", False) and bench.cuda:
+        profile("profiled uncapped nf4+control", "nf4+control", None)
+    budgets = tuple(int(b) for b in args.budgets.split(",")) if getattr(args, "budgets", None) else BUDGETS_GIB
+    for budget in budgets if bench.cuda else ():  # a CPU dry run stops here
         bench.unload()
         mm.unload_all_models()
         gc.collect()
@@ -195,6 +282,9 @@ def run_lowvram(args, bench, host, load_bnb, apply, bf16_model, info, save, log)
                         moved = r.get("h2d_bytes_per_step_gib", 0) * GIB
                         r["ratio_to_uncapped_bf16"] = round(r["median_step_s"] / base, 3)
                         r["floor_ratio"] = round(max(compute[key], moved / bw) / base, 3)
+                bench.unload()
+            if getattr(args, "profile", False):
+                profile(f"profiled {budget} GiB nf4+control", "nf4+control", budget)
                 bench.unload()
         finally:
             ballast.close()
