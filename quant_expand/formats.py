@@ -25,6 +25,16 @@ class BnbFluxError(ValueError):
     """A problem with the user's input that the node reports as is: it names the file and what to do."""
 
 
+NAME_SHOWN = 120  # characters of a name from a file or a link that a message quotes
+
+
+def shown_name(text) -> str:
+    """A name from a file or a link, quoted and cut for a message or a log line (no raw newlines or escape
+    sequences: ``repr`` spells them out)."""
+    text = repr(str(text))
+    return text if len(text) <= NAME_SHOWN else text[:NAME_SHOWN - 4] + "...'"
+
+
 class TensorFile:
     """A safetensors file opened lazily: shapes come from the header, tensors one at a time."""
 

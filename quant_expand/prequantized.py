@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import ntpath
 import os
 import re
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ import torch
 from bitsandbytes.functional import QuantState
 
 from . import scaled_formats
-from .formats import FLOAT_DTYPES, BnbFluxError, TensorFile
+from .formats import FLOAT_DTYPES, BnbFluxError, TensorFile, shown_name
 from .spec import QuantSpec
 
 FORMAT_NAME = "bnb-flux"
@@ -110,6 +111,7 @@ class TensorSet:
             f.close()
 
 
+INDEX_MAX_BYTES = 64 * 2**20  # a real index is ~100 KB; larger ones are refused before parsing
 def _index_files(directory: str) -> list[str]:
     try:
         return [os.path.join(directory, n) for n in sorted(os.listdir(directory)) if n.endswith(".index.json")]
@@ -117,29 +119,77 @@ def _index_files(directory: str) -> list[str]:
         return []
 
 
+def _confined_shard(entry) -> Optional[str]:
+    """``entry`` as a path inside the index's folder, or None: decided from the text alone (relative, no
+    ``..``, no absolute or drive path, a ``.safetensors`` name), so the answer does not depend on, and does
+    not tell, what exists on the disk. A shard that is a symlink stays allowed (Hugging Face snapshots)."""
+    if not isinstance(entry, str) or not entry or "\\" in entry or len(entry) > 1024:
+        return None
+    if any(ord(c) < 0x20 or ord(c) == 0x7f for c in entry):  # NUL, newlines, escape sequences
+        return None
+    if os.path.isabs(entry) or ntpath.splitdrive(entry)[0] or entry.startswith("/"):
+        return None
+    parts = entry.split("/")
+    if any(p in ("", ".", "..") for p in parts) or not entry.endswith(".safetensors"):
+        return None
+    return os.path.join(*parts)
+
+
+def read_shard_index(index: str) -> dict[str, str]:
+    """The ``weight_map`` of a sharded model's ``*.index.json``: tensor name -> shard path inside the
+    index's folder. Raises :class:`BnbFluxError` naming the index and the entry for anything else."""
+    name = os.path.basename(index)
+    fix = "re-download the index with its shards, or pick a single-file model"
+    try:
+        if os.path.getsize(index) > INDEX_MAX_BYTES:
+            raise BnbFluxError(f"{name}: {os.path.getsize(index)} bytes, too large for a shard index "
+                               f"(at most {INDEX_MAX_BYTES >> 20} MiB); {fix}")
+        with open(index, encoding="utf-8") as f:
+            data = json.load(f)
+    except BnbFluxError:
+        raise
+    except (OSError, ValueError, RecursionError) as e:
+        raise BnbFluxError(f"{name}: not a readable shard index ({type(e).__name__}: {shown_name(e)}); {fix}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise BnbFluxError(f"{name}: no \"weight_map\" object from tensor names to shard files; {fix}")
+    out = {}
+    for key, entry in weight_map.items():
+        shard = _confined_shard(entry)
+        if shard is None:
+            raise BnbFluxError(f"{name}: tensor {shown_name(key)} is mapped to {shown_name(entry)}, which is not a "
+                               f".safetensors file inside the index's folder (absolute paths, drive letters and "
+                               f"'..' are refused); {fix}")
+        out[key] = shard
+    return out
+
+
+def _index_of(path: str) -> Optional[str]:
+    """The ``*.index.json`` beside ``path`` that lists it as a shard. An index that cannot be read is
+    skipped unless its name says it belongs to this file (``model.safetensors.index.json`` for
+    ``model-00001-of-00002.safetensors``): one broken index does not break the other models beside it."""
+    name = os.path.basename(path)
+    for candidate in _index_files(os.path.dirname(os.path.abspath(path))):
+        stem = os.path.basename(candidate)[: -len(".index.json")].removesuffix(".safetensors")
+        try:
+            shards = set(read_shard_index(candidate).values())
+        except BnbFluxError as e:
+            if stem and name.startswith(stem):
+                raise BnbFluxError(f"{name}: a shard of {e}") from None
+            continue
+        if os.path.normpath(name) in shards:
+            return candidate
+    return None
+
+
 def open_tensor_set(path: str) -> TensorSet:
     """A file, or all shards of a sharded model: ``path`` is the ``*.index.json`` or any one shard
     (ComfyUI lists the shards, not the index, so picking one shard loads the whole set)."""
     name = os.path.basename(path)
-    index = path if path.endswith(".index.json") else None
-    if index is None:
-        for candidate in _index_files(os.path.dirname(os.path.abspath(path))):
-            try:
-                with open(candidate) as f:
-                    shards = set(json.load(f).get("weight_map", {}).values())
-            except (OSError, ValueError, AttributeError):
-                continue
-            if name in shards:
-                index = candidate
-                break
+    index = path if path.endswith(".index.json") else _index_of(path)
     if index is None:
         return TensorSet([TensorFile(path)], name)
-    try:
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise BnbFluxError(f"{os.path.basename(index)}: not a readable shard index ({e}); it needs a "
-                           f"\"weight_map\" from tensor names to shard files") from e
+    weight_map = read_shard_index(index)
     directory = os.path.dirname(os.path.abspath(index))
     files = []
     for shard in sorted(set(weight_map.values())):
