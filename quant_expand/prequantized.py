@@ -710,6 +710,9 @@ class FluxCheckpoint:
                                    f"weight.nested_quant_map or nested_offset; the file is incomplete")
             info.nested_blocksize = int(state["nested_blocksize"])
             info.offset = float(state["nested_offset"])
+            if not math.isfinite(info.offset):
+                raise BnbFluxError(f"{self.name}: tensor {wkey}'s quant state has nested_offset {info.offset} (the mean "
+                                   f"added back to every block scale); the file is damaged: download it again")
             info.nested_code = t.get(f"{wkey}.nested_quant_map")
         self._check_quant_state_tensors(wkey, info)
         n = info.numel
@@ -842,16 +845,40 @@ class FluxCheckpoint:
         if info.kind == "float":
             return StoredLinear("float", weight=weight, bias=bias)
         if info.kind == "int8":
-            return StoredLinear("int8", cb=weight, scb=t.get(f"{m}.SCB").to(torch.float32), bias=bias)
+            scb = t.get(f"{m}.SCB").to(torch.float32)
+            self._check_statistic(f"{m}.SCB", scb, "per-row scale")
+            return StoredLinear("int8", cb=weight, scb=scb, bias=bias)
         qs_dict = {k[len(m) + 1:]: t.get(k) for k in _module_keys(m, "4bit", t) if k not in (f"{m}.weight", f"{m}.bias")}
         try:
             qs = QuantState.from_dict(qs_dict, device=torch.device("cpu"))
         except Exception as e:  # bnb raises ValueError/AssertionError/KeyError for malformed states
             raise BnbFluxError(f"{self.name}: the quant state of {m}.weight cannot be read by bitsandbytes "
                                f"({e!r}); the file is damaged: download it again") from e
+        self._check_statistic(f"{m}.weight.quant_map", qs.code, "code book")
+        if qs.nested:
+            self._check_statistic(f"{m}.weight.nested_absmax", qs.state2.absmax, "block scale")
+            self._check_statistic(f"{m}.weight.nested_quant_map", qs.state2.code, "code book")
+        else:
+            self._check_statistic(f"{m}.weight.absmax", qs.absmax, "block scale")
         # bytes are bytes: a non-uint8 quant_storage (diffusers' bnb_4bit_quant_storage) is viewed as uint8
         packed = weight.contiguous().view(torch.uint8).reshape(-1, 1)
         return StoredLinear("4bit", packed=packed, quant_state=qs, bias=bias)
+
+    def _check_statistic(self, key: str, values: torch.Tensor, what: str):
+        """A quantization statistic bitsandbytes multiplies into every weight of its block or row: NaN or
+        inf there gives NaN latents with no error, a negative scale flips the weights' signs, a code book
+        entry outside [-1, 1] scales them past the absmax."""
+        v = values.to(torch.float32)
+        bad = None
+        if not bool(torch.isfinite(v).all()):
+            bad = "holds NaN or inf"
+        elif what == "code book" and bool((v.abs() > 1).any()):
+            bad = "has entries outside [-1, 1]"
+        elif what != "code book" and bool((v < 0).any()):
+            bad = "holds a negative scale"
+        if bad is not None:
+            raise BnbFluxError(f"{self.name}: tensor {key} ({what}s) {bad}; the file is damaged: download it again, "
+                               f"or quantize the full-precision model again")
 
     # -- describing -----------------------------------------------------------------------------
     def quant_summary(self) -> dict:

@@ -56,7 +56,7 @@ def _edit_quant_state(f: dict, edit) -> None:
 
 def _damage(case: str, undamaged: dict[str, dict]) -> dict:
     kind = {"uint8_absmax_plain": "plain", "short_scb": "int8", "int8_scb": "int8", "zero_blocksize": "plain",
-            "unknown_quant_type": "plain"}.get(case, "nested")
+            "unknown_quant_type": "plain", **{c: v[0] for c, v in STAT_CASES.items()}}.get(case, "nested")
     f = dict(undamaged[kind])
     if case == "no_absmax":
         del f[f"{W}.absmax"]
@@ -85,6 +85,14 @@ def _damage(case: str, undamaged: dict[str, dict]) -> dict:
         _edit_quant_state(f, lambda st: st.update(quant_type="nf5"))
     elif case == "no_nested_blocksize":
         _edit_quant_state(f, lambda st: st.pop("nested_blocksize"))
+    elif case in STAT_CASES:
+        key, index, value = STAT_CASES[case][1:]
+        if key == "nested_offset":
+            _edit_quant_state(f, lambda st: st.update(nested_offset=value))
+        else:
+            full = f"{MODULE}.SCB" if key == "SCB" else f"{W}.{key}"
+            f[full] = f[full].clone()
+            f[full].view(-1)[index] = value
     return f
 
 
@@ -116,6 +124,25 @@ OPEN_CASES = {
 }
 
 
+# damaged values that loaded without a word and gave NaN (or silently wrong) latents: (file kind, tensor or
+# quant-state field, flat index, value); each must now fail naming the file, the tensor and the remedy
+STAT_CASES = {
+    "nan_absmax": ("plain", "absmax", 5, float("nan")),
+    "inf_absmax": ("plain", "absmax", 0, float("inf")),
+    "negative_absmax": ("plain", "absmax", 3, -0.5),
+    "nan_quant_map": ("plain", "quant_map", 7, float("nan")),
+    "quant_map_past_one": ("plain", "quant_map", 15, 2.0),
+    "nan_nested_absmax": ("nested", "nested_absmax", 0, float("nan")),
+    "negative_nested_absmax": ("nested", "nested_absmax", 0, -1.0),
+    "inf_nested_quant_map": ("nested", "nested_quant_map", 100, float("-inf")),
+    "nan_nested_offset": ("nested", "nested_offset", None, float("nan")),
+    "inf_nested_offset": ("nested", "nested_offset", None, float("inf")),
+    "nan_scb": ("int8", "SCB", 2, float("nan")),
+    "inf_scb": ("int8", "SCB", 0, float("inf")),
+    "negative_scb": ("int8", "SCB", 1, -3.0),
+}
+
+
 def _worker(paths: list[str]):
     """Child process: read each file's damaged Linear; one JSON line before and after each case."""
     from quant_expand.formats import BnbFluxError
@@ -141,7 +168,8 @@ def _worker(paths: list[str]):
 def outcomes(tmp_path_factory):
     folder = tmp_path_factory.mktemp("damaged-prequantized")
     undamaged = _undamaged()
-    paths = {c: save_safetensors(_damage(c, undamaged), str(folder / f"{c}.safetensors")) for c in {**CASES, **OPEN_CASES}}
+    paths = {c: save_safetensors(_damage(c, undamaged), str(folder / f"{c}.safetensors"))
+             for c in {**CASES, **OPEN_CASES, **STAT_CASES}}
     todo = list(paths.values())
     results = {}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO_ROOT, os.path.join(REPO_ROOT, "tests")]))
@@ -173,3 +201,14 @@ def test_damaged_quant_state_is_a_clean_error(outcomes, case):
     got = outcomes[case]
     assert got["outcome"] == "BnbFluxError", got
     assert got["message"].startswith(f"{case}.safetensors: "), got["message"]
+
+
+@pytest.mark.parametrize("case", list(STAT_CASES))
+def test_a_damaged_statistic_is_named_not_silently_loaded(outcomes, case):
+    kind, key, _index, _value = STAT_CASES[case]
+    got = outcomes[case]
+    assert got["outcome"] == "BnbFluxError", got
+    msg = got["message"]
+    tensor = f"{MODULE}.SCB" if key == "SCB" else W if key == "nested_offset" else f"{W}.{key}"
+    assert msg.startswith(f"{case}.safetensors: tensor {tensor}"), msg
+    assert "download it again" in msg, msg
