@@ -7,7 +7,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..quant_expand.comfy_adapter import apply_lora, linear_shapes, set_lora_scale
-from ..quant_expand.formats import BnbFluxError, TensorFile
+from ..quant_expand.formats import BnbFluxError, TensorFile, shown_name
 from ..quant_expand.lora_formats import parse_lora
 from .host_check import require_supported_host
 from .load_bnb_flux import CATEGORY
@@ -19,10 +19,24 @@ STRENGTH_TOOLTIP = (
     "applying at s.")
 
 
-def check_strength(lora_name: str, strength: float):
-    # ComfyUI's validator rejects out-of-range numbers but lets NaN through (NaN < min is false)
-    if not math.isfinite(strength):
-        raise BnbFluxError(f"{lora_name}: strength is {strength}; use a finite number between -10 and 10")
+STRENGTH_MIN, STRENGTH_MAX = -10.0, 10.0
+
+
+def check_inputs(lora_name, strength) -> float:
+    """The inputs as the schema declares them, checked here: ComfyUI's validator checks only widget values
+    (a number from a link, a switch node's output arrive as they are) and lets NaN through (NaN < min is
+    false). Returns the strength as a float."""
+    if not isinstance(lora_name, str):
+        raise BnbFluxError(f"lora_name is {type(lora_name).__name__} {shown_name(lora_name)}, not a file name; "
+                           f"connect a LoRA file name (a string) or pick one in the widget")
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)):
+        raise BnbFluxError(f"{lora_name}: strength is {type(strength).__name__} {shown_name(strength)}, not a number; "
+                           f"connect a number between {STRENGTH_MIN:g} and {STRENGTH_MAX:g}")
+    value = float(strength)
+    if not (math.isfinite(value) and STRENGTH_MIN <= value <= STRENGTH_MAX):
+        raise BnbFluxError(f"{lora_name}: strength is {value:g}; use a finite number "
+                           f"between {STRENGTH_MIN:g} and {STRENGTH_MAX:g}")
+    return value
 
 
 def lora_combo(tooltip: str):
@@ -30,7 +44,8 @@ def lora_combo(tooltip: str):
 
 
 def strength_input():
-    return io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01, tooltip=STRENGTH_TOOLTIP)
+    return io.Float.Input("strength", default=1.0, min=STRENGTH_MIN, max=STRENGTH_MAX, step=0.01,
+                          tooltip=STRENGTH_TOOLTIP)
 
 
 def lora_summary(parsed, strength: float) -> dict:
@@ -74,15 +89,15 @@ class ApplyControlLora(io.ComfyNode):
     @classmethod
     def execute(cls, model, lora_name, strength) -> io.NodeOutput:
         require_supported_host()
-        check_strength(lora_name, strength)
+        strength = check_inputs(lora_name, strength)
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         tensors = TensorFile(path)
         try:
             parsed = parse_lora(tensors, lora_name, linear_shapes(model))
         finally:
             tensors.close()
-        return io.NodeOutput(apply_lora(model, parsed, float(strength), lora_name),
-                             ui={"bnb_flux_lora": [lora_summary(parsed, float(strength))]})
+        return io.NodeOutput(apply_lora(model, parsed, strength, lora_name),
+                             ui={"bnb_flux_lora": [lora_summary(parsed, strength)]})
 
 
 class SetLoraScale(io.ComfyNode):
@@ -106,5 +121,4 @@ class SetLoraScale(io.ComfyNode):
     @classmethod
     def execute(cls, model, lora_name, strength) -> io.NodeOutput:
         require_supported_host()
-        check_strength(lora_name, strength)
-        return io.NodeOutput(set_lora_scale(model, lora_name, float(strength)))
+        return io.NodeOutput(set_lora_scale(model, lora_name, check_inputs(lora_name, strength)))

@@ -8,6 +8,7 @@ from a seed, a latent node, and a capture node that hands sampled latents back t
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 import uuid
@@ -75,7 +76,24 @@ class BnbFluxTestCapture:
         return {}
 
 
+class BnbFluxTestValue:
+    """Any JSON value through an output of type ``*``: what a primitive or switch node feeding a node's input
+    through a link looks like to it (ComfyUI checks only widget values against the input's schema)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("STRING", {"default": "0"})}}
+
+    RETURN_TYPES = ("*",)
+    FUNCTION = "make"
+    CATEGORY = "_test"
+
+    def make(self, value):
+        return (json.loads(value),)
+
+
 TEST_NODES = {
+    "BnbFluxTestValue": BnbFluxTestValue,
     "BnbFluxTestConditioning": BnbFluxTestConditioning,
     "BnbFluxTestLatent": BnbFluxTestLatent,
     "BnbFluxTestCapture": BnbFluxTestCapture,

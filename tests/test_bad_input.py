@@ -22,6 +22,7 @@ Known gaps, if any, are marked ``xfail(strict=True)`` with the fix they need.
 """
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import pickle
@@ -277,3 +278,27 @@ def test_out_of_range_strength_is_refused_by_validator(host, files):
     res = host.run(sampling_graph({"q": loader(), "x": apply(["q", 0], CONTROL, 11.0)}, ["x", 0], key="x"),
                    expect_error=True)
     assert "validation" in res, res
+
+
+def linked(value):
+    """A value reaching an input through a link: ComfyUI checks only widget values against the schema."""
+    return {"class_type": "BnbFluxTestValue", "inputs": {"value": json.dumps(value)}}
+
+
+LINKED_ERRORS = [
+    ("huge_strength", "ApplyControlLora", "strength", 1e18, ["bad_style.safetensors", "strength is 1e+18",
+                                                                           "between -10 and 10"]),
+    ("strength_1000", "SetLoraScale", "strength", 1000, ["bad_canny.safetensors", "strength is 1000"]),
+    ("string_strength", "ApplyControlLora", "strength", "0.5", ["strength is str '0.5', not a number"]),
+    ("bool_strength", "SetLoraScale", "strength", True, ["strength is bool 'True', not a number"]),
+    ("integer_lora_name", "ApplyControlLora", "lora_name", 3, ["lora_name is int '3', not a file name"]),
+    ("list_lora_name", "SetLoraScale", "lora_name", ["a"], ["lora_name is list", "not a file name"]),
+]
+
+
+@pytest.mark.parametrize("case,node_type,field,value,phrases", LINKED_ERRORS, ids=[c[0] for c in LINKED_ERRORS])
+def test_a_linked_value_outside_the_schema_fails_the_node(host, files, reference, case, node_type, field, value, phrases):
+    lora = STYLE if node_type == "ApplyControlLora" else CONTROL
+    node = (apply if node_type == "ApplyControlLora" else set_scale)(["c", 0], lora, 0.5)
+    node["inputs"][field] = ["v", 0]
+    run_case(host, files, reference, {"v": linked(value), "x": node}, ["x", 0], "x", node_type, phrases)
