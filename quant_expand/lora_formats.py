@@ -643,7 +643,10 @@ def parse_lora(tensors, name: str, modules: dict[str, tuple[int, int]]) -> Parse
         if down.ndim != 2 or up.ndim != 2:
             raise LoraFormatError(f"{name}: lora for {what} has shapes {tuple(down.shape)} / {tuple(up.shape)}; "
                                   f"FLUX Linears need 2-D lora_A [rank, in] and lora_B [out, rank]")
-        if down.shape[0] != up.shape[1] or down.shape[0] == 0:
+        if down.shape[0] == 0 or up.shape[1] == 0:
+            raise LoraFormatError(f"{name}: lora for {what} has rank 0 ({down_key} {tuple(down.shape)}, {up_key} "
+                                  f"{tuple(up.shape)}): an empty LoRA layer; the file is damaged: download it again")
+        if down.shape[0] != up.shape[1]:
             raise LoraFormatError(f"{name}: lora for {what}: rank of {down_key} ({down.shape[0]}) does not match "
                                   f"rank of {up_key} ({up.shape[1]}); the file is damaged: download it again")
         if up.shape[0] != rows:

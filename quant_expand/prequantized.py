@@ -44,6 +44,39 @@ from .spec import QuantSpec
 FORMAT_NAME = "bnb-flux"
 FORMAT_VERSION = "1"
 QS_KEY = "quant_state.bitsandbytes__"
+# the quant-state JSON of a 4-bit weight as bitsandbytes' QuantState.as_dict writes it: field -> what it holds
+QS_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+QS_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+QS_NESTED_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # its blockwise 8-bit quantizer's sizes
+QS_JSON_FIELDS = {"quant_type": "nf4 or fp4", "blocksize": f"a number, one of {', '.join(map(str, QS_BLOCKSIZES))}",
+                  "dtype": f"one of {', '.join(QS_DTYPES)}", "shape": "two positive whole numbers [out, in]"}
+QS_NESTED_FIELDS = {"nested_blocksize": f"a number, one of {', '.join(map(str, QS_NESTED_BLOCKSIZES))}",
+                    "nested_dtype": f"one of {', '.join(QS_DTYPES)}", "nested_offset": "a finite number"}
+QS_JSON_MAX_BYTES = 64 * 1024  # bitsandbytes' state is ~150 bytes
+SCALE_MAX = 65504.0  # float16's largest: a block or row scale beyond it gives weights no 16-bit dtype holds
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _quant_state_value_ok(field: str, value) -> bool:
+    if field == "quant_type":
+        return value in ("nf4", "fp4")
+    if field == "blocksize":
+        return _whole(value) and value in QS_BLOCKSIZES
+    if field == "nested_blocksize":
+        return _whole(value) and value in QS_NESTED_BLOCKSIZES
+    if field in ("dtype", "nested_dtype"):
+        return isinstance(value, str) and value in QS_DTYPES
+    if field == "shape":
+        return (isinstance(value, list) and len(value) == 2
+                and all(_whole(v) and 0 < v < 2 ** 31 for v in value))
+    if field == "nested_offset":
+        return (_whole(value) or isinstance(value, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return False
+
+
 # the tensors bnb keeps beside a 4-bit ``X.weight`` (``QuantState.as_dict(packed=True)``)
 QS_TENSORS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 FLUX_BFL_MARKERS = ("double_blocks.0.img_attn.norm.key_norm.scale", "double_blocks.0.img_attn.norm.key_norm.weight")
@@ -654,7 +687,11 @@ class FluxCheckpoint:
             fmt = f"{module}.weight_format"
             if fmt in t:
                 value = t.get(fmt)
-                if value.numel() != 1 or int(value.reshape(-1)[0]) != 0:
+                if value.numel() != 1 or value.is_floating_point() or value.is_complex():
+                    raise BnbFluxError(f"{self.name}: {fmt} holds {value.numel()} values of {value.dtype}; "
+                                       f"bitsandbytes writes one integer (0: row-major): the file is damaged, "
+                                       f"download it again")
+                if int(value.reshape(-1)[0]) != 0:
                     raise BnbFluxError(f"{self.name}: {wkey} is stored in a GPU tile layout (weight_format "
                                        f"{value.reshape(-1).tolist()}) from an old bitsandbytes; load and save it "
                                        f"again with bitsandbytes >= 0.45, which writes the row-major layout")
@@ -672,23 +709,10 @@ class FluxCheckpoint:
             raise BnbFluxError(f"{self.name}: tensor {wkey} has no weight.{QS_KEY}nf4 (or fp4) beside its "
                                f"weight.absmax; the file is incomplete (an interrupted download or a missing "
                                f"shard): download it again")
-        try:
-            state = json.loads(bytes(t.get(qs_keys[0]).to(torch.uint8).numpy()).decode("utf-8"))
-            shape = tuple(int(x) for x in state["shape"])
-            info = PieceInfo(module, "4bit", shape, getattr(torch, state["dtype"]), quant_type=state["quant_type"],
-                             blocksize=int(state["blocksize"]))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise BnbFluxError(f"{self.name}: {qs_keys[0]} is not a bitsandbytes quant state ({e!r}); "
-                               f"the file is damaged: download it again") from e
-        if len(shape) != 2:
-            raise BnbFluxError(f"{self.name}: {wkey} has logical shape {list(shape)}; a Linear weight is 2-D")
-        if info.quant_type not in ("nf4", "fp4") or info.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-            raise BnbFluxError(f"{self.name}: {qs_keys[0]} says quant_type {info.quant_type!r}, blocksize "
-                               f"{info.blocksize}; bitsandbytes 4-bit is nf4/fp4 with a power-of-two blocksize "
-                               f"32-4096: the file is damaged")
-        if "nested_offset" in state and not isinstance(state.get("nested_blocksize"), int):
-            raise BnbFluxError(f"{self.name}: {qs_keys[0]} is double-quantized but has no nested_blocksize; the "
-                               f"file is damaged: download it again")
+        state = self._quant_state_fields(qs_keys[0])
+        shape = tuple(state["shape"])
+        info = PieceInfo(module, "4bit", shape, QS_DTYPES[state["dtype"]], quant_type=state["quant_type"],
+                         blocksize=state["blocksize"])
         if f"{wkey}.absmax" not in t:
             raise BnbFluxError(f"{self.name}: tensor {wkey} has no weight.absmax beside its quant state; the file "
                                f"is incomplete (an interrupted download or a missing shard): download it again")
@@ -708,11 +732,8 @@ class FluxCheckpoint:
             if f"{wkey}.nested_quant_map" not in t or "nested_offset" not in state:
                 raise BnbFluxError(f"{self.name}: tensor {wkey} has weight.nested_absmax but no "
                                    f"weight.nested_quant_map or nested_offset; the file is incomplete")
-            info.nested_blocksize = int(state["nested_blocksize"])
+            info.nested_blocksize = state["nested_blocksize"]
             info.offset = float(state["nested_offset"])
-            if not math.isfinite(info.offset):
-                raise BnbFluxError(f"{self.name}: tensor {wkey}'s quant state has nested_offset {info.offset} (the mean "
-                                   f"added back to every block scale); the file is damaged: download it again")
             info.nested_code = t.get(f"{wkey}.nested_quant_map")
         self._check_quant_state_tensors(wkey, info)
         n = info.numel
@@ -723,6 +744,40 @@ class FluxCheckpoint:
                                f"{-(-n // 2)} and {-(-n // info.blocksize)}: the file is damaged")
         info.stored_bytes = sum(_nbytes(t, k) for k in _module_keys(module, "4bit", t))
         return info
+
+    def _quant_state_fields(self, key: str) -> dict:
+        """The quant-state JSON of a 4-bit weight (``key``: its uint8 tensor), checked field by field against
+        what bitsandbytes' ``QuantState.as_dict`` writes, before bitsandbytes or anything else reads it: a
+        damaged value otherwise surfaces as a raw RecursionError/OverflowError/ZeroDivisionError, or loads
+        and fails inside KSampler."""
+        def damaged(field, problem):
+            raise BnbFluxError(f"{self.name}: tensor {key}, field {field}: {problem}; the file is damaged: "
+                               f"download it again")
+
+        raw = self.tensors.get(key)
+        if raw.dtype != torch.uint8 or raw.numel() > QS_JSON_MAX_BYTES:
+            damaged("(the whole state)", f"{raw.dtype} with {raw.numel()} values; bitsandbytes stores the state "
+                                          f"as a short UTF-8 JSON text in uint8")
+        try:
+            state = json.loads(bytes(raw.reshape(-1).numpy()).decode("utf-8"))
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            damaged("(the whole state)", f"not JSON text ({type(e).__name__})")
+        if not isinstance(state, dict):
+            damaged("(the whole state)", f"a JSON {type(state).__name__}, not an object")
+        unknown = sorted(set(state) - set(QS_JSON_FIELDS) - set(QS_NESTED_FIELDS))
+        if unknown:
+            damaged(shown_name(unknown[0]), "not a field bitsandbytes writes")
+        nested = any(f in state for f in QS_NESTED_FIELDS)
+        for field in [*QS_JSON_FIELDS, *(QS_NESTED_FIELDS if nested else ())]:
+            if field not in state:
+                damaged(field, "missing" + (" (the other double-quant fields are there)" if field in QS_NESTED_FIELDS
+                                            else ""))
+            value = state[field]
+            expected = QS_JSON_FIELDS.get(field) or QS_NESTED_FIELDS[field]
+            if not _quant_state_value_ok(field, value):
+                kind = "the string" if isinstance(value, str) else type(value).__name__
+                damaged(field, f"{kind} {shown_name(value)}; bitsandbytes writes {expected}")
+        return state
 
     def _check_quant_state_tensors(self, wkey: str, info: PieceInfo):
         """Sizes and dtypes bitsandbytes takes on trust: a wrong one reads past a buffer or silently
@@ -856,7 +911,8 @@ class FluxCheckpoint:
                                f"({e!r}); the file is damaged: download it again") from e
         self._check_statistic(f"{m}.weight.quant_map", qs.code, "code book")
         if qs.nested:
-            self._check_statistic(f"{m}.weight.nested_absmax", qs.state2.absmax, "block scale")
+            # a de-nested block scale is a code (within [-1, 1]) times a nested scale, plus the offset
+            self._check_statistic(f"{m}.weight.nested_absmax", qs.state2.absmax, "block scale", abs(float(qs.offset)))
             self._check_statistic(f"{m}.weight.nested_quant_map", qs.state2.code, "code book")
         else:
             self._check_statistic(f"{m}.weight.absmax", qs.absmax, "block scale")
@@ -864,7 +920,7 @@ class FluxCheckpoint:
         packed = weight.contiguous().view(torch.uint8).reshape(-1, 1)
         return StoredLinear("4bit", packed=packed, quant_state=qs, bias=bias)
 
-    def _check_statistic(self, key: str, values: torch.Tensor, what: str):
+    def _check_statistic(self, key: str, values: torch.Tensor, what: str, offset: float = 0.0):
         """A quantization statistic bitsandbytes multiplies into every weight of its block or row: NaN or
         inf there gives NaN latents with no error, a negative scale flips the weights' signs, a code book
         entry outside [-1, 1] scales them past the absmax."""
@@ -876,6 +932,9 @@ class FluxCheckpoint:
             bad = "has entries outside [-1, 1]"
         elif what != "code book" and bool((v < 0).any()):
             bad = "holds a negative scale"
+        elif what != "code book" and float(v.max()) + offset > SCALE_MAX:
+            bad = (f"holds a scale of {float(v.max()) + offset:.4g}, beyond {SCALE_MAX:g}: weights no 16-bit "
+                   f"compute dtype holds")
         if bad is not None:
             raise BnbFluxError(f"{self.name}: tensor {key} ({what}s) {bad}; the file is damaged: download it again, "
                                f"or quantize the full-precision model again")

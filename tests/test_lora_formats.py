@@ -370,6 +370,8 @@ def test_row_and_rank_mismatches():
     _raises(_bfl("txt_in", torch.zeros(8, 64), torch.zeros(256, 4)), "rank.safetensors",
             "lora for txt_in", "rank of diffusion_model.txt_in.lora_A.weight (8) does not match",
             "diffusion_model.txt_in.lora_B.weight (4)")
+    _raises(_bfl("txt_in", torch.zeros(0, 64), torch.zeros(256, 0)), "rank0.safetensors",
+            "lora for txt_in has rank 0 (diffusion_model.txt_in.lora_A.weight (0, 64)", "an empty LoRA layer")
     _raises(_bfl("txt_in", torch.zeros(4, 64, 1), torch.zeros(256, 4)), "conv.safetensors", "lora for txt_in has shapes")
     _raises(_bfl("txt_in", torch.zeros(4, 64), torch.zeros(256, 4), bias=torch.zeros(255)), "bias.safetensors",
             "bias diffusion_model.txt_in.lora_B.bias for txt_in has shape (255,), expected (256,)")

@@ -56,7 +56,7 @@ def _edit_quant_state(f: dict, edit) -> None:
 
 def _damage(case: str, undamaged: dict[str, dict]) -> dict:
     kind = {"uint8_absmax_plain": "plain", "short_scb": "int8", "int8_scb": "int8", "zero_blocksize": "plain",
-            "unknown_quant_type": "plain", **{c: v[0] for c, v in STAT_CASES.items()}}.get(case, "nested")
+            "unknown_quant_type": "plain", "empty_weight_format": "int8", **{c: v[0] for c, v in {**STAT_CASES, **JSON_CASES}.items()}}.get(case, "nested")
     f = dict(undamaged[kind])
     if case == "no_absmax":
         del f[f"{W}.absmax"]
@@ -85,6 +85,16 @@ def _damage(case: str, undamaged: dict[str, dict]) -> dict:
         _edit_quant_state(f, lambda st: st.update(quant_type="nf5"))
     elif case == "no_nested_blocksize":
         _edit_quant_state(f, lambda st: st.pop("nested_blocksize"))
+    elif case == "empty_weight_format":
+        f[f"{MODULE}.weight_format"] = torch.zeros(0, dtype=torch.uint8)
+    elif case in JSON_CASES:
+        field, value = JSON_CASES[case][1:]
+        if field is None:  # the whole text
+            key = next(k for k in f if k.startswith(f"{W}.quant_state.bitsandbytes__"))
+            data = value if isinstance(value, bytes) else value.encode("utf-8")
+            f[key] = torch.tensor(list(data), dtype=torch.uint8)
+        else:
+            _edit_quant_state(f, lambda st: st.update({field: value}))
     elif case in STAT_CASES:
         key, index, value = STAT_CASES[case][1:]
         if key == "nested_offset":
@@ -121,6 +131,8 @@ OPEN_CASES = {
                           "of BnbFluxError; quant_type must be nf4 or fp4",
     "no_nested_blocksize": "double-quant state JSON without nested_blocksize: KeyError in _piece_info; a nested "
                            "state needs nested_blocksize and nested_offset",
+    "empty_weight_format": "an empty int8 weight_format: blamed on an old bitsandbytes' GPU tile layout; now "
+                           "called damaged",
 }
 
 
@@ -140,6 +152,30 @@ STAT_CASES = {
     "nan_scb": ("int8", "SCB", 2, float("nan")),
     "inf_scb": ("int8", "SCB", 0, float("inf")),
     "negative_scb": ("int8", "SCB", 1, -3.0),
+}
+
+
+# quant-state JSON values that raised raw exceptions, or loaded and failed later inside KSampler:
+# (file kind, field or None for the whole text, value); each must fail naming the file, tensor and field
+JSON_CASES = {
+    "deep_nesting": ("plain", None, "[" * 20000 + "]" * 20000),
+    "huge_number": ("plain", "blocksize", 1e400),
+    "string_blocksize": ("plain", "blocksize", "64"),
+    "bool_blocksize": ("plain", "blocksize", True),
+    "negative_shape": ("plain", "shape", [-128, 128]),
+    "three_d_shape": ("plain", "shape", [2, 64, 128]),
+    "dtype_not_a_dtype": ("plain", "dtype", "nn"),
+    "dtype_not_a_string": ("plain", "dtype", 16),
+    "nested_blocksize_zero": ("nested", "nested_blocksize", 0),
+    "nested_blocksize_one": ("nested", "nested_blocksize", 1),
+    "nested_blocksize_three": ("nested", "nested_blocksize", 3),
+    "nested_blocksize_2_31": ("nested", "nested_blocksize", 2 ** 31),
+    "nested_blocksize_true": ("nested", "nested_blocksize", True),
+    "nested_offset_text": ("nested", "nested_offset", "abc"),
+    "bogus_nested_dtype": ("nested", "nested_dtype", "float128"),
+    "unknown_field": ("plain", "compress", 1),
+    "state_is_a_list": ("plain", None, "[1, 2, 3]"),
+    "not_utf8": ("plain", None, b"\xff\xfe{}"),
 }
 
 
@@ -169,7 +205,7 @@ def outcomes(tmp_path_factory):
     folder = tmp_path_factory.mktemp("damaged-prequantized")
     undamaged = _undamaged()
     paths = {c: save_safetensors(_damage(c, undamaged), str(folder / f"{c}.safetensors"))
-             for c in {**CASES, **OPEN_CASES, **STAT_CASES}}
+             for c in {**CASES, **OPEN_CASES, **STAT_CASES, **JSON_CASES}}
     todo = list(paths.values())
     results = {}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO_ROOT, os.path.join(REPO_ROOT, "tests")]))
@@ -212,3 +248,17 @@ def test_a_damaged_statistic_is_named_not_silently_loaded(outcomes, case):
     tensor = f"{MODULE}.SCB" if key == "SCB" else W if key == "nested_offset" else f"{W}.{key}"
     assert msg.startswith(f"{case}.safetensors: tensor {tensor}"), msg
     assert "download it again" in msg, msg
+
+
+@pytest.mark.parametrize("case", list(JSON_CASES))
+def test_a_damaged_quant_state_field_is_named(outcomes, case):
+    _kind, field, value = JSON_CASES[case]
+    got = outcomes[case]
+    assert got["outcome"] == "BnbFluxError", got
+    msg = got["message"]
+    assert msg.startswith(f"{case}.safetensors: tensor {W}.quant_state.bitsandbytes__nf4, field "), msg
+    shown = repr(field) if case == "unknown_field" else field  # a name from the file is quoted
+    assert f"field {shown}:" in msg if field else "field (the whole state):" in msg, msg
+    assert "download it again" in msg and len(msg) < 600, msg
+    if case == "string_blocksize":
+        assert "the string '64'; bitsandbytes writes a number" in msg, msg
