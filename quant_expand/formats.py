@@ -21,8 +21,21 @@ if hasattr(torch, "float8_e8m0fnu"):  # MXFP8 block scales (ComfyUI mixed-precis
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2, torch.float64)
 
 
+MESSAGE_MAX = 2000  # characters of an error message: names from files can be megabytes long
+
+
 class BnbFluxError(ValueError):
-    """A problem with the user's input that the node reports as is: it names the file and what to do."""
+    """A problem with the user's input that the node reports as is: it names the file and what to do.
+
+    The message goes to the log, ``/history`` and the websocket: control characters from a file's names
+    are spelled out (a newline or an ANSI escape cannot forge a log line) and it is cut to MESSAGE_MAX."""
+
+    def __init__(self, message: str = ""):
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message))
+        if len(text) > MESSAGE_MAX:
+            cut = len(text) - MESSAGE_MAX + 200
+            text = f"{text[:MESSAGE_MAX - 600]} ... ({cut} characters cut) ... {text[-400:]}"
+        super().__init__(text)
 
 
 NAME_SHOWN = 120  # characters of a name from a file or a link that a message quotes

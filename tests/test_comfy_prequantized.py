@@ -136,6 +136,14 @@ class TestSaveLoadRoundTrip:
         assert len(errors) == 1 and errors[0]["node_type"] == "SaveBnbFlux"
         assert "LoRA patches" in errors[0]["exception_message"] and "straight to Load BnB Flux" in errors[0]["exception_message"]
 
+    @pytest.mark.parametrize("prefix", ["diffusion_models/a\x00b", "diffusion_models/two\nlines", ""])
+    def test_save_refuses_a_prefix_with_control_characters_naming_it(self, host, exact, outdir, prefix):
+        """The OS said only "Invalid argument (os error 22)" for a NUL; a newline would end up in a file name."""
+        errors = host.run({"q": loader(exact["nf4"]), "save": saver(["q", 0], prefix)}, expect_error=True)["errors"]
+        assert len(errors) == 1 and errors[0]["node_type"] == "SaveBnbFlux", errors
+        msg = errors[0]["exception_message"]
+        assert msg.startswith(f"filename_prefix {prefix!r} is not a usable path") and "without control characters" in msg
+
     def test_save_while_a_control_lora_clone_is_loaded_saves_the_base(self, host, exact, outdir):
         """A Control LoRA branch that sampled last leaves its widened img_in and norm sets in the shared
         module tree; the base model's file must not contain them."""

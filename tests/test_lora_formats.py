@@ -542,3 +542,15 @@ def test_deltas_equal_comfyui_lora_loader(host, comfy_tiny, fmt):
     # negative control: the comparison notices a wrong update
     m = "double_blocks.0.img_attn.qkv"
     assert rel_err(base[f"diffusion_model.{m}.weight"] + 0.9 * mine[m][0], want[f"diffusion_model.{m}.weight"]) > 1e-4
+
+
+def test_names_from_a_file_cannot_flood_or_forge_the_message():
+    """A key name is text from the file: a megabyte of it, newlines and ANSI escapes in it must not reach
+    the log, /history and the websocket as such (one bounded line, control characters spelled out)."""
+    huge = "\n[ComfyUI] prompt executed\x1b[31m" + "x" * 1_000_000
+    sd = _bfl("txt_in", torch.zeros(4, 64), torch.zeros(256, 4))
+    sd[f"diffusion_model.txt_in{huge}.lora_A.weight"] = torch.zeros(4, 64)
+    sd[f"diffusion_model.txt_in{huge}.lora_B.weight"] = torch.zeros(256, 4)
+    msg = _raises(sd, "flood.safetensors")
+    assert len(msg) <= 2000 and "\n" not in msg and "\x1b" not in msg, (len(msg), msg[:300])
+    assert "characters cut" in msg and "\\n[ComfyUI] prompt executed\\x1b[31m" in msg
