@@ -21,9 +21,9 @@ import comfy.ops
 import comfy.utils
 import comfy.weight_adapter as weight_adapter
 
-from .formats import BnbFluxError
+from .formats import BnbFluxError, shown_name
 from .layers import (QLinear4bit, QLinear8bit, QuantLinear, expand_in_features, is_quantized_linear,
-                     quantized_linear_from_float, unexpand)
+                     quantized_linear_from_float, statistics_finite, unexpand)
 from .prequantized import (FluxCheckpoint, StoredLinear, bfl_file_key,  # noqa: F401
                            default_should_quantize, file_metadata, linear_tensors, open_flux_checkpoint)
 from .lora import LazyLoraDelta, LoraTerm, indexed_device
@@ -228,6 +228,16 @@ def load_bnb_flux(unet_path: str, options: dict, disable_dynamic: bool = False, 
                                                               bool(options.get("quantize_img_in", False))):
                 new = quantized_linear_from_float(stored.weight, stored.bias, spec, quantize_device=quantize_device,
                                                   store_device=offload_device)
+            if new is not None and not prequantized and not statistics_finite(new):
+                # a NaN/inf weight makes its block's scale NaN/inf: checked on the scales, not the weights
+                raise BnbFluxError(f"{ckpt.name}: tensor {name}.weight holds NaN or inf values (or, for int8, values "
+                                   f"beyond float16's range); the file is damaged: download it again")
+            if new is None and not bool(torch.isfinite(stored.weight).all()):
+                raise BnbFluxError(f"{ckpt.name}: tensor {name}.weight holds NaN or inf values; the file is damaged: "
+                                   f"download it again")
+            if stored.bias is not None and not bool(torch.isfinite(stored.bias).all()):
+                raise BnbFluxError(f"{ckpt.name}: tensor {name}.bias holds NaN or inf values; the file is damaged: "
+                                   f"download it again")
             if new is not None:
                 _set_module(dm, name, new)
                 quantized += 1
@@ -250,7 +260,19 @@ def load_bnb_flux(unet_path: str, options: dict, disable_dynamic: bool = False, 
     for key, src in logical_key.items():
         if key in loaded:
             continue
+        try:
+            current = comfy.utils.get_attr(dm, key)
+        except AttributeError:
+            # as ComfyUI's UNETLoader, which loads such files and logs the keys it did not use
+            log.warning("Load BnB Flux: %s: tensor %s is not part of a FLUX.1 model; ignored", ckpt.name, shown_name(src))
+            continue
         tensor = ckpt.read(src)
+        if current is not None and tuple(tensor.shape) != tuple(current.shape):
+            raise BnbFluxError(f"{ckpt.name}: tensor {shown_name(src)} has shape {list(tensor.shape)}, the detected model "
+                               f"expects {list(current.shape)}; the file is damaged or not a FLUX.1 model of this size")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise BnbFluxError(f"{ckpt.name}: tensor {shown_name(src)} holds NaN or inf values; the file is damaged: "
+                               f"download it again")
         comfy.utils.set_attr_param(model, f"diffusion_model.{key}", _owned(tensor, offload_device, compute_dtype))
     unloaded = [n for n, p in dm.named_parameters() if p is None or p.device.type == "meta"]
     if unloaded:

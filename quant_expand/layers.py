@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import copy
+import math
 from typing import Callable, Optional
 
 import bitsandbytes as bnb
@@ -589,6 +590,17 @@ def is_quantized_linear(module) -> bool:
 def quantized_linear_from_float(weight, bias, spec: QuantSpec, quantize_device=None, store_device="cpu"):
     cls = QLinear4bit if spec.is_4bit else QLinear8bit
     return cls.from_float(weight, bias, spec, quantize_device=quantize_device, store_device=store_device)
+
+
+def statistics_finite(module) -> bool:
+    """Whether a quantized layer's scales are finite: a NaN or inf weight makes its block's absmax (its
+    row's SCB) NaN or inf, so this checks the weights at 1/64 (1/in_features) of the cost."""
+    if isinstance(module, QLinear8bit):
+        return bool(torch.isfinite(module.weight.SCB).all())
+    qs = module.weight.quant_state
+    if qs.nested:
+        return bool(torch.isfinite(qs.state2.absmax).all()) and math.isfinite(float(qs.offset))
+    return bool(torch.isfinite(qs.absmax).all())
 
 
 def quantized_bytes(module) -> dict[str, torch.Tensor]:

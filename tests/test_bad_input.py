@@ -157,6 +157,22 @@ def files(host, tmp_path_factory):
     incomplete = make_tiny_flux(CFG, seed=0)
     del incomplete["single_blocks.0.linear2.weight"]
     save_safetensors(incomplete, model("bad_incomplete_model.safetensors"))
+    full = make_tiny_flux(CFG, seed=0)
+    for fname, key, value in (("bad_nan_weight_model.safetensors", "double_blocks.0.img_mlp.0.weight", float("nan")),
+                              ("bad_inf_weight_model.safetensors", "single_blocks.0.linear2.weight", float("inf")),
+                              ("bad_nan_bias_model.safetensors", "txt_in.bias", float("nan")),
+                              ("bad_nan_norm_model.safetensors", "double_blocks.0.img_attn.norm.key_norm.scale",
+                               float("nan"))):
+        sd = dict(full)
+        sd[key] = sd[key].clone()
+        sd[key].view(-1)[1] = value
+        save_safetensors(sd, model(fname))
+    wrong = dict(full)
+    wrong["double_blocks.0.img_attn.norm.key_norm.scale"] = torch.ones(64)
+    save_safetensors(wrong, model("bad_norm_shape_model.safetensors"))
+    extra = dict(make_tiny_flux(CFG, seed=0, exact_for="nf4"))
+    extra["double_blocks.0.some_new_adapter.weight"] = torch.ones(3)
+    save_safetensors(extra, model("extra_key_model.safetensors"))
     return {"marker": marker}
 
 
@@ -214,6 +230,14 @@ MODEL_ERRORS = [pytest.param(*case, id=case[0]) for case in [
     ("lora_picked_as_model", "bad_lora_as_model.safetensors", ["bad_lora_as_model.safetensors", "not a FLUX.1 diffusion model"]),
     ("incomplete_model", "bad_incomplete_model.safetensors", ["bad_incomplete_model.safetensors",
                                                               "single_blocks.0.linear2.weight", "missing"]),
+    ("nan_weight", "bad_nan_weight_model.safetensors", ["bad_nan_weight_model.safetensors",
+                                                        "double_blocks.0.img_mlp.0.weight holds NaN or inf", "download"]),
+    ("inf_weight", "bad_inf_weight_model.safetensors", ["single_blocks.0.linear2.weight holds NaN or inf"]),
+    ("nan_bias", "bad_nan_bias_model.safetensors", ["txt_in.bias holds NaN or inf"]),
+    ("nan_norm_scale", "bad_nan_norm_model.safetensors", ["double_blocks.0.img_attn.norm.key_norm.scale", "NaN or inf"]),
+    ("norm_scale_shape", "bad_norm_shape_model.safetensors", ["bad_norm_shape_model.safetensors",
+                                                              "double_blocks.0.img_attn.norm.key_norm.scale",
+                                                              "has shape [64]", "expects [128]"]),
 ]] + [pytest.param(f"prequantized_no_{s}", f"bad_prequantized_no_{s}.safetensors",
                   [f"bad_prequantized_no_{s}.safetensors", QS, "incomplete"],
                   marks=[pytest.mark.xfail(strict=True, reason=_PREQ_XFAIL[s])] if s in _PREQ_XFAIL else [],
@@ -302,3 +326,14 @@ def test_a_linked_value_outside_the_schema_fails_the_node(host, files, reference
     node = (apply if node_type == "ApplyControlLora" else set_scale)(["c", 0], lora, 0.5)
     node["inputs"][field] = ["v", 0]
     run_case(host, files, reference, {"v": linked(value), "x": node}, ["x", 0], "x", node_type, phrases)
+
+
+def test_a_tensor_no_flux_layer_has_is_ignored_with_a_warning_as_stock_does(host, files, caplog):
+    """ComfyUI's UNETLoader loads such a file and logs the keys it left unused; Load BnB Flux did the same
+    work and then raised ``AttributeError: 'Flux' object has no attribute ...``."""
+    with caplog.at_level("WARNING"):
+        out = host.run(sampling_graph({"q": loader("extra_key_model.safetensors"), "r": loader(MODEL)}, ["q", 0],
+                                      key="extra", prefix="a") | sampling_graph({}, ["r", 0], key="plain", prefix="b"))
+    assert torch.equal(out["extra"], out["plain"])
+    assert any("double_blocks.0.some_new_adapter.weight" in r.getMessage() and "ignored" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records][-5:]
