@@ -1035,6 +1035,11 @@ def apply_lora(model, parsed, strength: float, lora_name: str):
         if other:
             raise BnbFluxError(f"{lora_name}: a Control LoRA ({other[0]}) is already applied; two Control LoRAs "
                                f"would both claim the control channels of img_in: use one per model")
+        # one applied by ComfyUI's own LoRA loaders leaves no record here, only its widening patch on img_in
+        if required_in_features(model.patches.get("diffusion_model.img_in.weight", [])):
+            raise BnbFluxError(f"{lora_name}: the model already has a Control LoRA (applied by a LoRA loader node "
+                               f"upstream); two Control LoRAs would both claim the control channels of img_in: "
+                               f"use one per model")
     shapes = linear_shapes(model)
     patches = lora_patches(parsed, shapes)
     m = model.clone()
