@@ -422,6 +422,12 @@ def _read(tensors: Any, key: str, name: str, numbers: bool = False) -> torch.Ten
     return t
 
 
+# a LoRA's update W += scale * up @ down is added to weights of magnitude ~1; an update entry past float16's
+# largest value is no trained LoRA (a flipped exponent bit), and in the compute dtype it turns activations to inf
+DELTA_MAX = 65504.0
+SCALE_MAX = 1e4  # |alpha / rank|: trainers write alpha <= rank (scale <= 1), a few use alpha = 2 * rank or so
+
+
 def _abs_max(t: torch.Tensor) -> float:
     return float(t.double().abs().max()) if t.numel() else 0.0
 
@@ -430,11 +436,16 @@ def _check_magnitude(name: str, what: str, down: torch.Tensor, up: torch.Tensor,
     """Every entry of ``scale * up @ down`` is at most ``|scale| * rank * max|up| * max|down|``; past float32's
     range the update is inf/NaN in the model (ComfyUI computes LoRA weights in float32): a corrupted
     exponent or alpha, refused here instead of sampling black images."""
+    if not math.isfinite(scale) or abs(scale) > SCALE_MAX:
+        raise LoraFormatError(f"{name}: lora for {what} has alpha/rank {scale:.3g}; LoRA trainers write alphas up to "
+                              f"about the rank (a scale near 1), an alpha this large is a damaged file: use another "
+                              f"copy of this LoRA")
     bound = abs(scale) * down.shape[0] * _abs_max(up) * _abs_max(down)
-    if not bound <= _F32_MAX:
+    if not bound <= DELTA_MAX:
+        overflow = "overflows float32" if not bound <= _F32_MAX else "overflows float16 and breaks a bf16 matmul"
         raise LoraFormatError(f"{name}: lora for {what} has values so large (|alpha/rank| {abs(scale):.3g}, largest "
-                              f"|lora_B| {_abs_max(up):.3g}, |lora_A| {_abs_max(down):.3g}) that its update overflows "
-                              f"float32; the file is damaged: use another copy of this LoRA")
+                              f"|lora_B| {_abs_max(up):.3g}, |lora_A| {_abs_max(down):.3g}) that its update {overflow}; "
+                              f"the file is damaged: use another copy of this LoRA")
 
 
 def _layer_name(target: LoraTarget, source: str) -> str:

@@ -540,18 +540,25 @@ def test_bool_alpha_and_fractional_reshape_are_refused():
         parse_lora(sd, "r.safetensors", modules_of(CONFIGS["h128"]))
 
 
-@pytest.mark.parametrize("where", ["lora_B", "alpha"])
-def test_update_that_overflows_float32_is_refused(where):
+@pytest.mark.parametrize("where,expected", [
+    ("lora_B", r"has values so large .* overflows float32"),
+    # below float32's limit, above what float16 holds and a bf16 matmul survives
+    ("lora_B_2.4e36", r"has values so large .* overflows float16 and breaks a bf16 matmul"),
+    ("alpha", r"has alpha/rank 7.5e\+36; .* a damaged file"),
+    ("int64_alpha_2^62", r"has alpha/rank 1.15e\+18; .* a damaged file"),
+])
+def test_update_that_overflows_the_compute_dtype_is_refused(where, expected):
     """A flipped exponent bit: finite numbers whose product is inf in the model."""
     sd = _style()
-    if where == "lora_B":
-        key = "diffusion_model.txt_in.lora_B.weight"
+    key = "diffusion_model.txt_in.lora_B.weight"
+    if where.startswith("lora_B"):
         sd[key] = sd[key].clone()
-        sd[key][0, 0] = 3e38
-    else:
+        sd[key][0, 0] = 2.4e36 if where.endswith("2.4e36") else 3e38
+    elif where == "alpha":
         sd["diffusion_model.txt_in.alpha"] = torch.tensor(3e37)
-        sd["diffusion_model.txt_in.lora_A.weight"] = sd["diffusion_model.txt_in.lora_A.weight"] * 1e5
-    with pytest.raises(BnbFluxError, match=r"^big\.safetensors: lora for txt_in has values so large .* overflows float32"):
+    else:
+        sd["diffusion_model.txt_in.alpha"] = torch.tensor(2 ** 62, dtype=torch.int64)
+    with pytest.raises(BnbFluxError, match=r"^big\.safetensors: lora for txt_in " + expected):
         parse_lora(sd, "big.safetensors", modules_of(CONFIGS["h128"]))
     # the same file at sane magnitudes loads
     assert parse_lora(_style(), "big.safetensors", modules_of(CONFIGS["h128"])).layers
