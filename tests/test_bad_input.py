@@ -32,7 +32,7 @@ import torch
 
 from comfy_host import quantized_hash, sampling_graph
 from model_files import write_flux_with_loras
-from prequantized_files import forge_state_dict
+from prequantized_files import diffusers_state_dict, forge_state_dict, save_sharded
 from quant_expand.synthetic import TinyFluxConfig, make_control_lora, make_lora, make_tiny_flux, save_safetensors
 
 CFG = TinyFluxConfig()
@@ -148,6 +148,23 @@ def files(host, tmp_path_factory):
         cut = dict(prequantized)
         del cut[f"model.diffusion_model.{QS}.{suffix}"]
         save_safetensors(cut, model(f"bad_prequantized_no_{suffix}.safetensors"))
+    nan_absmax = dict(forge_state_dict(make_tiny_flux(CFG, seed=0, exact_for="nf4"), "nf4", False, all_in_one=False))
+    key = f"model.diffusion_model.{QS}.absmax"
+    nan_absmax[key] = nan_absmax[key].clone()
+    nan_absmax[key][2] = float("nan")
+    save_safetensors(nan_absmax, model("bad_nan_absmax.safetensors"))
+    deep = dict(prequantized)
+    deep[f"model.diffusion_model.{QS}.quant_state.bitsandbytes__nf4"] = torch.tensor(list(b"[" * 5000 + b"]" * 5000),
+                                                                                     dtype=torch.uint8)
+    save_safetensors(deep, model("bad_deep_quant_state.safetensors"))
+    index = save_sharded(diffusers_state_dict(make_tiny_flux(CFG, seed=0, exact_for="nf4"), CFG, "nf4"),
+                         model("bad_sharded"), shards=2)
+    with open(index) as f:
+        data = json.load(f)
+    first = sorted(data["weight_map"])[0]
+    data["weight_map"][first] = f"../{MODEL}"  # a real model file one folder up
+    with open(index, "w") as f:
+        json.dump(data, f)
     g = torch.Generator().manual_seed(5)
     save_safetensors({"input_blocks.0.0.weight": torch.randn(32, 4, 3, 3, generator=g),
                       "input_blocks.0.0.bias": torch.randn(32, generator=g),
@@ -233,6 +250,14 @@ MODEL_ERRORS = [pytest.param(*case, id=case[0]) for case in [
     ("lora_picked_as_model", "bad_lora_as_model.safetensors", ["bad_lora_as_model.safetensors", "not a FLUX.1 diffusion model"]),
     ("incomplete_model", "bad_incomplete_model.safetensors", ["bad_incomplete_model.safetensors",
                                                               "single_blocks.0.linear2.weight", "missing"]),
+    ("nan_absmax", "bad_nan_absmax.safetensors", ["bad_nan_absmax.safetensors", f"{QS}.absmax", "NaN or inf",
+                                                  "download it again"]),
+    ("deep_quant_state", "bad_deep_quant_state.safetensors", ["bad_deep_quant_state.safetensors",
+                                                              f"{QS}.quant_state.bitsandbytes__nf4",
+                                                              "field (the whole state)", "not JSON text"]),
+    ("index_escapes_its_folder", "bad_sharded/diffusion_pytorch_model-00001-of-00002.safetensors",
+     ["diffusion_pytorch_model.safetensors.index.json", f"is mapped to '../{MODEL}'",
+      "absolute paths, drive letters and '..' are refused"]),
     ("nan_weight", "bad_nan_weight_model.safetensors", ["bad_nan_weight_model.safetensors",
                                                         "double_blocks.0.img_mlp.0.weight holds NaN or inf", "download"]),
     ("inf_weight", "bad_inf_weight_model.safetensors", ["single_blocks.0.linear2.weight holds NaN or inf"]),
