@@ -554,6 +554,12 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
         return None
 
     def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+        img_in = "diffusion_model.img_in.weight"
+        if (img_in in patches and required_in_features(self.patches.get(img_in, []))
+                and required_in_features([(strength_patch, patches[img_in], strength_model, None, None)])):
+            # ComfyUI's LoRA loaders call this too: a second Control LoRA from them is caught here
+            raise BnbFluxError("this model already has a Control LoRA, and the LoRA being added is one too: two "
+                               "Control LoRAs would both claim the control channels of img_in; use one per model")
         keys = super().add_patches(patches, strength_patch, strength_model)
         self.widen_for_patches()
         return keys

@@ -234,6 +234,9 @@ NODE_ERRORS = [
     ("same_lora_twice", {"x": apply(["c", 0], CONTROL, 0.5)}, ["bad_canny.safetensors", "already applied", "Set LoRA Scale"]),
     ("two_control_loras", {"x": apply(["c", 0], DEPTH, 1.0)}, ["bad_depth.safetensors", "a Control LoRA (bad_canny.safetensors)",
                                                                "already applied"]),
+    ("stock_loader_after_control_lora", {"x": {"class_type": "LoraLoaderModelOnly", "inputs": {
+        "model": ["c", 0], "lora_name": DEPTH, "strength_model": 1.0}}},
+     ["already has a Control LoRA", "use one per model"]),
     ("control_lora_after_stock_loader", {"s": {"class_type": "LoraLoaderModelOnly", "inputs": {
         "model": ["q", 0], "lora_name": CONTROL, "strength_model": 1.0}}, "x": apply(["s", 0], DEPTH, 1.0)},
      ["bad_depth.safetensors", "already has a Control LoRA (applied by a LoRA loader node upstream)"]),
