@@ -32,9 +32,10 @@ def check_inputs(lora_name, strength) -> float:
     if isinstance(strength, bool) or not isinstance(strength, (int, float)):
         raise BnbFluxError(f"{lora_name}: strength is {type(strength).__name__} {shown_name(strength)}, not a number; "
                            f"connect a number between {STRENGTH_MIN:g} and {STRENGTH_MAX:g}")
-    value = float(strength)
+    value = float(strength) if isinstance(strength, float) or abs(strength) < 2 ** 1000 else math.inf
     if not (math.isfinite(value) and STRENGTH_MIN <= value <= STRENGTH_MAX):
-        raise BnbFluxError(f"{lora_name}: strength is {value:g}; use a finite number "
+        shown = f"{value:g}" if math.isfinite(value) or isinstance(strength, float) else shown_name(strength)
+        raise BnbFluxError(f"{lora_name}: strength is {shown}; use a finite number "
                            f"between {STRENGTH_MIN:g} and {STRENGTH_MAX:g}")
     return value
 

@@ -41,13 +41,18 @@ class SaveBnbFlux(io.ComfyNode):
     @classmethod
     def execute(cls, model, filename_prefix) -> io.NodeOutput:
         require_supported_host()
-        if not isinstance(filename_prefix, str) or not filename_prefix or any(ord(c) < 0x20 for c in filename_prefix):
+        if (not isinstance(filename_prefix, str) or not filename_prefix
+                or any(ord(c) < 0x20 or ord(c) == 0x7f for c in filename_prefix)):
             # the OS would only say "Invalid argument" (a NUL), or a newline would end up in a file name
             raise BnbFluxError(f"filename_prefix {shown_name(filename_prefix)} is not a usable path: give a path "
                                f"under ComfyUI's output directory without control characters (NUL, newlines)")
         tensors, metadata = bnb_flux_state_for_saving(model, progress=comfy.utils.ProgressBar)
         output_dir = folder_paths.get_output_directory()
-        folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, output_dir)
+        try:
+            folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, output_dir)
+        except Exception as e:  # ComfyUI raises a plain Exception for a prefix that leaves the output folder
+            raise BnbFluxError(f"filename_prefix {shown_name(filename_prefix)}: {e}; give a path under ComfyUI's "
+                               f"output directory") from None
         path = os.path.join(folder, f"{filename}_{counter:05}_.safetensors")
         save_flux_file(path, tensors, metadata)
         size = os.path.getsize(path)

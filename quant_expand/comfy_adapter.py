@@ -257,17 +257,17 @@ def load_bnb_flux(unet_path: str, options: dict, disable_dynamic: bool = False, 
         if pinned and hasattr(torch._C, "_host_emptyCache"):
             torch._C._host_emptyCache()  # hand the pinned staging memory back instead of caching it
 
+    params = dict(dm.named_parameters())
     for key, src in logical_key.items():
         if key in loaded:
             continue
-        try:
-            current = comfy.utils.get_attr(dm, key)
-        except AttributeError:
+        current = params.get(key)
+        if current is None:
             # as ComfyUI's UNETLoader, which loads such files and logs the keys it did not use
             log.warning("Load BnB Flux: %s: tensor %s is not part of a FLUX.1 model; ignored", ckpt.name, shown_name(src))
             continue
         tensor = ckpt.read(src)
-        if current is not None and tuple(tensor.shape) != tuple(current.shape):
+        if tuple(tensor.shape) != tuple(current.shape):
             raise BnbFluxError(f"{ckpt.name}: tensor {shown_name(src)} has shape {list(tensor.shape)}, the detected model "
                                f"expects {list(current.shape)}; the file is damaged or not a FLUX.1 model of this size")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):

@@ -73,7 +73,9 @@ def _quant_state_value_ok(field: str, value) -> bool:
         return (isinstance(value, list) and len(value) == 2
                 and all(_whole(v) and 0 < v < 2 ** 31 for v in value))
     if field == "nested_offset":
-        return (_whole(value) or isinstance(value, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if _whole(value):
+            return abs(value) < 2 ** 1000  # math.isfinite of a 400-digit integer raises OverflowError
+        return isinstance(value, float) and math.isfinite(value)
     return False
 
 
@@ -156,14 +158,14 @@ def _confined_shard(entry) -> Optional[str]:
     """``entry`` as a path inside the index's folder, or None: decided from the text alone (relative, no
     ``..``, no absolute or drive path, a ``.safetensors`` name), so the answer does not depend on, and does
     not tell, what exists on the disk. A shard that is a symlink stays allowed (Hugging Face snapshots)."""
-    if not isinstance(entry, str) or not entry or "\\" in entry or len(entry) > 1024:
-        return None
+    if not isinstance(entry, str) or not entry or "\\" in entry or ":" in entry or len(entry) > 1024:
+        return None  # ":" anywhere: a drive in a later part (a/C:x) would restart the path on Windows
     if any(ord(c) < 0x20 or ord(c) == 0x7f for c in entry):  # NUL, newlines, escape sequences
         return None
     if os.path.isabs(entry) or ntpath.splitdrive(entry)[0] or entry.startswith("/"):
         return None
-    parts = entry.split("/")
-    if any(p in ("", ".", "..") for p in parts) or not entry.endswith(".safetensors"):
+    parts = [p for p in entry.split("/") if p != "."]  # "./x" is x (some converters write it)
+    if not parts or any(p in ("", "..") for p in parts) or not entry.endswith(".safetensors"):
         return None
     return os.path.join(*parts)
 
@@ -207,7 +209,7 @@ def _index_of(path: str) -> Optional[str]:
         try:
             shards = set(read_shard_index(candidate).values())
         except BnbFluxError as e:
-            if stem and name.startswith(stem):
+            if re.fullmatch(re.escape(stem) + r"-\d{5}-of-\d{5}\.safetensors", name):  # how its shards are named
                 raise BnbFluxError(f"{name}: a shard of {e}") from None
             continue
         if os.path.normpath(name) in shards:
@@ -754,10 +756,11 @@ class FluxCheckpoint:
             raise BnbFluxError(f"{self.name}: tensor {key}, field {field}: {problem}; the file is damaged: "
                                f"download it again")
 
+        size, dtype = math.prod(self.tensors.shape(key)), self.tensors.dtype(key)  # from the header: nothing read
+        if dtype != torch.uint8 or size > QS_JSON_MAX_BYTES:
+            damaged("(the whole state)", f"{dtype} with {size} values; bitsandbytes stores the state as a short "
+                                          f"UTF-8 JSON text in uint8")
         raw = self.tensors.get(key)
-        if raw.dtype != torch.uint8 or raw.numel() > QS_JSON_MAX_BYTES:
-            damaged("(the whole state)", f"{raw.dtype} with {raw.numel()} values; bitsandbytes stores the state "
-                                          f"as a short UTF-8 JSON text in uint8")
         try:
             state = json.loads(bytes(raw.reshape(-1).numpy()).decode("utf-8"))
         except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors

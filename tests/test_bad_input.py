@@ -189,6 +189,8 @@ def files(host, tmp_path_factory):
     save_safetensors(wrong, model("bad_norm_shape_model.safetensors"))
     extra = dict(make_tiny_flux(CFG, seed=0, exact_for="nf4"))
     extra["double_blocks.0.some_new_adapter.weight"] = torch.ones(3)
+    extra["img_in"] = torch.ones(2)  # the name of a module, not of a tensor
+    extra["img_in.weight.data"] = torch.ones(2)
     save_safetensors(extra, model("extra_key_model.safetensors"))
     return {"marker": marker}
 
@@ -344,6 +346,7 @@ LINKED_ERRORS = [
     ("huge_strength", "ApplyControlLora", "strength", 1e18, ["bad_style.safetensors", "strength is 1e+18",
                                                                            "between -10 and 10"]),
     ("strength_1000", "SetLoraScale", "strength", 1000, ["bad_canny.safetensors", "strength is 1000"]),
+    ("strength_400_digits", "ApplyControlLora", "strength", 10 ** 400, ["strength is '1000000", "between -10 and 10"]),
     ("string_strength", "ApplyControlLora", "strength", "0.5", ["strength is str '0.5', not a number"]),
     ("bool_strength", "SetLoraScale", "strength", True, ["strength is bool 'True', not a number"]),
     ("integer_lora_name", "ApplyControlLora", "lora_name", 3, ["lora_name is int '3', not a file name"]),

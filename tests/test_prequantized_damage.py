@@ -172,6 +172,7 @@ JSON_CASES = {
     "nested_blocksize_2_31": ("nested", "nested_blocksize", 2 ** 31),
     "nested_blocksize_true": ("nested", "nested_blocksize", True),
     "nested_offset_text": ("nested", "nested_offset", "abc"),
+    "nested_offset_400_digits": ("nested", "nested_offset", 10 ** 400),
     "bogus_nested_dtype": ("nested", "nested_dtype", "float128"),
     "unknown_field": ("plain", "compress", 1),
     "state_is_a_list": ("plain", None, "[1, 2, 3]"),

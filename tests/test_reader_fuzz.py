@@ -562,3 +562,17 @@ def test_update_that_overflows_the_compute_dtype_is_refused(where, expected):
         parse_lora(sd, "big.safetensors", modules_of(CONFIGS["h128"]))
     # the same file at sane magnitudes loads
     assert parse_lora(_style(), "big.safetensors", modules_of(CONFIGS["h128"])).layers
+
+
+def test_a_high_rank_lora_whose_worst_case_bound_is_large_loads_when_its_update_is_small():
+    """rank x max|lora_B| x max|lora_A| bounds every update entry; an SVD-extracted LoRA of high rank can
+    pass 65504 with a small update (here its rank-one terms cancel): what counts is the update itself."""
+    sd = _style()
+    r = 256
+    down = torch.full((r, sd["diffusion_model.txt_in.lora_A.weight"].shape[1]), 20.0)
+    down[1::2] *= -1  # each pair of terms cancels
+    sd["diffusion_model.txt_in.lora_A.weight"] = down
+    sd["diffusion_model.txt_in.lora_B.weight"] = torch.full((sd["diffusion_model.txt_in.lora_B.weight"].shape[0], r), 20.0)
+    sd.pop("diffusion_model.txt_in.alpha", None)
+    layer = next(x for x in parse_lora(sd, "svd.safetensors", modules_of(CONFIGS["h128"])).layers if x.module == "txt_in")
+    assert layer.rank == r

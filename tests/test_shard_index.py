@@ -47,7 +47,8 @@ def first_key(index):
 
 
 HOSTILE = ["../outside/secret.safetensors", "sub/../../outside/secret.safetensors", "C:\\models\\x.safetensors",
-           "C:x.safetensors", "\\\\server\\share\\x.safetensors", "shard.bin", "", "./x.safetensors",
+           "C:x.safetensors", "a/C:/Windows/x.safetensors", "\\\\server\\share\\x.safetensors", "shard.bin", "",
+           "./../outside/secret.safetensors",
            "a\nforged log line.safetensors", "\x1b[31mred.safetensors", "a\x00b.safetensors", 7, ["x"], None]
 
 
@@ -100,9 +101,10 @@ BROKEN = {"nested": "[" * 200_000 + "]" * 200_000, "list map": json.dumps({"weig
 def test_a_broken_index_breaks_only_its_own_model(tmp_path, kind):
     folder = tmp_path / "models"
     sd = make_tiny_flux(CFG, seed=3)
-    single = save_safetensors(sd, folder / "flux-single.safetensors")
+    single = save_safetensors(sd, folder / "flux-single-00001-of-00002-fp8.safetensors")
     other = save_safetensors({"x": torch.zeros(2)}, folder / "other-00001-of-00002.safetensors")
     (folder / "other.safetensors.index.json").write_text(BROKEN[kind])
+    (folder / "flux.safetensors.index.json").write_text(BROKEN[kind])  # a name that only starts the same
     ckpt = open_flux_checkpoint(str(single))  # an unrelated index beside it changes nothing
     assert not ckpt.is_prequantized and len(ckpt.tensors.files) == 1
     ckpt.close()
@@ -118,3 +120,10 @@ def test_an_oversized_index_is_refused_before_it_is_parsed(sharded):
         f.truncate(INDEX_MAX_BYTES + 1)
     with pytest.raises(BnbFluxError, match=f"{INDEX}: {INDEX_MAX_BYTES + 1} bytes, too large for a shard index"):
         open_flux_checkpoint(index)
+
+
+def test_a_leading_dot_segment_is_the_file_itself(sharded):
+    """Some converters write ``./model-00001-of-00002.safetensors``: the same file inside the folder."""
+    index, _ = sharded
+    rewrite(index, lambda m: m.update({k: f"./{v}" for k, v in m.items()}))
+    assert len(open_flux_checkpoint(index).tensors.files) == 2
