@@ -142,6 +142,18 @@ def files(host, tmp_path_factory):
     huge["diffusion_model.txt_in.lora_B.weight"] = huge["diffusion_model.txt_in.lora_B.weight"].clone()
     huge["diffusion_model.txt_in.lora_B.weight"][0, 0] = 3e38
     save_safetensors(huge, lora("bad_huge_lora.safetensors"))
+    rank0 = dict(style)
+    rank0["diffusion_model.txt_in.lora_A.weight"] = torch.zeros(0, rank0["diffusion_model.txt_in.lora_A.weight"].shape[1])
+    rank0["diffusion_model.txt_in.lora_B.weight"] = torch.zeros(rank0["diffusion_model.txt_in.lora_B.weight"].shape[0], 0)
+    save_safetensors(rank0, lora("bad_rank0_lora.safetensors"))
+    flood = dict(style)  # a megabyte key name with a forged log line in it
+    key = "diffusion_model.txt_in\n[ComfyUI] Prompt executed\x1b[31m" + "x" * 1_000_000
+    flood[f"{key}.lora_A.weight"] = torch.zeros(4, 64)
+    flood[f"{key}.lora_B.weight"] = torch.zeros(256, 4)
+    save_safetensors(flood, lora("bad_flood_lora.safetensors"))
+    # a broken index beside the good models: it must not change what they load (every case's good prompt)
+    with open(model("bad_unrelated.safetensors.index.json"), "w") as f:
+        f.write("[" * 100_000)
 
     prequantized = forge_state_dict(make_tiny_flux(CFG, seed=0, exact_for="nf4"), "nf4", True, all_in_one=False)
     for suffix in ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4"):
@@ -153,6 +165,12 @@ def files(host, tmp_path_factory):
     nan_absmax[key] = nan_absmax[key].clone()
     nan_absmax[key][2] = float("nan")
     save_safetensors(nan_absmax, model("bad_nan_absmax.safetensors"))
+    text_blocksize = dict(prequantized)
+    qs_key = f"model.diffusion_model.{QS}.quant_state.bitsandbytes__nf4"
+    state = json.loads(bytes(text_blocksize[qs_key].numpy()).decode("utf-8"))
+    state["blocksize"] = "64"
+    text_blocksize[qs_key] = torch.tensor(list(json.dumps(state).encode("utf-8")), dtype=torch.uint8)
+    save_safetensors(text_blocksize, model("bad_string_blocksize.safetensors"))
     deep = dict(prequantized)
     deep[f"model.diffusion_model.{QS}.quant_state.bitsandbytes__nf4"] = torch.tensor(list(b"[" * 5000 + b"]" * 5000),
                                                                                      dtype=torch.uint8)
@@ -225,6 +243,9 @@ LORA_ERRORS = [
                                                  "NaN or inf"]),
     ("inf_in_lora", "bad_inf_lora.safetensors", ["bad_inf_lora.safetensors", "NaN or inf"]),
     ("integer_lora", "bad_int8_lora.safetensors", ["bad_int8_lora.safetensors", "dtype int8", "floating point"]),
+    ("rank_zero", "bad_rank0_lora.safetensors", ["bad_rank0_lora.safetensors", "txt_in has rank 0", "empty LoRA layer"]),
+    ("flooding_key_name", "bad_flood_lora.safetensors", ["bad_flood_lora.safetensors", "characters cut",
+                                                         "\\n[ComfyUI] Prompt executed\\x1b[31m"]),
     ("overflowing_values", "bad_huge_lora.safetensors", ["bad_huge_lora.safetensors", "txt_in", "overflows float32"]),
 ]
 
@@ -257,6 +278,8 @@ MODEL_ERRORS = [pytest.param(*case, id=case[0]) for case in [
                                                               "single_blocks.0.linear2.weight", "missing"]),
     ("nan_absmax", "bad_nan_absmax.safetensors", ["bad_nan_absmax.safetensors", f"{QS}.absmax", "NaN or inf",
                                                   "download it again"]),
+    ("string_blocksize", "bad_string_blocksize.safetensors", ["bad_string_blocksize.safetensors", "field blocksize",
+                                                              "the string '64'; bitsandbytes writes a number"]),
     ("deep_quant_state", "bad_deep_quant_state.safetensors", ["bad_deep_quant_state.safetensors",
                                                               f"{QS}.quant_state.bitsandbytes__nf4",
                                                               "field (the whole state)", "not JSON text"]),
@@ -310,6 +333,10 @@ def run_case(host, files, reference, bad_nodes, model_ref, node_id, node_type, p
 @pytest.mark.parametrize("case,lora_name,phrases", LORA_ERRORS, ids=[c[0] for c in LORA_ERRORS])
 def test_bad_lora_file(host, files, reference, case, lora_name, phrases):
     run_case(host, files, reference, {"x": apply(["c", 0], lora_name, 0.7)}, ["x", 0], "x", "ApplyControlLora", phrases)
+    if case == "flooding_key_name":  # what reaches /history, the websocket and the log: one bounded line
+        err = host.run(bad_graph({"x": apply(["c", 0], lora_name, 0.7)}, ["x", 0]), expect_error=True)["errors"][0]
+        msg = err["exception_message"].rstrip("\n")  # ComfyUI ends the message with a newline of its own
+        assert len(msg) <= 2000 and "\n" not in msg and "\x1b" not in msg, len(msg)
 
 
 @pytest.mark.parametrize("case,bad_nodes,phrases", NODE_ERRORS, ids=[c[0] for c in NODE_ERRORS])
