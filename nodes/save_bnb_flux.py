@@ -9,7 +9,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..quant_expand.comfy_adapter import bnb_flux_state_for_saving
-from ..quant_expand.formats import BnbFluxError, shown_name
+from ..quant_expand.formats import BnbFluxError, has_control_characters, shown_name
 from ..quant_expand.prequantized import save_flux_file
 from .host_check import require_supported_host
 
@@ -41,8 +41,7 @@ class SaveBnbFlux(io.ComfyNode):
     @classmethod
     def execute(cls, model, filename_prefix) -> io.NodeOutput:
         require_supported_host()
-        if (not isinstance(filename_prefix, str) or not filename_prefix
-                or any(ord(c) < 0x20 or ord(c) == 0x7f for c in filename_prefix)):
+        if not isinstance(filename_prefix, str) or not filename_prefix or has_control_characters(filename_prefix):
             # the OS would only say "Invalid argument" (a NUL), or a newline would end up in a file name
             raise BnbFluxError(f"filename_prefix {shown_name(filename_prefix)} is not a usable path: give a path "
                                f"under ComfyUI's output directory without control characters (NUL, newlines)")

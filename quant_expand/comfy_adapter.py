@@ -157,6 +157,11 @@ def _read_ahead(ckpt, names: list, timing: Optional[dict] = None, staging: Optio
         pool.shutdown(wait=True)
 
 
+def _require_finite(file: str, key: str, tensor: torch.Tensor):
+    if not bool(torch.isfinite(tensor).all()):
+        raise BnbFluxError(f"{file}: tensor {key} holds NaN or inf values; the file is damaged: download it again")
+
+
 def load_bnb_flux(unet_path: str, options: dict, disable_dynamic: bool = False, progress=None):
     """Build a quantized FLUX as a :class:`BnbModelPatcher`, quantizing tensor by tensor while streaming.
 
@@ -232,12 +237,10 @@ def load_bnb_flux(unet_path: str, options: dict, disable_dynamic: bool = False, 
                 # a NaN/inf weight makes its block's scale NaN/inf: checked on the scales, not the weights
                 raise BnbFluxError(f"{ckpt.name}: tensor {name}.weight holds NaN or inf values (or, for int8, values "
                                    f"beyond float16's range); the file is damaged: download it again")
-            if new is None and not bool(torch.isfinite(stored.weight).all()):
-                raise BnbFluxError(f"{ckpt.name}: tensor {name}.weight holds NaN or inf values; the file is damaged: "
-                                   f"download it again")
-            if stored.bias is not None and not bool(torch.isfinite(stored.bias).all()):
-                raise BnbFluxError(f"{ckpt.name}: tensor {name}.bias holds NaN or inf values; the file is damaged: "
-                                   f"download it again")
+            if new is None:
+                _require_finite(ckpt.name, f"{name}.weight", stored.weight)
+            if stored.bias is not None:
+                _require_finite(ckpt.name, f"{name}.bias", stored.bias)
             if new is not None:
                 _set_module(dm, name, new)
                 quantized += 1
@@ -270,9 +273,8 @@ def load_bnb_flux(unet_path: str, options: dict, disable_dynamic: bool = False, 
         if tuple(tensor.shape) != tuple(current.shape):
             raise BnbFluxError(f"{ckpt.name}: tensor {shown_name(src)} has shape {list(tensor.shape)}, the detected model "
                                f"expects {list(current.shape)}; the file is damaged or not a FLUX.1 model of this size")
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise BnbFluxError(f"{ckpt.name}: tensor {shown_name(src)} holds NaN or inf values; the file is damaged: "
-                               f"download it again")
+        if tensor.is_floating_point():
+            _require_finite(ckpt.name, shown_name(src), tensor)
         comfy.utils.set_attr_param(model, f"diffusion_model.{key}", _owned(tensor, offload_device, compute_dtype))
     unloaded = [n for n, p in dm.named_parameters() if p is None or p.device.type == "meta"]
     if unloaded:

@@ -39,6 +39,12 @@ class BnbFluxError(ValueError):
 
 
 NAME_SHOWN = 120  # characters of a name from a file or a link that a message quotes
+FLOAT16_MAX = float(torch.finfo(torch.float16).max)  # a scale or update past it: no 16-bit compute dtype holds it
+
+
+def has_control_characters(text: str) -> bool:
+    """NUL, newlines, escape sequences and the like: never part of a real file or path name."""
+    return any(ord(c) < 0x20 or ord(c) == 0x7f for c in text)
 
 
 def shown_name(text) -> str:

@@ -35,7 +35,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from .formats import BnbFluxError
+from .formats import FLOAT16_MAX, BnbFluxError
 
 __all__ = [
     "LoraFormatError",
@@ -424,8 +424,8 @@ def _read(tensors: Any, key: str, name: str, numbers: bool = False) -> torch.Ten
 
 # a LoRA's update W += scale * up @ down is added to weights of magnitude ~1; an update entry past float16's
 # largest value is no trained LoRA (a flipped exponent bit), and in the compute dtype it turns activations to inf
-DELTA_MAX = 65504.0
-SCALE_MAX = 1e4  # |alpha / rank|: trainers write alpha <= rank (scale <= 1), a few use alpha = 2 * rank or so
+DELTA_MAX = FLOAT16_MAX
+ALPHA_SCALE_MAX = 1e4  # |alpha / rank|: trainers write alpha <= rank (scale <= 1), a few use alpha = 2 * rank or so
 
 
 def _update_abs_max(down: torch.Tensor, up: torch.Tensor, scale: float, rows: int = 1024) -> float:
@@ -443,7 +443,7 @@ def _check_magnitude(name: str, what: str, down: torch.Tensor, up: torch.Tensor,
     """Every entry of ``scale * up @ down`` is at most ``|scale| * rank * max|up| * max|down|``; past float32's
     range the update is inf/NaN in the model (ComfyUI computes LoRA weights in float32): a corrupted
     exponent or alpha, refused here instead of sampling black images."""
-    if not math.isfinite(scale) or abs(scale) > SCALE_MAX:
+    if not math.isfinite(scale) or abs(scale) > ALPHA_SCALE_MAX:
         raise LoraFormatError(f"{name}: lora for {what} has alpha/rank {scale:.3g}; LoRA trainers write alphas up to "
                               f"about the rank (a scale near 1), an alpha this large is a damaged file: use another "
                               f"copy of this LoRA")

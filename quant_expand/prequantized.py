@@ -38,7 +38,7 @@ import torch
 from bitsandbytes.functional import QuantState
 
 from . import scaled_formats
-from .formats import FLOAT_DTYPES, BnbFluxError, TensorFile, shown_name
+from .formats import FLOAT16_MAX, FLOAT_DTYPES, BnbFluxError, TensorFile, has_control_characters, shown_name
 from .spec import QuantSpec
 
 FORMAT_NAME = "bnb-flux"
@@ -53,7 +53,6 @@ QS_JSON_FIELDS = {"quant_type": "nf4 or fp4", "blocksize": f"a number, one of {'
 QS_NESTED_FIELDS = {"nested_blocksize": f"a number, one of {', '.join(map(str, QS_NESTED_BLOCKSIZES))}",
                     "nested_dtype": f"one of {', '.join(QS_DTYPES)}", "nested_offset": "a finite number"}
 QS_JSON_MAX_BYTES = 64 * 1024  # bitsandbytes' state is ~150 bytes
-SCALE_MAX = 65504.0  # float16's largest: a block or row scale beyond it gives weights no 16-bit dtype holds
 
 
 def _whole(value) -> bool:
@@ -147,6 +146,8 @@ class TensorSet:
 
 
 INDEX_MAX_BYTES = 64 * 2**20  # a real index is ~100 KB; larger ones are refused before parsing
+
+
 def _index_files(directory: str) -> list[str]:
     try:
         return [os.path.join(directory, n) for n in sorted(os.listdir(directory)) if n.endswith(".index.json")]
@@ -160,7 +161,7 @@ def _confined_shard(entry) -> Optional[str]:
     not tell, what exists on the disk. A shard that is a symlink stays allowed (Hugging Face snapshots)."""
     if not isinstance(entry, str) or not entry or "\\" in entry or ":" in entry or len(entry) > 1024:
         return None  # ":" anywhere: a drive in a later part (a/C:x) would restart the path on Windows
-    if any(ord(c) < 0x20 or ord(c) == 0x7f for c in entry):  # NUL, newlines, escape sequences
+    if has_control_characters(entry):
         return None
     if os.path.isabs(entry) or ntpath.splitdrive(entry)[0] or entry.startswith("/"):
         return None
@@ -199,32 +200,35 @@ def read_shard_index(index: str) -> dict[str, str]:
     return out
 
 
-def _index_of(path: str) -> Optional[str]:
-    """The ``*.index.json`` beside ``path`` that lists it as a shard. An index that cannot be read is
-    skipped unless its name says it belongs to this file (``model.safetensors.index.json`` for
-    ``model-00001-of-00002.safetensors``): one broken index does not break the other models beside it."""
+def _index_of(path: str) -> tuple[Optional[str], dict[str, str]]:
+    """The ``*.index.json`` beside ``path`` that lists it as a shard, and its weight map (None, {} if none
+    does). An index that cannot be read is skipped unless its name says it belongs to this file
+    (``model.safetensors.index.json`` for ``model-00001-of-00002.safetensors``): one broken index does not
+    break the other models beside it."""
     name = os.path.basename(path)
     for candidate in _index_files(os.path.dirname(os.path.abspath(path))):
         stem = os.path.basename(candidate)[: -len(".index.json")].removesuffix(".safetensors")
         try:
-            shards = set(read_shard_index(candidate).values())
+            weight_map = read_shard_index(candidate)
         except BnbFluxError as e:
             if re.fullmatch(re.escape(stem) + r"-\d{5}-of-\d{5}\.safetensors", name):  # how its shards are named
                 raise BnbFluxError(f"{name}: a shard of {e}") from None
             continue
-        if os.path.normpath(name) in shards:
-            return candidate
-    return None
+        if name in weight_map.values():
+            return candidate, weight_map
+    return None, {}
 
 
 def open_tensor_set(path: str) -> TensorSet:
     """A file, or all shards of a sharded model: ``path`` is the ``*.index.json`` or any one shard
     (ComfyUI lists the shards, not the index, so picking one shard loads the whole set)."""
     name = os.path.basename(path)
-    index = path if path.endswith(".index.json") else _index_of(path)
+    if path.endswith(".index.json"):
+        index, weight_map = path, read_shard_index(path)
+    else:
+        index, weight_map = _index_of(path)
     if index is None:
         return TensorSet([TensorFile(path)], name)
-    weight_map = read_shard_index(index)
     directory = os.path.dirname(os.path.abspath(index))
     files = []
     for shard in sorted(set(weight_map.values())):
@@ -756,7 +760,7 @@ class FluxCheckpoint:
             raise BnbFluxError(f"{self.name}: tensor {key}, field {field}: {problem}; the file is damaged: "
                                f"download it again")
 
-        size, dtype = math.prod(self.tensors.shape(key)), self.tensors.dtype(key)  # from the header: nothing read
+        size, dtype = self.tensors.nbytes(key), self.tensors.dtype(key)  # from the header: nothing read
         if dtype != torch.uint8 or size > QS_JSON_MAX_BYTES:
             damaged("(the whole state)", f"{dtype} with {size} values; bitsandbytes stores the state as a short "
                                           f"UTF-8 JSON text in uint8")
@@ -935,8 +939,8 @@ class FluxCheckpoint:
             bad = "has entries outside [-1, 1]"
         elif what != "code book" and bool((v < 0).any()):
             bad = "holds a negative scale"
-        elif what != "code book" and float(v.max()) + offset > SCALE_MAX:
-            bad = (f"holds a scale of {float(v.max()) + offset:.4g}, beyond {SCALE_MAX:g}: weights no 16-bit "
+        elif what != "code book" and float(v.max()) + offset > FLOAT16_MAX:
+            bad = (f"holds a scale of {float(v.max()) + offset:.4g}, beyond {FLOAT16_MAX:g}: weights no 16-bit "
                    f"compute dtype holds")
         if bad is not None:
             raise BnbFluxError(f"{self.name}: tensor {key} ({what}s) {bad}; the file is damaged: download it again, "
