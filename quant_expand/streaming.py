@@ -4,11 +4,12 @@ ComfyUI's lowvram partial load leaves the layers that do not fit on the offload 
 weight is then copied when the layer is reached, and the GPU waits for it. Here the offloaded layers are
 grouped into units (a FLUX block, or one top-level layer). Each unit's tensors (packed bytes, quantization
 statistics, stacked LoRA factors) have a pinned host source and a persistent device view in one of a few
-slot buffers, unit ``u`` in slot ``u % slots``. Entering unit ``u`` makes the compute stream wait for u's
-copy and starts copying the next ``slots - 1`` units on a side stream, each after the unit that held its
-slot has finished on the compute stream (events order the two streams; the order wraps around, so the
-last block fetches the first for the next step). The views never move, so each layer's kernels are set up
-once on them and are the same kernels a resident layer runs: where the bytes lived changes no result.
+slot buffers (``slot_pattern``: round robin, arranged so the step boundary never shares a slot). Entering
+unit ``u`` makes the compute stream wait for u's copy and starts copying the next ``slots - 1`` units on a
+side stream, each after the unit that held its slot has finished on the compute stream (events order the
+two streams; the order wraps around, so the last blocks fetch the first ones for the next step). The views
+never move, so each layer's kernels are set up once on them and are the same kernels a resident layer
+runs: where the bytes lived changes no result.
 
 Pure torch; which layers stream is ComfyUI's decision (``quant_expand.comfy_adapter``).
 """
@@ -37,6 +38,22 @@ def stream_unit_name(layer: str) -> str:
             index = layer[at + len(root):].split(".", 1)[0]
             return layer[: at + len(root)] + index
     return layer
+
+
+def slot_pattern(units: int, slots: int) -> list[int]:
+    """The slot of each unit: round robin, so any ``slots`` units in a row, wrapping round, use different
+    slots and each can be copied while the ``slots - 1`` before it compute. Where the count is not a
+    multiple of ``slots``, round robin restarts once or twice in the middle (one or two units there are
+    copied only one ahead) rather than at the wrap: at the step boundary the compute between the last
+    block and the first (final layer, the sampler's step) is too short to hide a copy."""
+    if units <= slots:
+        return list(range(units))
+    r = units % slots
+    # a restart after a run of length L leaves L % slots units; 1 would put a unit beside its own slot
+    seams = [] if r == 0 else [r] if (r >= 2 or slots < 3) else [2, slots - 1]
+    rest = units - sum(seams)
+    first = rest // slots // 2 * slots
+    return [i % slots for run in (first, *seams, rest - first) for i in range(run)]
 
 
 def _aligned(n: int) -> int:
@@ -80,8 +97,9 @@ class LayerStreamer:
         self.slot_bytes = max((u.nbytes for u in units), default=0)
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.buffers = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(self.slots)]
-        for i, unit in enumerate(units):
-            buf = self.buffers[i % self.slots]
+        self.slot_of = slot_pattern(len(units), self.slots)
+        for unit, slot in zip(units, self.slot_of):
+            buf = self.buffers[slot]
             unit.views = [buf[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
                           for o, t in zip(unit.offsets, unit.sources)]
         if self.stream is not None:
@@ -135,18 +153,27 @@ class LayerStreamer:
             return
         compute = torch.cuda.current_stream(self.device)
         if self.current is not None:
-            self._released[self.current % self.slots].record(compute)
+            self._released[self.slot_of[self.current]].record(compute)
         self._fetch(unit)
-        compute.wait_event(self._copied[unit % self.slots])
+        compute.wait_event(self._copied[self.slot_of[unit]])
         self.current = unit
-        for k in range(1, self.slots):
-            ahead = (unit + k) % len(self.units)
-            if ahead % self.slots == unit % self.slots:  # wrapped round onto the slot in use: not yet
-                break
+        for ahead in self.ahead_of(unit):
             self._fetch(ahead)
 
+    def ahead_of(self, unit: int) -> list[int]:
+        """The units copied ahead while ``unit`` computes: the next ones, wrapping round, up to the first
+        whose slot is the one in use or that of a unit needed sooner (at a restart of the pattern)."""
+        taken, out = {self.slot_of[unit]}, []
+        for k in range(1, self.slots):
+            ahead = (unit + k) % len(self.units)
+            if self.slot_of[ahead] in taken:
+                break
+            taken.add(self.slot_of[ahead])
+            out.append(ahead)
+        return out
+
     def _fetch(self, unit: int):
-        slot = unit % self.slots
+        slot = self.slot_of[unit]
         if self._filled[slot] == unit:
             return
         u = self.units[unit]
