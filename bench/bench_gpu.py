@@ -306,6 +306,23 @@ def compiled_per_block(patcher):
     return patcher
 
 
+def pack_copy(path: str):
+    """Another checkout of this pack (``git worktree add DIR COMMIT``) imported beside the one ComfyUI
+    loaded, under a package name of its own (the pack's imports are all relative), its nodes not
+    registered: ``--before`` pairs its rows with today's in the same rounds. Returns a submodule getter."""
+    import importlib
+    import importlib.util
+
+    path = os.path.abspath(path)
+    name = "bnb_flux_before"
+    spec = importlib.util.spec_from_file_location(name, os.path.join(path, "__init__.py"),
+                                                  submodule_search_locations=[path])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[name] = package
+    spec.loader.exec_module(package)
+    return lambda sub: importlib.import_module(f"{name}.{sub}")
+
+
 def paired_ratios(bench, base, models, log, rounds=3, prefix="paired"):
     """Ratios to the bf16 model ``base`` sampled again in every round, right before the quantized
     ``models`` (``(label, patcher, control)``), all kept loaded: on some GPU machines later rows of a
@@ -317,7 +334,7 @@ def paired_ratios(bench, base, models, log, rounds=3, prefix="paired"):
     for r in range(rounds):
         bench.sample(f"{prefix} r{r} bf16", base)
         ref = bench.results[f"{prefix} r{r} bf16"]["median_step_s"]
-        for label, m, control in models:
+        for label, m, control in (models if r % 2 == 0 else models[::-1]):  # no row always sampled last
             bench.sample(f"{prefix} r{r} {label}", m, control=control)
             per[label].append(round(bench.results[f"{prefix} r{r} {label}"]["median_step_s"] / ref, 3))
     out = {label: {"per_round": v, "median": round(statistics.median(v), 3)} for label, v in per.items()}
@@ -509,6 +526,15 @@ def run(args):
         s2 = apply(apply(ctl, "style1.safetensors", 0.8), "style2.safetensors", 0.6)
         models = [("nf4", nf4, False), ("nf4+control", ctl, True), ("nf4+control+2style", s2, True),
                   ("fp4", load_bnb("fp4"), False), ("int8", load_bnb("int8"), False)]
+        if args.before:  # the same rows from an earlier checkout, in the same rounds: before / after
+            old = pack_copy(args.before)
+            with torch.inference_mode():
+                old_nf4 = old("nodes.load_bnb_flux").LoadBnbFlux.execute(model_file, "nf4", True, "auto").result[0]
+                old_ctl = old("nodes.apply_control_lora").ApplyControlLora.execute(
+                    old_nf4, "control.safetensors", 1.0).result[0]
+            models = [("before nf4+control", old_ctl, True), ("nf4+control", ctl, True),
+                      ("nf4", nf4, False), ("before nf4", old_nf4, False)]
+            info["before"] = args.before_label or os.path.basename(os.path.abspath(args.before))
         bf = bf16_model()
         info["paired"] = paired_ratios(bench, bf, models, log, rounds=args.rounds)
         save()
@@ -746,7 +772,10 @@ def main():
     ap = bench_parser()
     ap.add_argument("--phase", choices=["legacy", "dynamic", "paired", "lowvram"], default="legacy")
     ap.add_argument("--dynamic-vram", action="store_true", help="--phase lowvram: with ComfyUI's dynamic VRAM")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds of --phase paired")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of --phase paired, and per budget of --phase lowvram")
+    ap.add_argument("--before", help="--phase paired: a checkout of this pack at an earlier commit; only NF4 "
+                    "and NF4 + Control, each beside the earlier code's in the same rounds")
+    ap.add_argument("--before-label", help="what --before is (a commit), for the results")
     ap.add_argument("--budgets", help="--phase lowvram: free GiB to cap at, comma-separated (default 8,6,4)")
     ap.add_argument("--profile", action="store_true",
                     help="--phase lowvram: one more NF4 + Control run per budget under torch.profiler")

@@ -3,8 +3,10 @@
 A ballast process holds all but N GiB of the GPU for each budget (8, 6, 4 GiB free), so ``mem_get_info``,
 NVML and ComfyUI's estimates all see N and an overshoot is a real out-of-memory error; ComfyUI keeps its
 default reserve. Rows: stock bf16 + Control (UNETLoader + LoraLoaderModelOnly), NF4 + Control and NF4 +
-Control + two style LoRAs (Load BnB Flux + Apply Control LoRA), each sampled uncapped first (two paired
-rounds, bf16 again in each) and then, per budget, in two rounds. Per row: ratio to uncapped bf16 + Control,
+Control + two style LoRAs (Load BnB Flux + Apply Control LoRA), each sampled uncapped first (``--rounds``
+rounds, at least two, bf16 again in each), then per budget in as many rounds, and uncapped bf16 + Control
+again after each budget. Per row: ratio to uncapped bf16 + Control (``ratio_paired``: to the bf16 steps
+just before and just after the budget, the figure to trust; ``ratio_to_uncapped_bf16``: to the first ones),
 the device's lowest free memory during the row (sampled ``mem_get_info``: torch's counters miss other
 allocators), host-to-device bytes per step (the pack's streamer counts them; for stock, ComfyUI's
 offloaded bytes), the floor max(compute, bytes / pinned bandwidth) with both measured in this run, and
@@ -179,6 +181,7 @@ def run_lowvram(args, bench, host, load_bnb, apply, bf16_model, info, save, log)
     bw = info["host_to_device_GBps"]["pinned"] * 1e9
     log(f"host to device: {info['host_to_device_GBps']} GB/s")
     steps_per_run = bench.steps + 1
+    rounds = max(2, getattr(args, "rounds", 2))
 
     def stock_control():
         with torch.inference_mode():
@@ -231,7 +234,7 @@ def run_lowvram(args, bench, host, load_bnb, apply, bf16_model, info, save, log)
 
     uncapped = {"bf16+control": [], "nf4+control": [], "nf4+control+2style": []}
     bf = stock_control()
-    for rnd in range(2):
+    for rnd in range(rounds):
         for key, model in (("bf16+control", bf), *ours.items()):
             r = row(f"uncapped r{rnd} {key}", key, model, None)
             if "median_step_s" in r:
@@ -264,6 +267,28 @@ def run_lowvram(args, bench, host, load_bnb, apply, bf16_model, info, save, log)
     if getattr(args, "profile", False) and bench.cuda:
         profile("profiled uncapped nf4+control", "nf4+control", None)
     budgets = tuple(int(b) for b in args.budgets.split(",")) if getattr(args, "budgets", None) else BUDGETS_GIB
+    paired_table = {"all": table["all"]}
+    reference = [base]  # uncapped bf16 + Control, measured again after each budget (paired below)
+
+    def uncapped_again(after):
+        """Uncapped bf16 + Control and NF4 + Control sampled right after a budget's ballast is gone: the
+        budget's ratios are to the mean of the bf16 steps just before and just after it, so a GPU that
+        runs a few percent slower minutes into the command does not show as a cost of streaming."""
+        nonlocal bf
+        for key in ("bf16+control", "nf4+control"):
+            for attempt in range(2):
+                model = bf if key == "bf16+control" else ours[key]
+                r = row(f"uncapped after {after} GiB {key}", key, model, None)
+                if "median_step_s" in r or key != "bf16+control" or attempt:
+                    break
+                # ComfyUI 0.33 cannot reload a partially loaded widened img_in (FACTS.md): a fresh model
+                bf = None
+                bench.unload()
+                bf = stock_control()
+            if key == "bf16+control" and "median_step_s" in r:
+                reference.append(r["median_step_s"])
+        bench.unload()
+
     for budget in budgets if bench.cuda else ():  # a CPU dry run stops here
         bench.unload()
         mm.unload_all_models()
@@ -273,7 +298,7 @@ def run_lowvram(args, bench, host, load_bnb, apply, bf16_model, info, save, log)
         log(f"{budget} GiB: ballast holds {ballast.held / GIB:.2f} GiB, {ballast.free / GIB:.2f} GiB free")
         per = {k: [] for k in uncapped}
         try:
-            for rnd in range(2):
+            for rnd in range(rounds):
                 for key, model in (("bf16+control", bf), *ours.items()):
                     r = row(f"{budget} GiB r{rnd} {key}", key, model, budget)
                     r["free_gib_at_start"] = round(ballast.free / GIB, 2)
@@ -288,8 +313,20 @@ def run_lowvram(args, bench, host, load_bnb, apply, bf16_model, info, save, log)
                 bench.unload()
         finally:
             ballast.close()
+        measured = len(reference)
+        uncapped_again(budget)
+        ref = statistics.mean(reference[measured - 1:])  # bf16 just before the budget and, if it ran, after
+        for rnd in range(rounds):
+            for key in per:
+                r = bench.results.get(f"{budget} GiB r{rnd} {key}", {})
+                if "median_step_s" in r:
+                    r["ratio_paired"] = round(r["median_step_s"] / ref, 3)
+        paired_table[f"{budget} GiB"] = {k: (round(statistics.median(v) / ref, 3) if v else "error")
+                                         for k, v in per.items()}
+        info["paired_table"] = paired_table
+        info["bf16_references_s"] = reference
         table[f"{budget} GiB"] = {k: (round(statistics.median(v) / base, 3) if v else "error") for k, v in per.items()}
-        log(f"{budget} GiB free: {table[f'{budget} GiB']}")
+        log(f"{budget} GiB free: {table[f'{budget} GiB']}, paired: {paired_table[f'{budget} GiB']}")
         info["table"] = table
         save()
     info["table"] = table
