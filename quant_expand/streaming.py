@@ -60,19 +60,32 @@ def _aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
+
 class StreamUnit:
-    """The offloaded tensors of one unit: ``sources`` (host) and, once placed, their device ``views``."""
+    """The offloaded tensors of one unit: ``sources`` (host) and, once placed, their device ``views``.
+
+    In the unit's device bytes the large sources come first and the small ones (under ``PIN_IN_PLACE``)
+    after them, together: the small ones cross in one copy (see ``LayerStreamer``)."""
 
     def __init__(self, name: str, sources: list[torch.Tensor]):
         self.name = name
         self.sources = sources
-        self.offsets = []
+        sizes = [t.numel() * t.element_size() for t in sources]
+        order = sorted(range(len(sources)), key=lambda i: sizes[i] < PIN_IN_PLACE)  # stable: large first
+        self.offsets = [0] * len(sources)
         size = 0
-        for t in sources:
-            self.offsets.append(size)
-            size += _aligned(t.numel() * t.element_size())
+        self.small_start = None
+        for i in order:
+            if sizes[i] < PIN_IN_PLACE and self.small_start is None:
+                self.small_start = size
+            self.offsets[i] = size
+            size += _aligned(sizes[i])
         self.nbytes = size
         self.views: list[torch.Tensor] = []
+        self.copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (device bytes, host bytes) per copy
 
 
 class LayerStreamer:
@@ -92,16 +105,12 @@ class LayerStreamer:
         self._pinned_here: list[torch.Tensor] = []
         self.pageable_bytes = 0
         self.pinned_copy_bytes = 0
-        for unit in units:
-            unit.sources = [self._pinned(t, pin, pinned_copies) for t in unit.sources]
         self.slot_bytes = max((u.nbytes for u in units), default=0)
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.buffers = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(self.slots)]
         self.slot_of = slot_pattern(len(units), self.slots)
         for unit, slot in zip(units, self.slot_of):
-            buf = self.buffers[slot]
-            unit.views = [buf[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
-                          for o, t in zip(unit.offsets, unit.sources)]
+            self._place(unit, self.buffers[slot], pin, pinned_copies)
         if self.stream is not None:
             # the caching allocator may hand the slots memory that kernels queued on the compute stream still
             # use (freed there, safe there): the side stream writes the slots only after those kernels
@@ -124,19 +133,38 @@ class LayerStreamer:
     def _event(self):
         return torch.cuda.Event() if self.device.type == "cuda" else None
 
-    def _pinned(self, t: torch.Tensor, pin, pinned_copies: bool) -> torch.Tensor:
-        if t.device.type != "cpu" or self.device.type != "cuda":
-            return t
-        t = t if t.is_contiguous() else t.contiguous()
-        if t.is_pinned():
+    def _place(self, unit: StreamUnit, buf: torch.Tensor, pin, pinned_copies: bool):
+        """The unit's device views in ``buf`` and its copies: each large source from where it is (pinned
+        there when it can be), the small ones gathered into one pinned buffer, copied at once: each copy
+        call costs the host a few microseconds, and a step that streams ~60 units is host-bound."""
+        unit.sources = [t if t.is_contiguous() else t.contiguous() for t in unit.sources]
+        unit.views = [buf[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+                      for o, t in zip(unit.offsets, unit.sources)]
+        small = [i for i, t in enumerate(unit.sources) if t.numel() * t.element_size() < PIN_IN_PLACE]
+        gather = bool(small) and pinned_copies and self.device.type == "cuda" and \
+            all(unit.sources[i].device.type == "cpu" for i in small)
+        copies = []
+        for i, t in enumerate(unit.sources):
+            if not (gather and i in small):
+                copies.append((_raw(unit.views[i]), _raw(self._pinned(t, pin))))
+        if gather:
+            span = unit.nbytes - unit.small_start
+            host = torch.empty(span, dtype=torch.uint8, pin_memory=True)
+            for i in small:
+                t, at = unit.sources[i], unit.offsets[i] - unit.small_start
+                host[at:at + t.numel() * t.element_size()].copy_(_raw(t))
+            copies.append((buf[unit.small_start:unit.nbytes], host))
+            self.pinned_copy_bytes += span
+        unit.copies = copies
+
+    def _pinned(self, t: torch.Tensor, pin) -> torch.Tensor:
+        """``t`` pinned in place when it is large and ComfyUI lets it be, else as it is (pageable)."""
+        if t.device.type != "cpu" or self.device.type != "cuda" or t.is_pinned():
             return t
         nbytes = t.numel() * t.element_size()
         if nbytes >= PIN_IN_PLACE and pin is not None and pin(t):
             self._pinned_here.append(t)
             return t
-        if pinned_copies and nbytes < PIN_IN_PLACE:
-            self.pinned_copy_bytes += nbytes
-            return torch.empty_like(t, pin_memory=True).copy_(t)
         self.pageable_bytes += nbytes
         return t
 
@@ -154,11 +182,12 @@ class LayerStreamer:
         compute = torch.cuda.current_stream(self.device)
         if self.current is not None:
             self._released[self.slot_of[self.current]].record(compute)
-        self._fetch(unit)
-        compute.wait_event(self._copied[self.slot_of[unit]])
-        self.current = unit
-        for ahead in self.ahead_of(unit):
-            self._fetch(ahead)
+        with torch.cuda.stream(self.stream):
+            self._fetch(unit)
+            compute.wait_event(self._copied[self.slot_of[unit]])
+            self.current = unit
+            for ahead in self.ahead_of(unit):
+                self._fetch(ahead)
 
     def ahead_of(self, unit: int) -> list[int]:
         """The units copied ahead while ``unit`` computes: the next ones, wrapping round, up to the first
@@ -177,15 +206,13 @@ class LayerStreamer:
         if self._filled[slot] == unit:
             return
         u = self.units[unit]
+        dsts, srcs = [d for d, _ in u.copies], [h for _, h in u.copies]
         if self.stream is None:
-            for src, dst in zip(u.sources, u.views):
-                dst.copy_(src)
-        else:
-            with torch.cuda.stream(self.stream):
-                self.stream.wait_event(self._released[slot])  # whatever held the slot is done with it
-                for src, dst in zip(u.sources, u.views):
-                    dst.copy_(src, non_blocking=True)
-                self._copied[slot].record(self.stream)
+            torch._foreach_copy_(dsts, srcs)
+        else:  # on the side stream (enter's context)
+            self.stream.wait_event(self._released[slot])  # whatever held the slot is done with it
+            torch._foreach_copy_(dsts, srcs, non_blocking=True)
+            self._copied[slot].record(self.stream)
         self._filled[slot] = unit
         self.bytes_copied += u.nbytes
 
@@ -199,7 +226,7 @@ class LayerStreamer:
         self._pinned_here = []
         self.buffers = []
         for unit in self.units:
-            unit.views = []
+            unit.views, unit.copies = [], []
         self.units = []
 
 

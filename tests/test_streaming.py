@@ -10,15 +10,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quant_expand.streaming import LayerStreamer, StreamUnit, slot_pattern, stream_unit_name
+from quant_expand.streaming import PIN_IN_PLACE, LayerStreamer, StreamUnit, slot_pattern, stream_unit_name
 
 
 def make_units(n=7, seed=0):
+    """Small sources in every unit; in every other one, a large one between them (copied on its own)."""
     g = torch.Generator().manual_seed(seed)
     units = []
     for i in range(n):
         sources = [torch.randint(0, 255, (1000 + 37 * i,), dtype=torch.uint8, generator=g),
                    torch.randn(3, 50 + i, generator=g), torch.randn(17, generator=g).to(torch.bfloat16)]
+        if i % 2:
+            sources.insert(1, torch.randn(PIN_IN_PLACE // 2 + 5 * i, generator=g).to(torch.bfloat16))
         units.append(StreamUnit(f"double_blocks.{i}", sources))
     return units
 
@@ -51,7 +54,10 @@ def test_views_hold_their_units_sources_in_any_order_on_cpu(order):
 def test_views_hold_their_units_sources_in_any_order_on_cuda(order, slots):
     units = make_units(8)  # 8 = 3 * 2 + 2: the slot pattern restarts once
     streamer = LayerStreamer(torch.device("cuda"), units, slots=slots, pin=lambda t: False)
-    assert all(t.is_pinned() for u in units for t in u.sources)  # small sources: pinned copies
+    # the small sources of a unit cross in one copy from a pinned buffer; the large one (pinning refused
+    # here) on its own
+    assert all(len(u.copies) == 1 + (i % 2) and u.copies[-1][1].is_pinned() for i, u in enumerate(units))
+    assert streamer.pageable_bytes == sum(u.sources[1].nbytes for i, u in enumerate(units) if i % 2)
     check(streamer, units, order, torch.device("cuda"))
     streamer.close()
 
@@ -64,6 +70,9 @@ def test_views_are_aligned_and_units_share_slots_round_robin():
         base = streamer.buffers[streamer.slot_of[i]].data_ptr()
         assert all((v.data_ptr() - base) % 512 == 0 for v in u.views)
         assert all(v.dtype == s.dtype and v.shape == s.shape for v, s in zip(u.views, u.sources))
+        small = [o for o, t in zip(u.offsets, u.sources) if t.nbytes < PIN_IN_PLACE]
+        large = [o for o, t in zip(u.offsets, u.sources) if t.nbytes >= PIN_IN_PLACE]
+        assert min(small) == u.small_start and all(o < u.small_start for o in large)  # large first
 
 
 def test_unit_names_are_flux_blocks_or_the_layer():
