@@ -180,6 +180,26 @@ class RssAnonPeak:
 
 # -- sampling --------------------------------------------------------------------------------------
 
+class GcPauses:
+    """Python's garbage collections while the block runs: count and seconds per generation (a host-bound
+    step is as slow as its host; a collection of the oldest generation walks every live object)."""
+
+    def __enter__(self):
+        self.count, self.seconds, self._t = [0, 0, 0], [0.0, 0.0, 0.0], None
+        gc.callbacks.append(self._callback)
+        return self
+
+    def _callback(self, phase, info):
+        if phase == "start":
+            self._t = time.perf_counter()
+        elif self._t is not None:
+            self.count[info["generation"]] += 1
+            self.seconds[info["generation"]] += time.perf_counter() - self._t
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self._callback)
+
+
 class Bench:
     def __init__(self, host, cfg, res, steps, log):
         import torch
@@ -232,7 +252,7 @@ class Bench:
             self.sync()
             load_s = time.perf_counter() - t0
             resident = self.vram()  # minus what the process held with no model loaded (cuBLAS workspaces)
-        with torch.inference_mode():
+        with torch.inference_mode(), GcPauses() as pauses:
             out = comfy.sample.sample(patcher, noise, self.steps + 1, 1.0, "euler", "simple", pos, neg, lat,
                                       denoise=1.0, seed=0, callback=callback, disable_pbar=True)
         steps = [b - a for a, b in zip(marks, marks[1:])]
@@ -246,7 +266,8 @@ class Bench:
              "model_size_gib": round(patcher.model_size() / GIB, 2),
              "load_before_sampling_s": round(load_s, 4) if load_s is not None else None,
              "peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 2) if self.cuda else 0.0,
-             "finite": bool(torch.isfinite(out).all()), "res": res}
+             "finite": bool(torch.isfinite(out).all()), "res": res, "step_s": [round(t, 4) for t in steps],
+             "gc_collections": pauses.count, "gc_s": [round(t, 4) for t in pauses.seconds]}
         if extra:
             r.update(extra)
         base = self.results.get("bf16" if res == self.res else None)
