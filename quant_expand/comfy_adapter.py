@@ -311,6 +311,16 @@ def load_bnb_flux(unet_path: str, options: dict, disable_dynamic: bool = False, 
     return patcher
 
 
+def unmerged(patcher, key: str, current: torch.Tensor) -> torch.Tensor:
+    """``current`` (the model's tensor at ``key``) without the patches another clone merged into it while
+    loaded: ComfyUI keeps the original in the backup every clone shares (``ModelPatcher.backup``)."""
+    backup = patcher.backup.get(key)
+    # a backup of another shape belongs to a widened stand-in layer (its merges never touched ours)
+    if backup is not None and backup.weight.shape == current.shape:
+        return backup.weight
+    return current
+
+
 def bnb_flux_state_for_saving(patcher, progress=None) -> tuple[dict, dict]:
     """The tensors and metadata of a Load BnB Flux model as a pre-quantized file (Forge 4-bit / bnb int8
     layout, BFL names): the stored bytes as they are, nothing requantized.
@@ -331,11 +341,7 @@ def bnb_flux_state_for_saving(patcher, progress=None) -> tuple[dict, dict]:
     dm = patcher.get_model_object("diffusion_model")
 
     def original(key: str, current: torch.Tensor) -> torch.Tensor:
-        backup = patcher.backup.get(f"diffusion_model.{key}")
-        # a backup of another shape belongs to a widened stand-in layer (its merges never touched ours)
-        if backup is not None and backup.weight.shape == current.shape:
-            return backup.weight.detach()
-        return current.detach()
+        return unmerged(patcher, f"diffusion_model.{key}", current).detach()
 
     linear_names = [n for n, m in dm.named_modules() if isinstance(m, torch.nn.Linear)]
     bar = progress(len(linear_names) + 1) if progress is not None else None
@@ -394,14 +400,19 @@ def required_in_features(patch_list) -> Optional[int]:
     return width
 
 
-def widened_linear(module: torch.nn.Linear, width: int) -> torch.nn.Linear:
+def widened_linear(module: torch.nn.Linear, width: int, unpatched: Optional[dict] = None) -> torch.nn.Linear:
+    """``module`` taking ``width`` inputs; ``unpatched``: its parameters by name without any clone's merged
+    patches (see :func:`unmerged`), in place of its own."""
     if is_quantized_linear(module):
         return expand_in_features(module, width)
+    unpatched = unpatched or {}
     new = copy.copy(module)
     new._parameters = dict(module._parameters)
+    for name, value in unpatched.items():
+        new._parameters[name] = torch.nn.Parameter(value.detach(), requires_grad=False)
+    weight = new._parameters["weight"].detach()
     new.in_features = width
-    new.weight = torch.nn.Parameter(torch.nn.functional.pad(module.weight.detach(), (0, width - module.weight.shape[1])),
-                                    requires_grad=False)
+    new.weight = torch.nn.Parameter(torch.nn.functional.pad(weight, (0, width - weight.shape[1])), requires_grad=False)
     return new
 
 
@@ -578,7 +589,11 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
             name = key[: -len(".weight")]
             current = self.get_model_object(name)
             if isinstance(current, torch.nn.Linear) and width > current.in_features:
-                self.add_object_patch(name, widened_linear(current, width))
+                # while another clone is loaded, ComfyUI has merged its patches into a plain layer's weight
+                # and bias (ModelPatcher.patch_weight_to_device): widen the originals
+                unpatched = {p: unmerged(self, f"{name}.{p}", getattr(current, p)) for p in ("weight", "bias")
+                             if getattr(current, p, None) is not None}
+                self.add_object_patch(name, widened_linear(current, width, unpatched))
 
     def _compute_dtype(self):
         return self.model.manual_cast_dtype or self.model.get_dtype()

@@ -304,3 +304,19 @@ class TestInPlaceSwap:
         mm.unload_all_models()
         assert torch.equal(other.weight.detach().to(own.device), own)
         assert torch.equal(sample_direct(b), expect_b)
+
+
+def test_a_control_lora_applied_after_another_clone_merged_into_img_in_widens_the_unmerged_layer(host, files):
+    """ComfyUI merges a loaded clone's LoRA into a plain layer's weight in place and keeps the original in
+    the shared backup: a Control LoRA applied while a style LoRA on img_in is merged must widen the original
+    img_in, not the merged one. Same patches on the same widened weight: the latents must be the same
+    bits as when the Control LoRA was applied to the untouched model."""
+    control_copy = "tiny_canny_lora_copy.safetensors"  # another file name: its node runs anew, not cached
+    save_safetensors(make_control_lora(CFG, seed=2), host.model_path("loras", control_copy))
+    q = loader(files["nf4"], "nf4")
+    first = host.run(sampling_graph({"q": q, "c": apply(["q", 0], CONTROL, 1.0)}, ["c", 0], key="x", control_seed=42))["x"]
+    host.run(sampling_graph({"q": q, "s": apply(["q", 0], STYLE_IMG_IN, 1.0)}, ["s", 0], key="style"))
+    assert host.node_output("q").backup, "the style clone's merge into img_in is what this test is about"
+    later = host.run(sampling_graph({"q": q, "c": apply(["q", 0], control_copy, 1.0)}, ["c", 0], key="x",
+                                    control_seed=42))["x"]
+    assert torch.equal(later, first), rel_err(later, first)
