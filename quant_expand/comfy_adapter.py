@@ -498,6 +498,13 @@ def build_lazy_delta(patches: list, module: QuantLinear, key: str, bias_terms=()
                          weight_fn=_full_weight_fn(others, key) if others else None, bias_terms=bias_terms)
 
 
+BYPASS_LORA_INJECTIONS = "bypass_lora"  # the injection key of comfy.sd.load_bypass_lora_for_models
+BYPASS_LORA_REFUSAL = (
+    "Load LoRA (Bypass) (LoraLoaderBypass / LoraLoaderBypassModelOnly, ComfyUI's experimental bypass mode in "
+    "comfy/weight_adapter/bypass.py) does not work on a Load BnB Flux model: its forward hooks skip this "
+    "model's patcher, which already adds LoRAs at sampling time without touching the quantized weights. Use "
+    "LoraLoaderModelOnly (or LoraLoader) or Apply Control LoRA instead: they apply the same LoRA, Control "
+    "LoRAs included.")
 MERGED_ATTR = "bnb_flux_merged_patches"
 STREAMER_ATTR = "bnb_flux_streamer"  # the model's LayerStreamer while it is partially loaded
 STREAM_SLOTS = 3  # units in flight: the one computing and two copying ahead
@@ -538,6 +545,11 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
     It is a non-dynamic patcher even when ComfyUI runs with dynamic VRAM: dynamic VRAM streams and
     requantizes raw weight tensors, which would rewrite quantized bytes; a 4-bit FLUX is small enough
     to load whole or partially the classic way.
+
+    It refuses ComfyUI's experimental bypass mode (``LoraLoaderBypass``, ``comfy/weight_adapter/bypass.py``):
+    that wraps each adapted module's ``forward`` in a hook adding ``B(Ax)``, which the lazy deltas already do
+    (merged or not, per layer and token count) under this patcher's memory budget, Set LoRA Scale and
+    Control LoRA widening; the hooks see none of those (a Control LoRA's img_in is never widened).
     """
 
     def _quantized_module(self, key: str, param_name: str = "weight"):
@@ -576,6 +588,12 @@ class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
         keys = super().add_patches(patches, strength_patch, strength_model)
         self.widen_for_patches()
         return keys
+
+    def set_injections(self, key, injections):
+        # comfy.sd.load_bypass_lora_for_models hides LoRAs in hooks this patcher never sees (img_in unwidened)
+        if key == BYPASS_LORA_INJECTIONS:
+            raise BnbFluxError(BYPASS_LORA_REFUSAL)
+        super().set_injections(key, injections)
 
     def widen_for_patches(self):
         """A patch that widens a Linear's inputs (a Control LoRA's ``img_in``) gets a widened layer as an
