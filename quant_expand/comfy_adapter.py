@@ -408,9 +408,9 @@ def widened_linear(module: torch.nn.Linear, width: int, unpatched: Optional[dict
     unpatched = unpatched or {}
     new = copy.copy(module)
     new._parameters = dict(module._parameters)
-    for name, value in unpatched.items():
-        new._parameters[name] = torch.nn.Parameter(value.detach(), requires_grad=False)
-    weight = new._parameters["weight"].detach()
+    if "bias" in unpatched:
+        new.bias = torch.nn.Parameter(unpatched["bias"].detach(), requires_grad=False)
+    weight = unpatched.get("weight", module.weight).detach()
     new.in_features = width
     new.weight = torch.nn.Parameter(torch.nn.functional.pad(weight, (0, width - weight.shape[1])), requires_grad=False)
     return new
