@@ -11,7 +11,7 @@ Where the ComfyUI comes from (the first that applies):
      this script, ``COMFYUI_PYTHON``, ``DIR/venv``, ``DIR/.venv``, a portable build's ``python_embeded``);
      only the pack's own requirements are added to it. Without one, a venv is made in the cache.
   2. ``--archive FILE`` or ``COMFYUI_ARCHIVE``: a ComfyUI source archive (.tar.gz or .zip) whose sha256
-     the pack knows (``quant_expand/supported_comfyui.py``), unpacked into the cache.
+     the pack knows (``quant_expand/comfyui/supported_comfyui.py``), unpacked into the cache.
   3. The release tag of the supported version, cloned with git into the cache (or, without git or a
      network, the exact commands to run are printed).
 A fetched host and its venv live in one cache folder outside the clone, keyed by ComfyUI version and
@@ -40,7 +40,7 @@ import time
 import zipfile
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
-SUPPORTED = runpy.run_path(os.path.join(REPO_ROOT, "quant_expand", "supported_comfyui.py"))
+SUPPORTED = runpy.run_path(os.path.join(REPO_ROOT, "quant_expand", "comfyui", "supported_comfyui.py"))
 READY_MARK = "comfyui-bnb-flux-venv.json"  # written into a venv made here once it is complete
 TORCH_PACKAGES = ("torch", "torchvision", "torchaudio")
 WINDOWS = os.name == "nt"

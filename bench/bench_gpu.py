@@ -36,7 +36,7 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from quant_expand.synthetic import TinyFluxConfig, flux_shapes, linear_modules  # noqa: E402
+from quant_expand.testing.synthetic import TinyFluxConfig, flux_shapes, linear_modules  # noqa: E402
 
 FULL = TinyFluxConfig(hidden_size=3072, depth=19, depth_single_blocks=38, context_in_dim=4096, vec_in_dim=768)
 
@@ -365,7 +365,7 @@ def paired_ratios(bench, base, models, log, rounds=3, prefix="paired"):
 
 def quantized_digest(patcher, host):
     """SHA-256 over every stored byte of every quantized layer: any rewrite changes it."""
-    return host.pack_module("quant_expand.layers").quantized_digest(patcher.model.diffusion_model)
+    return host.pack_module("quant_expand.layer_state").quantized_digest(patcher.model.diffusion_model)
 
 
 def profiled_kernels(bench, label, model, control):
@@ -463,7 +463,7 @@ def resident_breakdown(patcher, host, device_type="cuda"):
 
 def layer_bytes(patcher, host):
     layers = host.pack_module("quant_expand.layers")
-    return [sum(t.nbytes for t in layers.quantized_bytes(m).values())
+    return [sum(t.nbytes for t in host.pack_module("quant_expand.layer_state").quantized_bytes(m).values())
             for m in patcher.model.diffusion_model.modules() if layers.is_quantized_linear(m)]
 
 
@@ -485,7 +485,7 @@ def run(args):
     model_file = MODEL_FILE
     model_path = os.path.join(models, "diffusion_models", model_file)
 
-    from quant_expand.inprocess import ComfyHost
+    from quant_expand.testing.inprocess import ComfyHost
 
     dynamic = (args.phase == "dynamic" or args.dynamic_vram) and not args.cpu
     extra = ["--disable-dynamic-vram"] if not dynamic and not args.cpu else []
@@ -501,7 +501,7 @@ def run(args):
             "comfyui": open(os.path.join(args.comfyui, "comfyui_version.py")).read().split('"')[1],
             "dynamic_vram": bool(getattr(host, "dynamic_vram", False)), "res": res, "timed_steps": args.steps,
             "params_billion": round(sum(__import__("math").prod(s) for s in flux_shapes(cfg).values()) / 1e9, 3)}
-    kernels = host.pack_module("quant_expand.kernels")
+    kernels = host.pack_module("quant_expand.backends.triton_dequant")
     if args.tiles:  # tile shapes picked by bench/dequant_kernels.py on this machine
         best = json.load(open(args.tiles))["best_tiles"]
         kernels._PLAIN_TILE, kernels._LORA_TILE = tuple(best["plain"]), tuple(best["lora"])
@@ -600,7 +600,7 @@ def run(args):
     if bench.cuda:
         bench.results["nf4"]["resident_breakdown_gib"] = resident_breakdown(nf4, host)
         log(f"nf4 resident: {bench.results['nf4']['resident_breakdown_gib']}")
-    fast = host.pack_module("quant_expand.layers")._Cuda4bit
+    fast = host.pack_module("quant_expand.backends.bnb_cuda")._Cuda4bit
     ctl = apply(nf4, "control.safetensors", 1.0)
     if args.phase == "legacy":
         # A/B: bnb's own dequantize kernels through their entry points (no Triton), and bnb's torch ops
@@ -623,7 +623,7 @@ def run(args):
     if args.phase == "legacy":
         # the same model again: ComfyUI's own per-sampling setup, the baseline for Set LoRA Scale
         bench.sample("nf4+control again", ctl, control=True)
-        lazy = host.pack_module("quant_expand.lora").LazyLoraDelta
+        lazy = host.pack_module("quant_expand.lora.delta").LazyLoraDelta
         for strategy in ("unmerged", "merged"):  # both exact paths, forced everywhere, for the record
             lazy.strategy = strategy
             forced = apply(nf4, "control.safetensors", 1.0)

@@ -1,5 +1,5 @@
 """Microbenchmark of the 4-bit dequantize and the merged-LoRA epilogue on FLUX.1-dev's Linear shapes
-(GPU): bnb's kernels vs ``quant_expand.kernels.Dequant4bit`` per tile shape, and the LoRA paths the
+(GPU): bnb's kernels vs ``quant_expand.backends.triton_dequant.Dequant4bit`` per tile shape, and the LoRA paths the
 forward can take at 4608 tokens (1024x1024). Prints a table and writes JSON; every Triton result is
 compared with bnb's (plain: bit for bit; merged: to float32 rounding)."""
 from __future__ import annotations
@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bitsandbytes.functional as bnbf  # noqa: E402
 
-from quant_expand import kernels  # noqa: E402
+from quant_expand.backends import triton_dequant as kernels  # noqa: E402
 
 # (rows, cols, layers of this shape in FLUX.1-dev that dequantize at 1024x1024)
 SHAPES = [(9216, 3072, 38), (3072, 3072, 38), (12288, 3072, 38), (3072, 12288, 38),

@@ -19,8 +19,8 @@ import tempfile
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from quant_expand.synthetic import (TinyFluxConfig, make_control_lora, make_lora, make_tiny_flux,  # noqa: E402
-                                    save_safetensors)
+from quant_expand.testing.synthetic import (TinyFluxConfig, make_control_lora, make_lora, make_tiny_flux,  # noqa: E402
+                                            save_safetensors)
 
 
 def main():
@@ -39,7 +39,7 @@ def main():
     save_safetensors(make_control_lora(cfg, seed=2, rank=32), os.path.join(models, "loras", "control.safetensors"))
     save_safetensors(make_lora(cfg, kind="lora", seed=7, rank=16), os.path.join(models, "loras", "style.safetensors"))
 
-    from quant_expand.inprocess import ComfyHost, sampling_graph
+    from quant_expand.testing.inprocess import ComfyHost, sampling_graph
 
     host = ComfyHost.start(args.comfyui, REPO_ROOT, models, cpu=args.cpu, dynamic_vram=args.dynamic_vram,
                            extra_args=["--fp32-unet", "--force-fp32"])

@@ -20,7 +20,7 @@ def main():
     cfg = B.SMALL if cpu else B.flux_width(1, 2)
     res = 64 if cpu else 1024
     models = B.write_inputs(wd, cfg, "cpu" if cpu else "cuda", print, styles=False)
-    from quant_expand.inprocess import ComfyHost
+    from quant_expand.testing.inprocess import ComfyHost
 
     host = ComfyHost.start(comfy, B.REPO_ROOT, models, cpu=cpu, extra_args=[] if cpu else ["--disable-dynamic-vram"])
     host.cpu = cpu

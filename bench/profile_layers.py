@@ -24,7 +24,7 @@ sys.path.insert(0, REPO_ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_gpu import MODEL_FILE, Bench, bench_parser, flux_width, scrub_paths, write_inputs  # noqa: E402
-from quant_expand.synthetic import TinyFluxConfig  # noqa: E402
+from quant_expand.testing.synthetic import TinyFluxConfig  # noqa: E402
 
 
 def main():
@@ -52,7 +52,7 @@ def main():
     models = write_inputs(args.workdir, cfg, "cpu" if args.cpu else "cuda", log)
     model_file = MODEL_FILE
 
-    from quant_expand.inprocess import ComfyHost
+    from quant_expand.testing.inprocess import ComfyHost
 
     host = ComfyHost.start(args.comfyui, REPO_ROOT, models, cpu=args.cpu, dynamic_vram=False,
                            extra_args=[] if args.cpu else ["--disable-dynamic-vram"])

@@ -33,7 +33,7 @@ def main():
         print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True)
 
     models = bg.write_inputs(args.workdir, cfg, "cuda", log, styles=False)
-    from quant_expand.inprocess import ComfyHost
+    from quant_expand.testing.inprocess import ComfyHost
 
     host = ComfyHost.start(args.comfyui, bg.REPO_ROOT, models, cpu=False, dynamic_vram=False,
                            extra_args=["--disable-dynamic-vram"])

@@ -6,9 +6,10 @@ import math
 import folder_paths
 from comfy_api.latest import io
 
-from ..quant_expand.comfy_adapter import apply_lora, linear_shapes, set_lora_scale
-from ..quant_expand.formats import BnbFluxError, TensorFile, shown_name
-from ..quant_expand.lora_formats import parse_lora
+from ..quant_expand.comfyui.loras import apply_lora, linear_shapes, set_lora_scale
+from ..quant_expand.errors import BnbFluxError, shown_name
+from ..quant_expand.checkpoint.tensor_files import TensorFile
+from ..quant_expand.lora.parse import parse_lora
 from .host_check import require_supported_host
 from .load_bnb_flux import CATEGORY
 

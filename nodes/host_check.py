@@ -8,8 +8,8 @@ import os
 
 import folder_paths
 
-from ..quant_expand.formats import BnbFluxError
-from ..quant_expand.supported_comfyui import host_problem
+from ..quant_expand.errors import BnbFluxError
+from ..quant_expand.comfyui.supported_comfyui import host_problem
 
 # folder_paths lives in ComfyUI's code folder (its base_path moves with --base-directory; this does not)
 HOST_PROBLEM = host_problem(os.path.dirname(os.path.abspath(folder_paths.__file__)))

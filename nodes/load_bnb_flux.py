@@ -2,11 +2,11 @@
 pre-quantized one (lllyasviel/Forge NF4/FP4, diffusers-bnb, LLM.int8, Save BnB Flux) used as stored."""
 from __future__ import annotations
 
-import folder_paths
 import comfy.utils
+import folder_paths
 from comfy_api.latest import io
 
-from ..quant_expand.comfy_adapter import load_bnb_flux
+from ..quant_expand.comfyui.loader import load_bnb_flux
 from .host_check import require_supported_host
 
 CATEGORY = "loaders/bnb flux"

@@ -8,9 +8,9 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..quant_expand.comfy_adapter import bnb_flux_state_for_saving
-from ..quant_expand.formats import BnbFluxError, has_control_characters, shown_name
-from ..quant_expand.prequantized import save_flux_file
+from ..quant_expand.comfyui.saver import bnb_flux_state_for_saving
+from ..quant_expand.errors import BnbFluxError, has_control_characters, shown_name
+from ..quant_expand.checkpoint.writer import save_flux_file
 from .host_check import require_supported_host
 
 CATEGORY = "loaders/bnb flux"

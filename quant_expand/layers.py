@@ -12,8 +12,6 @@ The layers are real ``bnb.nn.Linear4bit`` / ``bnb.nn.Linear8bitLt`` subclasses h
 """
 from __future__ import annotations
 
-import contextlib
-import importlib
 import copy
 import math
 from typing import Callable, Optional
@@ -23,56 +21,16 @@ import bitsandbytes.functional as bnbf
 import torch
 import torch.nn.functional as F
 
-from . import kernels
+from .backends import triton_dequant as kernels
+from .backends.bnb_cuda import _Cuda4bit, _dequantize_4bit
+from .params import (
+    LogicalInt8Params,
+    LogicalParams4bit,
+    _copy_param,
+    _target_device,
+    quant_state_to,
+)
 from .spec import QuantSpec
-
-_bnb_ops = torch.ops.bitsandbytes
-
-
-class LogicalShapeMixin:
-    """A bnb parameter whose Python-visible ``shape`` is the logical (dequantized) shape.
-
-    Only Python reads of ``.shape`` change; kernels, ``nbytes`` and ``state_dict`` see the stored tensor
-    (``detach()`` returns a plain tensor), so memory accounting and saving stay byte-true.
-    """
-
-    @property
-    def shape(self):
-        logical = self.__dict__.get("logical_shape")
-        return logical if logical is not None else torch.Tensor.shape.__get__(self)
-
-
-class LogicalParams4bit(LogicalShapeMixin, bnb.nn.Params4bit):
-    pass
-
-
-class LogicalInt8Params(LogicalShapeMixin, bnb.nn.Int8Params):
-    pass
-
-
-def _copy_param(param: torch.nn.Parameter, data: torch.Tensor) -> torch.nn.Parameter:
-    """Same parameter class and attributes (whatever this bnb version keeps on it), new storage."""
-    new = torch.Tensor._make_subclass(type(param), data, False)
-    new.__dict__.update(param.__dict__)
-    return new
-
-
-def quant_state_to(quant_state, device: torch.device, dtype: Optional[torch.dtype] = None):
-    """A copy of a bnb ``QuantState`` on ``device``: ``QuantState.to`` moves in place, and the
-    state is shared by every ``Params4bit`` made from the same weight."""
-    qs = copy.copy(quant_state)
-    if qs.nested:
-        qs.state2 = copy.copy(quant_state.state2)
-    if dtype is not None:
-        qs.dtype = dtype
-    if qs.absmax.device != torch.device(device):
-        qs.to(device)
-    return qs
-
-
-def _target_device(fn: Callable, like: torch.Tensor) -> torch.device:
-    # nn.Module._apply only hands us an opaque function: read where it sends an empty tensor.
-    return fn(torch.empty(0, dtype=like.dtype, device=like.device)).device
 
 
 class _RunState:
@@ -98,14 +56,14 @@ class QuantLinear:
 
     ``comfy_cast_weights``, ``weight_function`` and ``bias_function`` are the attributes ComfyUI's
     model management sets on its own ops (lowvram offload, weight hooks); they are honoured here.
-    ``lora_delta`` is a :class:`quant_expand.lora.LazyLoraDelta` installed at sampling time.
+    ``lora_delta`` is a :class:`quant_expand.lora.delta.LazyLoraDelta` installed at sampling time.
     """
 
     comfy_cast_weights = False
     weight_function: list = []
     bias_function: list = []
     lora_delta = None
-    reusable_lora_delta = None  # the last delta, kept while the model stays on its device (see comfy_adapter)
+    reusable_lora_delta = None  # the last delta, kept while the model stays on its device (see comfyui/patcher.py)
 
     # -- shapes -----------------------------------------------------------------------------
     @property
@@ -268,118 +226,6 @@ def _add_low_rank(y: torch.Tensor, x: torch.Tensor, down, up, scale) -> torch.Te
 
 
 _SMALL_M = 4  # up to this many tokens bnb's fused 4-bit kernel always beats dequantize + GEMM
-_KERNEL_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-class _Cuda4bit:
-    """bitsandbytes' own CUDA kernels for one 4-bit layer, called through its ctypes entry points.
-
-    bnb's torch ops run each call through the dispatcher, a dynamo guard and Python argument checks:
-    ~50 us of host time per op, two or three ops per layer and step, which is what kept the GPU waiting
-    at 1024x1024 (bench/README.md). The calls here pass the very arguments bnb's CUDA backend passes to
-    the very same kernels, so the results are bit-identical; under torch.compile the torch ops are used
-    (dynamo traces those, not ctypes).
-    """
-
-    _lib = None
-    use_triton = True  # quant_expand.kernels.Dequant4bit where it is verified (bench A/B switch)
-
-    @classmethod
-    def usable(cls, qs, gemm: bool = False) -> bool:
-        if cls._lib is None:
-            try:
-                importlib.import_module("bitsandbytes.backends.cuda.ops")  # sets the ctypes signatures
-                from bitsandbytes.cextension import lib
-
-                for name in ("cdequantize_blockwise_fp32", "cdequantize_blockwise_bf16_nf4", "cgemm_4bit_bf16"):
-                    getattr(lib, name)
-                cls._lib = lib
-            except Exception:  # no CUDA build of bnb here, or another layout of its internals
-                cls._lib = False
-        if not cls._lib or qs.dtype not in _KERNEL_DTYPES or qs.quant_type not in ("nf4", "fp4"):
-            return False
-        if qs.nested and (qs.state2.dtype != torch.float32 or qs.absmax.dtype != torch.uint8):
-            return False
-        return not gemm or not qs.nested or qs.state2.blocksize == 256
-
-    def __init__(self, packed: torch.Tensor, qs):
-        lib = self._lib
-        dt = _KERNEL_DTYPES[qs.dtype]
-        self.packed, self.qs = packed, qs
-        self.index = packed.device.index
-        self.numel = qs.shape[0] * qs.shape[1]
-        self.dequant4 = getattr(lib, f"cdequantize_blockwise_{dt}_{qs.quant_type}")
-        self.dequant8 = lib.cdequantize_blockwise_fp32
-        self.gemm = getattr(lib, f"cgemm_4bit_{dt}")
-        self.offset = qs.offset.to(device=packed.device, dtype=torch.float32) if qs.nested else None  # 0-dim, as bnb wants
-        self.fused = None
-        if self.use_triton:
-            dev = packed.device
-            if kernels.available() and kernels.Dequant4bit.supports(packed, qs, qs.dtype) and \
-                    kernels.Dequant4bit.verified(qs, qs.dtype, dev):
-                self.fused = kernels.Dequant4bit(packed, qs)
-
-    def _device(self):
-        return torch.cuda.device(self.index) if torch.cuda.current_device() != self.index else contextlib.nullcontext()
-
-    def dequantize(self) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            return _dequantize_4bit(self.packed, self.qs)
-        qs = self.qs
-        with self._device():
-            if self.fused is not None:
-                return self.fused.dequantize()
-            stream = torch._C._cuda_getCurrentRawStream(self.index)
-            absmax = qs.absmax
-            if qs.nested:
-                s2 = qs.state2
-                nested = torch.empty(absmax.shape, dtype=torch.float32, device=absmax.device)
-                self.dequant8(s2.code.data_ptr(), absmax.data_ptr(), s2.absmax.data_ptr(), nested.data_ptr(),
-                              s2.blocksize, absmax.numel(), stream)
-                nested += qs.offset
-                absmax = nested
-            w = torch.empty(qs.shape, dtype=qs.dtype, device=self.packed.device)
-            self.dequant4(None, self.packed.data_ptr(), absmax.data_ptr(), w.data_ptr(), qs.blocksize, self.numel, stream)
-        return w
-
-    def matmul(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        qs = self.qs
-        nested = qs.nested
-        if torch.compiler.is_compiling():
-            return _bnb_ops.gemm_4bit.default(
-                x, self.packed.view(-1, 1), qs.shape, qs.state2.absmax if nested else qs.absmax, qs.blocksize,
-                qs.quant_type, bias=bias, absmax_8bit=qs.absmax if nested else None,
-                absmax_code=qs.state2.code if nested else None, absmax_offset=self.offset)
-        a = x.contiguous()
-        n, k = qs.shape
-        out = torch.empty((*a.shape[:-1], n), dtype=a.dtype, device=a.device)
-        with self._device():
-            self.gemm(a.data_ptr(), self.packed.data_ptr(),
-                      (qs.state2.absmax if nested else qs.absmax).data_ptr(),
-                      qs.absmax.data_ptr() if nested else None,
-                      qs.state2.code.data_ptr() if nested else None,
-                      self.offset.data_ptr() if nested else None,
-                      out.data_ptr(), bias.data_ptr() if bias is not None else None,
-                      a.numel() // k, n, k, qs.blocksize, 1 if qs.quant_type == "fp4" else 2,
-                      torch._C._cuda_getCurrentRawStream(self.index))
-        return out
-
-    def merged(self, width: int, down: torch.Tensor, up: torch.Tensor, scale) -> torch.Tensor:
-        with self._device():
-            return self.fused.dequantize(width, down, up, scale)
-
-
-def _dequantize_4bit(packed: torch.Tensor, qs) -> torch.Tensor:
-    """``bitsandbytes.functional.dequantize_4bit(packed, qs)``: the same kernels in the same order (so the
-    same bits), without its per-call argument checks (``qs`` was checked when the layer was made)."""
-    absmax = qs.absmax
-    if qs.nested:
-        s2 = qs.state2
-        absmax = _bnb_ops.dequantize_blockwise.default(absmax, s2.absmax, s2.code, s2.blocksize, s2.dtype)
-        absmax += qs.offset
-        if absmax.dtype != torch.float32:
-            absmax = absmax.float()
-    return _bnb_ops.dequantize_4bit.default(packed, absmax, qs.blocksize, qs.quant_type, qs.shape, qs.dtype)
 
 
 def _pad_columns(w: torch.Tensor, width: int) -> torch.Tensor:
@@ -547,7 +393,7 @@ class QLinear8bit(QuantLinear, bnb.nn.Linear8bitLt):
         return torch.mul(cb, scale[:, None])
 
     # How the GPU dequantizes: "promote" (torch.mul(int8, scale)), "cast" (cast, then scale in place) or
-    # "triton" (quant_expand.kernels, one pass). All three give the same bits; bench/README.md says
+    # "triton" (backends/triton_dequant.py, one pass). All three give the same bits; bench/README.md says
     # which is fastest where. Without Triton "triton" falls back to "promote".
     cuda_dequant = "triton"
 
@@ -601,116 +447,3 @@ def statistics_finite(module) -> bool:
     if qs.nested:
         return bool(torch.isfinite(qs.state2.absmax).all()) and math.isfinite(float(qs.offset))
     return bool(torch.isfinite(qs.absmax).all())
-
-
-def quantized_bytes(module) -> dict[str, torch.Tensor]:
-    """Every tensor that holds a quantized layer's stored state (for byte-for-byte checks)."""
-    param = module.weight
-    out = {"weight": param.data}
-    if isinstance(module, QLinear4bit):
-        qs = param.quant_state
-        out["absmax"] = qs.absmax
-        out["code"] = qs.code
-        if qs.nested:
-            out["nested_absmax"] = qs.state2.absmax
-            out["nested_code"] = qs.state2.code
-            out["offset"] = torch.as_tensor(qs.offset)
-    else:
-        out["SCB"] = param.SCB
-    return out
-
-
-def dequantized_state_dict(root: torch.nn.Module, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """The module's weights as plain tensors (quantized layers dequantized, zero padding included):
-    what a full-precision model holding exactly the quantized values looks like."""
-    out = {}
-    quantized = {name: m for name, m in root.named_modules() if isinstance(m, QuantLinear)}
-    for name, m in quantized.items():
-        out[f"{name}.weight"] = m.dequantize(torch.device("cpu"), dtype)
-        if m.bias is not None:
-            out[f"{name}.bias"] = m.bias.detach().to("cpu", dtype)
-    for name, p in root.named_parameters():
-        owner = name.rpartition(".")[0]
-        if owner in quantized:
-            continue
-        out[name] = p.detach().to("cpu", dtype)
-    return out
-
-
-def as_quant_linear(layer):
-    """The pack's subclass for a plain ``bnb.nn.Linear4bit`` / ``Linear8bitLt`` (shared storage and state)."""
-    if isinstance(layer, QuantLinear):
-        return layer
-    if isinstance(layer, bnb.nn.Linear4bit):
-        cls, pcls = QLinear4bit, LogicalParams4bit
-    elif isinstance(layer, bnb.nn.Linear8bitLt):
-        cls, pcls = QLinear8bit, LogicalInt8Params
-    else:
-        raise TypeError(f"expected a bitsandbytes Linear4bit or Linear8bitLt, got {type(layer).__name__}")
-    param = layer.weight
-    if isinstance(layer, bnb.nn.Linear4bit) and getattr(param, "quant_state", None) is None:
-        raise ValueError("the Linear4bit is not quantized yet (move it to a device first)")
-    new = copy.copy(layer)
-    new.__class__ = cls
-    new._parameters = dict(layer._parameters)
-    weight = torch.Tensor._make_subclass(pcls, param.data, False)
-    weight.__dict__.update(param.__dict__)
-    new._parameters["weight"] = weight
-    if cls is QLinear4bit:
-        weight.module = new
-    elif getattr(weight, "SCB", None) is None and getattr(layer.state, "SCB", None) is not None:
-        weight.SCB = layer.state.SCB  # bnb moves SCB into module.state after its first forward
-    new._set_logical_shape()
-    return new
-
-
-def expand_in_features(layer, in_features: int):
-    """The same quantized layer with ``in_features`` logical inputs; the added input columns are exact zeros.
-
-    Works for every attribute bnb or the host keeps on the layer (a shallow copy, no hand-written list):
-    quant type, blocksize, double quant, quant storage and compute dtype (4-bit), has_fp16_weights and
-    threshold (8-bit). The stored bytes are the original's own storage, untouched: the forward computes
-    on the original columns and treats the new ones as zero, so no requantization error can arise (with
-    double quant on, re-laying zero blocks would change the nested absmax). The original layer is kept as
-    ``expanded_from``: restoring it is exact by construction.
-    """
-    layer = as_quant_linear(layer)
-    base = unexpand(layer)
-    if in_features < base.in_features:
-        raise ValueError(f"cannot narrow a layer from {base.in_features} to {in_features} inputs")
-    if in_features == base.in_features:
-        return base
-    new = copy.copy(base)
-    new._parameters = dict(base._parameters)
-    new._buffers = dict(base._buffers)
-    new._modules = dict(base._modules)
-    new.in_features = in_features
-    new.__dict__.pop("_run", None)
-    weight = _copy_param(base.weight, base.weight.data)  # same storage: the original bytes
-    if isinstance(new, QLinear4bit):
-        weight.module = new
-    new._parameters["weight"] = weight
-    new._set_logical_shape()
-    new.lora_delta = None
-    # a plain attribute, not a registered submodule: the original must stay out of state_dict/modules()
-    object.__setattr__(new, "expanded_from", base)
-    return new
-
-
-def unexpand(layer):
-    """The original layer an expanded one was made from (the layer itself if it was never expanded)."""
-    return layer.__dict__.get("expanded_from") or layer
-
-
-def quantized_digest(root: torch.nn.Module) -> str:
-    """SHA-256 over the stored state of every quantized layer under ``root`` (names included): equal
-    digests mean no quantized byte changed."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, m in sorted(root.named_modules(), key=lambda item: item[0]):
-        if isinstance(m, QuantLinear):
-            for key, t in sorted(quantized_bytes(m).items()):
-                h.update(f"{name}.{key}".encode())
-                h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()

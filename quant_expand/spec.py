@@ -64,3 +64,6 @@ class QuantSpec:
         """bnb 4-bit packs rows of blocks; a weight whose input width is no multiple of the block
         would straddle rows, which our exact zero-padding of inputs relies on not happening."""
         return in_features % self.blocksize == 0 if self.is_4bit else True
+
+
+FLOAT16_MAX = float(torch.finfo(torch.float16).max)  # a scale or update past it: no 16-bit compute dtype holds it

@@ -11,7 +11,7 @@ two streams; the order wraps around, so the last blocks fetch the first ones for
 never move, so each layer's kernels are set up once on them and are the same kernels a resident layer
 runs: where the bytes lived changes no result.
 
-Pure torch; which layers stream is ComfyUI's decision (``quant_expand.comfy_adapter``).
+Pure torch; which layers stream is ComfyUI's decision (``quant_expand.comfyui.patcher``).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Helpers shared by the ComfyUI tests (the in-process host is the pack's own, also behind the demo)."""
-from quant_expand.inprocess import CAPTURED, ComfyHost, TEST_NODES, sample_direct, sampling_graph  # noqa: F401
+from quant_expand.testing.inprocess import CAPTURED, ComfyHost, TEST_NODES, sample_direct, sampling_graph  # noqa: F401
 
 
 def denoise_once(patcher, context_dim=64, vec_dim=64, size=16, seed=5, control=False):
@@ -24,4 +24,4 @@ def rel_err(a, b) -> float:
 
 def quantized_hash(host, patcher) -> str:
     """Digest of every quantized byte of a loaded model, through the pack's module as ComfyUI loaded it."""
-    return host.pack_module("quant_expand.layers").quantized_digest(patcher.model.diffusion_model)
+    return host.pack_module("quant_expand.layer_state").quantized_digest(patcher.model.diffusion_model)

@@ -41,8 +41,8 @@ def main(comfy_path: str, workdir: str, device: str, warmup: int, cycles: int):
     import torch
 
     torch.set_num_threads(1)  # a tiny model: more threads only wait on a busy machine; memory is the same
-    from quant_expand.inprocess import ComfyHost, sample_direct
-    from quant_expand.synthetic import TinyFluxConfig, make_control_lora, make_lora, make_tiny_flux, save_safetensors
+    from quant_expand.testing.inprocess import ComfyHost, sample_direct
+    from quant_expand.testing.synthetic import TinyFluxConfig, make_control_lora, make_lora, make_tiny_flux, save_safetensors
 
     host = ComfyHost.start(comfy_path, REPO_ROOT, os.path.join(workdir, "models"), cpu=device == "cpu")
     cfg = TinyFluxConfig()

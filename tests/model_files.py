@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from quant_expand.synthetic import TinyFluxConfig, make_control_lora, make_lora, make_tiny_flux, save_safetensors
+from quant_expand.testing.synthetic import TinyFluxConfig, make_control_lora, make_lora, make_tiny_flux, save_safetensors
 
 
 def write_flux_with_loras(cfg: TinyFluxConfig, models_dir: str, loras_dir: str, model: str, control: str,

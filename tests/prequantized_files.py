@@ -1,6 +1,6 @@
 """Writers of the foreign pre-quantized layouts the loader reads, built on bitsandbytes' own modules
 (``Linear4bit`` / ``Linear8bitLt`` state dicts, i.e. ``QuantState.as_dict(packed=True)``) and diffusers'
-key names from ``quant_expand.synthetic.diffusers_pieces`` (a table written apart from the loader's)."""
+key names from ``quant_expand.testing.synthetic.diffusers_pieces`` (a table written apart from the loader's)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import bitsandbytes as bnb
 import torch
 
-from quant_expand.synthetic import TinyFluxConfig, diffusers_pieces, linear_modules, save_safetensors
+from quant_expand.testing.synthetic import TinyFluxConfig, diffusers_pieces, linear_modules, save_safetensors
 
 ALL_IN_ONE_EXTRAS = {  # what lllyasviel's all-in-one checkpoints hold beside the diffusion model
     "text_encoders.clip_l.transformer.text_model.embeddings.token_embedding.weight": (32, 16),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from quant_expand.synthetic import TinyFluxConfig, make_tiny_flux
+from quant_expand.testing.synthetic import TinyFluxConfig, make_tiny_flux
 
 def quantized_linears(sd: dict, txt_in: bool = True) -> list[str]:
     """The block Linears (and txt_in): what the quantize-on-load default quantizes too."""

@@ -4,7 +4,7 @@ The server runs ``COMFYUI_PATH/main.py`` with the Python that runs pytest. Its b
 the pack as ``custom_nodes/comfyui-bnb-flux`` (a symlink to this repo) and a test-only node file
 (``SERVER_NODES_SOURCE``) that exists only in that temporary directory: a tiny FLUX cannot use
 ComfyUI's text encoders, so the tests make their conditioning and latents with the in-process host's
-nodes (``quant_expand/inprocess.py``), registered as ``BnbFluxServerTestConditioning`` and
+nodes (``quant_expand/testing/inprocess.py``), registered as ``BnbFluxServerTestConditioning`` and
 ``BnbFluxServerTestLatent``.
 HTTP uses the standard library only.
 """
@@ -29,14 +29,14 @@ PACK_DIR_NAME = "comfyui-bnb-flux"
 # classes are the in-process host's, imported from the repo, whose root goes last on the server's
 # sys.path, never first: the repo's ``nodes/`` package would shadow ComfyUI's ``nodes.py``.
 SERVER_NODES_SOURCE = '''"""Test-only nodes written by tests/server_host.py into a temporary custom_nodes folder:
-the conditioning and latent nodes of quant_expand/inprocess.py under server-side names."""
+the conditioning and latent nodes of quant_expand/testing/inprocess.py under server-side names."""
 import sys
 
 REPO_ROOT = {repo_root!r}
 if REPO_ROOT not in sys.path:
     sys.path.append(REPO_ROOT)
 
-from quant_expand.inprocess import BnbFluxTestConditioning, BnbFluxTestLatent  # noqa: E402
+from quant_expand.testing.inprocess import BnbFluxTestConditioning, BnbFluxTestLatent  # noqa: E402
 
 NODE_CLASS_MAPPINGS = {{
     "BnbFluxServerTestConditioning": BnbFluxTestConditioning,

@@ -33,7 +33,7 @@ import torch
 from comfy_host import quantized_hash, sampling_graph
 from model_files import write_flux_with_loras
 from prequantized_files import diffusers_state_dict, forge_state_dict, save_sharded
-from quant_expand.synthetic import TinyFluxConfig, make_control_lora, make_lora, make_tiny_flux, save_safetensors
+from quant_expand.testing.synthetic import TinyFluxConfig, make_control_lora, make_lora, make_tiny_flux, save_safetensors
 
 CFG = TinyFluxConfig()
 MODEL, CONTROL, STYLE = "bad_base.safetensors", "bad_canny.safetensors", "bad_style.safetensors"

@@ -5,7 +5,8 @@ import asyncio
 
 import pytest
 
-from quant_expand.cli import canny_graph, find_comfyui, main
+from quant_expand.tools.demo import canny_graph, find_comfyui
+from quant_expand.cli import main
 
 
 def test_find_comfyui_explains_what_to_do(monkeypatch, tmp_path):

@@ -16,8 +16,7 @@ import pytest
 import torch
 
 from comfy_host import quantized_hash, rel_err, sample_direct, sampling_graph
-from quant_expand.synthetic import (TinyFluxConfig, bfl_lora_to_diffusers, make_control_lora, make_lora, make_tiny_flux,
-                                   save_safetensors)
+from quant_expand.testing.synthetic import TinyFluxConfig, bfl_lora_to_diffusers, make_control_lora, make_lora, make_tiny_flux, save_safetensors
 
 CFG = TinyFluxConfig()
 CONTROL, STYLE, STYLE_IMG_IN = "tiny_canny_lora.safetensors", "tiny_style.safetensors", "tiny_style_img_in.safetensors"
@@ -66,10 +65,9 @@ def stock_lora(model_ref, name, strength):
 
 def dequantized_file(host, file, quant, dq, img_in, name):
     node = host.pack_module("nodes.load_bnb_flux").LoadBnbFlux
-    layers = host.pack_module("quant_expand.layers")
     with torch.inference_mode():
         patcher = node.execute(file, quant, dq, "float32", img_in).result[0]
-    save_safetensors(layers.dequantized_state_dict(patcher.model.diffusion_model), host.model_path("diffusion_models", name))
+    save_safetensors(host.pack_module("quant_expand.layer_state").dequantized_state_dict(patcher.model.diffusion_model), host.model_path("diffusion_models", name))
     return name, patcher
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from comfy_host import denoise_once, quantized_hash, rel_err, sample_direct, sampling_graph
-from quant_expand.synthetic import TinyFluxConfig, make_lora, make_tiny_flux, save_safetensors
+from quant_expand.testing.synthetic import TinyFluxConfig, make_lora, make_tiny_flux, save_safetensors
 
 CFG = TinyFluxConfig()
 SCHEMES = [("nf4", False), ("nf4", True), ("fp4", False), ("fp4", True), ("int8", False)]
@@ -50,8 +50,7 @@ def load_direct(host, file, quant, dq, dtype="float32"):
 
 
 def write_dequantized(host, patcher, name):
-    layers = host.pack_module("quant_expand.layers")
-    sd = layers.dequantized_state_dict(patcher.model.diffusion_model)
+    sd = host.pack_module("quant_expand.layer_state").dequantized_state_dict(patcher.model.diffusion_model)
     save_safetensors(sd, host.model_path("diffusion_models", name))
     return name
 
@@ -198,7 +197,7 @@ class TestModelManagement:
         assert rel_err(plain, full) > 1e-3
 
     def test_clone_disable_dynamic_and_rebuild_from_cached_init(self, host, files, lora_files):
-        adapter = host.pack_module("quant_expand.comfy_adapter")
+        adapter = host.pack_module("quant_expand.comfyui.patcher")
         model, patched = self.lora_model(host, files, lora_files)
         clone = patched.clone(disable_dynamic=True)
         assert type(clone) is adapter.BnbModelPatcher

@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from comfy_host import sampling_graph
 from prequantized_files import diffusers_state_dict, forge_state_dict, save_sharded
-from quant_expand.synthetic import TinyFluxConfig, make_control_lora, make_tiny_flux, save_safetensors
+from quant_expand.testing.synthetic import TinyFluxConfig, make_control_lora, make_tiny_flux, save_safetensors
 
 CFG = TinyFluxConfig()
 CONTROL = "pq_control_lora.safetensors"
@@ -73,7 +73,7 @@ def stored_tensors(host, patcher) -> dict:
     out = {}
     quantized = {n for n, m in dm.named_modules() if layers.is_quantized_linear(m)}
     for name in quantized:
-        for k, t in layers.quantized_bytes(dm.get_submodule(name)).items():
+        for k, t in host.pack_module("quant_expand.layer_state").quantized_bytes(dm.get_submodule(name)).items():
             out[f"{name}:{k}"] = t
     for name, p in dm.named_parameters():
         if name.rpartition(".")[0] not in quantized or name.endswith(".bias"):
@@ -100,8 +100,7 @@ def install(host, path, name):
 
 
 def write_dequantized(host, patcher, name):
-    layers = host.pack_module("quant_expand.layers")
-    save_safetensors(layers.dequantized_state_dict(patcher.model.diffusion_model), host.model_path("diffusion_models", name))
+    save_safetensors(host.pack_module("quant_expand.layer_state").dequantized_state_dict(patcher.model.diffusion_model), host.model_path("diffusion_models", name))
     return name
 
 
@@ -184,10 +183,9 @@ class TestForeignFiles:
     def test_forge_all_in_one_from_checkpoints_equals_quantize_on_load(self, host, exact):
         """A Forge v2-style NF4 all-in-one file in models/checkpoints, quantized by bitsandbytes itself on
         the layers Load BnB Flux quantizes: the same bytes, so the same samples, as quantizing on load."""
-        adapter = host.pack_module("quant_expand.comfy_adapter")
         spec = host.pack_module("quant_expand.spec").QuantSpec("nf4", False)
         sd = make_tiny_flux(CFG, seed=0, exact_for="nf4")
-        policy = lambda n: adapter.default_should_quantize(n, sd[f"{n}.weight"].shape[1], spec)  # noqa: E731
+        policy = lambda n: host.pack_module("quant_expand.flux").default_should_quantize(n, sd[f"{n}.weight"].shape[1], spec)  # noqa: E731
         save_safetensors(forge_state_dict(sd, "nf4", False, quantize=policy),
                          host.model_path("checkpoints", "pq_forge_aio.safetensors"))
         node = host.nodes.NODE_CLASS_MAPPINGS["LoadBnbFlux"]

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from comfy_host import rel_err, sampling_graph
-from quant_expand.synthetic import TinyFluxConfig, make_control_lora, make_lora, save_safetensors
+from quant_expand.testing.synthetic import TinyFluxConfig, make_control_lora, make_lora, save_safetensors
 from scaled_files import comfy_quant_flux, scaled_fp8_flux
 
 CFG = TinyFluxConfig()
@@ -53,8 +53,7 @@ def test_weights_read_equal_comfyuis_dequantized_weights(host, files, fmt):
     """Stored values times scales, bit for bit what ComfyUI's layout classes dequantize; and every
     64-value block is {-v, 0, v} with v reached, v varying (so NF4 keeps them exactly)."""
     name, expected = files[fmt]
-    pre = host.pack_module("quant_expand.prequantized")
-    ckpt = pre.open_flux_checkpoint(host.model_path("diffusion_models", name))
+    ckpt = host.pack_module("quant_expand.checkpoint.reader").open_flux_checkpoint(host.model_path("diffusion_models", name))
     try:
         assert set(ckpt.scaled) == set(expected) and not ckpt.is_prequantized
         magnitudes = set()
@@ -97,8 +96,7 @@ def test_node_text_and_inspect_say_what_the_file_is(host, files):
     text = result.ui["text"][0]
     assert f"{len(expected)} Linear layers stored by ComfyUI as {len(expected)} x NVFP4" in text
     assert "then quantized with the node's quant_type" in text and "full precision" not in text
-    pre = host.pack_module("quant_expand.prequantized")
-    report = pre.inspect_file(host.model_path("diffusion_models", files["scaled_fp8"][0]))
+    report = host.pack_module("quant_expand.tools.convert").inspect_file(host.model_path("diffusion_models", files["scaled_fp8"][0]))
     assert "layout: ComfyUI-quantized (" in report and "scaled fp8 (weight x scale_weight)" in report
     assert "full precision" not in report.split("layout:")[1].splitlines()[0]
 

@@ -14,7 +14,7 @@ import torch
 
 from comfy_host import denoise_once
 from model_files import write_flux_with_loras
-from quant_expand.synthetic import TinyFluxConfig
+from quant_expand.testing.synthetic import TinyFluxConfig
 
 CFG = TinyFluxConfig(depth=4, depth_single_blocks=8)  # blocks enough that a budget holds the slots and more
 CPU = torch.device("cpu")
@@ -49,7 +49,7 @@ def partial(patcher):
 
 def test_model_size_counts_the_lora_factors(host, files):
     base, styled = loaded(host, files)
-    adapter = host.pack_module("quant_expand.comfy_adapter")
+    adapter = host.pack_module("quant_expand.comfyui.patcher")
     expected = 0
     for name, module in styled._quantized_modules():
         for patch in styled.patches.get(f"{name}.weight", []):
@@ -62,7 +62,7 @@ def test_model_size_counts_the_lora_factors(host, files):
 
 
 def test_offloaded_quantized_layers_stream_by_block_and_the_rest_stays_resident(host, files):
-    adapter = host.pack_module("quant_expand.comfy_adapter")
+    adapter = host.pack_module("quant_expand.comfyui.patcher")
     layers = host.pack_module("quant_expand.layers")
     _, styled = loaded(host, files)
     partial(styled)
@@ -103,7 +103,7 @@ def test_offloaded_quantized_layers_stream_by_block_and_the_rest_stays_resident(
 def test_a_streamed_model_computes_the_same_bits_and_copies_each_unit_once_per_forward(host, files):
     import comfy.model_management as mm
 
-    adapter = host.pack_module("quant_expand.comfy_adapter")
+    adapter = host.pack_module("quant_expand.comfyui.patcher")
     _, styled = loaded(host, files)
     mm.unload_all_models()
     styled.patch_model(device_to=CPU, lowvram_model_memory=0)
@@ -124,22 +124,21 @@ def test_a_streamed_model_computes_the_same_bits_and_copies_each_unit_once_per_f
 def test_set_lora_scale_under_a_partial_load_swaps_in_place(host, files):
     """A strength change keeps the streamer, its sources and the resident bytes: only numbers change,
     and the result equals the LoRA applied at that strength from the start."""
-    adapter = host.pack_module("quant_expand.comfy_adapter")
-    layers = host.pack_module("quant_expand.layers")
+    adapter = host.pack_module("quant_expand.comfyui.patcher")
     node = host.pack_module("nodes.load_bnb_flux").LoadBnbFlux
     apply = host.pack_module("nodes.apply_control_lora").ApplyControlLora
     _, styled = loaded(host, files)
     partial(styled)
     streamer = getattr(styled.model, adapter.STREAMER_ATTR)
-    digest = layers.quantized_digest(styled.model.diffusion_model)
+    digest = host.pack_module("quant_expand.layer_state").quantized_digest(styled.model.diffusion_model)
     resident = {n: m.weight.data.data_ptr() for n, m in styled._quantized_modules() if not adapter._offloaded(m)}
-    rescaled = adapter.set_lora_scale(styled, "stream_style.safetensors", 0.25)
+    rescaled = host.pack_module("quant_expand.comfyui.loras").set_lora_scale(styled, "stream_style.safetensors", 0.25)
     assert rescaled._can_swap_patches_in_place(CPU, False)
     copied = streamer.bytes_copied
     rescaled.partially_load(CPU, extra_memory=0)
     assert getattr(rescaled.model, adapter.STREAMER_ATTR) is streamer and streamer.bytes_copied == copied
     assert {n: m.weight.data.data_ptr() for n, m in rescaled._quantized_modules() if n in resident} == resident
-    assert layers.quantized_digest(rescaled.model.diffusion_model) == digest
+    assert host.pack_module("quant_expand.layer_state").quantized_digest(rescaled.model.diffusion_model) == digest
     got = denoise_once(rescaled, control=True)
     rescaled.unpatch_model(CPU)
     with torch.inference_mode():
@@ -153,7 +152,6 @@ def test_set_lora_scale_under_a_partial_load_swaps_in_place(host, files):
 
 
 def test_another_lora_is_a_new_plan_not_a_swap(host, files):
-    adapter = host.pack_module("quant_expand.comfy_adapter")
     apply = host.pack_module("nodes.apply_control_lora").ApplyControlLora
     base, styled = loaded(host, files)
     partial(styled)
@@ -168,7 +166,7 @@ def test_partially_unloading_streams_what_it_offloads_and_keeps_the_unquantized_
     quantized layers go, and they stream."""
     import comfy.model_management as mm
 
-    adapter = host.pack_module("quant_expand.comfy_adapter")
+    adapter = host.pack_module("quant_expand.comfyui.patcher")
     layers = host.pack_module("quant_expand.layers")
     _, styled = loaded(host, files)
     mm.unload_all_models()

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 
 import bitsandbytes as bnb
 from quant_expand import LazyLoraDelta, LoraTerm, QuantSpec, as_quant_linear, expand_in_features, unexpand
-from quant_expand.layers import quantized_bytes, quantized_linear_from_float
-from quant_expand.synthetic import exact_4bit, exact_int8
+from quant_expand.layer_state import quantized_bytes
+from quant_expand.layers import quantized_linear_from_float
+from quant_expand.testing.synthetic import exact_4bit, exact_int8
 
 SPECS = [QuantSpec("nf4", False), QuantSpec("nf4", True), QuantSpec("fp4", False), QuantSpec("fp4", True),
          QuantSpec("int8")]

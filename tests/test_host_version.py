@@ -13,7 +13,7 @@ import tarfile
 import pytest
 import torch
 
-from quant_expand.supported_comfyui import COMFYUI_VERSION, host_problem, installed_version
+from quant_expand.comfyui.supported_comfyui import COMFYUI_VERSION, host_problem, installed_version
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_every_node_fails_with_the_message_on_an_older_host(host, old_tree, monk
                                                  ("SaveBnbFlux", "nodes.save_bnb_flux"))}
     calls = {"LoadBnbFlux": ("x.safetensors", "nf4", True, "auto"), "ApplyControlLora": (None, "x.safetensors", 1.0),
              "SetLoraScale": (None, "x.safetensors", 1.0), "SaveBnbFlux": (None, "flux")}
-    errors = host.pack_module("quant_expand.formats").BnbFluxError
+    errors = host.pack_module("quant_expand.errors").BnbFluxError
     for name, module in nodes.items():
         with pytest.raises(errors, match=r"needs ComfyUI 0\.33\.0 or newer, and this is ComfyUI 0\.3\.64"), torch.inference_mode():
             getattr(module, name).execute(*calls[name])

@@ -24,7 +24,7 @@ import torch
 
 from comfy_host import sampling_graph
 from model_files import write_flux_with_loras
-from quant_expand.synthetic import TinyFluxConfig
+from quant_expand.testing.synthetic import TinyFluxConfig
 from server_host import running_server
 
 CFG = TinyFluxConfig(hidden_size=128)  # the smallest FLUX ComfyUI builds: 20+ prompts stay quick

@@ -1,4 +1,4 @@
-"""quant_expand.kernels' 4-bit Triton kernel against bitsandbytes' own kernels.
+"""quant_expand.backends.triton_dequant's 4-bit Triton kernel against bitsandbytes' own kernels.
 
 On CUDA: the dequantized weight equals bnb's bit for bit for every 4-bit type, nesting, blocksize and
 compute dtype, on shapes that fill no tile exactly; columns past the stored ones (a widened layer) are
@@ -41,7 +41,7 @@ def quantized(rows, cols, quant_type, nested, blocksize, dtype, device, seed=0):
 def test_dequantize_gives_bitsandbytes_bits(quant_type, nested, blocksize, dtype):
     import bitsandbytes.functional as bnbf
 
-    from quant_expand.kernels import Dequant4bit
+    from quant_expand.backends.triton_dequant import Dequant4bit
 
     dev = torch.device("cuda", torch.cuda.current_device())
     packed, qs = quantized(203, 7 * blocksize, quant_type, nested, blocksize, dtype, dev)
@@ -64,7 +64,7 @@ def test_dequantize_gives_bitsandbytes_bits(quant_type, nested, blocksize, dtype
 def test_merged_epilogue_adds_the_low_rank_product(dtype, rank, vector_scale):
     import bitsandbytes.functional as bnbf
 
-    from quant_expand.kernels import Dequant4bit
+    from quant_expand.backends.triton_dequant import Dequant4bit
 
     dev = torch.device("cuda", torch.cuda.current_device())
     packed, qs = quantized(3072 + 40, 1024, "nf4", True, 64, dtype, dev)  # rows past a tile
@@ -85,7 +85,7 @@ def test_merged_epilogue_adds_the_low_rank_product(dtype, rank, vector_scale):
 def test_epilogue_only_where_a_tile_fits():
     """The merged-LoRA epilogue is offered for 16-bit dtypes and blocksizes up to 512 (a tile is at
     least one quantization block wide; wider ones need more shared memory than GPUs have)."""
-    from quant_expand.kernels import Dequant4bit
+    from quant_expand.backends.triton_dequant import Dequant4bit
 
     cpu = torch.device("cpu")
     assert not Dequant4bit.epilogue_ok(torch.float32, cpu, 64)
@@ -101,7 +101,7 @@ def test_kernel_logic_in_the_triton_interpreter(tmp_path):
     script = textwrap.dedent("""
         import copy, sys, torch, bitsandbytes.functional as bnbf
         import triton, triton.language as tl
-        from quant_expand.kernels import Dequant4bit
+        from quant_expand.backends.triton_dequant import Dequant4bit
 
         @triton.jit
         def probe(x_ptr, n, B: tl.constexpr):

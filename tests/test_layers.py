@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from quant_expand import LazyLoraDelta, LoraTerm, QLinear4bit, QLinear8bit, QuantSpec, QuantSpecError
-from quant_expand.layers import dequantized_state_dict, quantized_bytes, quantized_linear_from_float
-from quant_expand.synthetic import exact_4bit, exact_int8
+from quant_expand.layer_state import dequantized_state_dict, quantized_bytes
+from quant_expand.layers import quantized_linear_from_float
+from quant_expand.testing.synthetic import exact_4bit, exact_int8
 
 SPECS = [QuantSpec("nf4", False), QuantSpec("nf4", True), QuantSpec("fp4", False), QuantSpec("fp4", True),
          QuantSpec("int8")]
@@ -226,7 +227,7 @@ def test_forward_dequantizes_like_bitsandbytes(spec):
     bit for bit (generic weights, so every code and nested absmax path is exercised)."""
     import bitsandbytes.functional as bnbf
 
-    from quant_expand.layers import _dequantize_4bit
+    from quant_expand.backends.bnb_cuda import _dequantize_4bit
 
     w = torch.randn(192, 128, generator=torch.Generator().manual_seed(3))
     layer = quantized_linear_from_float(w, None, spec)

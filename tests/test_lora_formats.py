@@ -1,4 +1,4 @@
-"""quant_expand.lora_formats: every LoRA key format -> one canonical form, and every way a file can be wrong.
+"""quant_expand.lora: every LoRA key format -> one canonical form, and every way a file can be wrong.
 
 Reference for every comparison: the dense update a BFL file describes, computed here straight from its
 keys (``scale * B @ A`` on the module's rows, ``lora_B.bias``, full norm scales). Tolerances:
@@ -15,9 +15,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quant_expand import synthetic as S
-from quant_expand.formats import BnbFluxError, TensorFile
-from quant_expand.lora_formats import LoraFormatError, ParsedLora, parse_lora
+from quant_expand.testing import synthetic as S
+from quant_expand.errors import BnbFluxError
+from quant_expand.checkpoint.tensor_files import TensorFile
+from quant_expand.errors import LoraFormatError
+from quant_expand.lora.canonical import ParsedLora
+from quant_expand.lora.parse import parse_lora
 
 CFG = S.TinyFluxConfig()  # hidden 256, 1 double + 1 single block, img_in 64 -> 256
 DEV = S.TinyFluxConfig(hidden_size=3072, depth=19, depth_single_blocks=38, context_in_dim=4096, vec_in_dim=768)
@@ -278,7 +281,7 @@ def test_tensor_file_and_text_encoder_keys(tmp_path):
 
 def test_full_size_dev_names():
     mods = modules_of(DEV)
-    from quant_expand.lora_formats import diffusers_linear_map, diffusers_norm_map
+    from quant_expand.lora.naming import diffusers_linear_map, diffusers_norm_map
     lin, norms = diffusers_linear_map(mods), diffusers_norm_map(mods)
     assert len(norms) == 2 * 2 * 19 + 2 * 38 == 152  # BFL Control LoRA: 152 norm tensors
     assert lin["single_transformer_blocks.37.proj_mlp"] == ("single_blocks.37.linear1", 9216, 12288, False)
@@ -468,23 +471,21 @@ def comfy_name_table(comfy_utils, cfg, modules):
 def test_diffusers_names_equal_comfyui(host, cfg):
     import comfy.utils
 
-    lf = host.pack_module("quant_expand.lora_formats")
     modules = modules_of(cfg)
     want_linear, want_norms = comfy_name_table(comfy.utils, cfg, modules)
     got_linear = {d: (t.module, None if t.rows is None else (0, t.row_offset, t.rows), t.swap_halves)
-                  for d, t in lf.diffusers_linear_map(modules).items()}
+                  for d, t in host.pack_module("quant_expand.lora.naming").diffusers_linear_map(modules).items()}
     assert got_linear == want_linear
-    assert lf.diffusers_norm_map(modules) == want_norms
-    assert len(want_norms) == len(lf.norm_scale_keys(modules))
+    assert host.pack_module("quant_expand.lora.naming").diffusers_norm_map(modules) == want_norms
+    assert len(want_norms) == len(host.pack_module("quant_expand.lora.naming").norm_scale_keys(modules))
 
 
 def test_comfyui_converted_control_lora_parses_like_bfl(host):
     import comfy.lora_convert
 
-    lf = host.pack_module("quant_expand.lora_formats")
     raw = S.make_control_lora(CFG)
     converted = comfy.lora_convert.convert_lora(dict(raw))
-    p = lf.parse_lora(converted, "canny.safetensors", MODS)
+    p = host.pack_module("quant_expand.lora.parse").parse_lora(converted, "canny.safetensors", MODS)
     assert p.source_format == "comfy" and p.widened == {"img_in": 128}
     assert_same_update(dense_from_parsed(p, MODS), dense_from_bfl(raw, MODS), exact=True)
 
@@ -517,13 +518,12 @@ def comfy_merged(patcher, sd):
 def test_deltas_equal_comfyui_lora_loader(host, comfy_tiny, fmt):
     """Base + canonical update == ComfyUI's merged weights (1e-6: same float32 sums, another order)."""
     patcher, base = comfy_tiny
-    lf = host.pack_module("quant_expand.lora_formats")
     targets = S.linear_modules(CFG)
     sd = {"bfl": lambda: S.make_lora(CFG, kind="lora", alpha=2.0, targets=targets),
           "kohya": lambda: S.make_lora(CFG, kind="kohya", targets=targets),
           "diffusers": lambda: S.bfl_lora_to_diffusers(S.make_lora(CFG, kind="lora", alpha=2.0, targets=targets)),
           "control": lambda: S.make_control_lora(CFG)}[fmt]()
-    p = lf.parse_lora(sd, f"{fmt}.safetensors", MODS)
+    p = host.pack_module("quant_expand.lora.parse").parse_lora(sd, f"{fmt}.safetensors", MODS)
     mine = dense_from_parsed(p, MODS)
     want = comfy_merged(patcher, sd)
     expected_keys = {f"diffusion_model.{m}.{w}" for m in targets for w in ("weight", "bias") if fmt == "control" or w == "weight"}

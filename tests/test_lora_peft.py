@@ -15,9 +15,9 @@ import os
 import pytest
 import torch
 
-from quant_expand import synthetic as S
-from quant_expand.formats import TensorFile
-from quant_expand.lora_formats import parse_lora
+from quant_expand.testing import synthetic as S
+from quant_expand.checkpoint.tensor_files import TensorFile
+from quant_expand.lora.parse import parse_lora
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")

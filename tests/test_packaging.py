@@ -50,9 +50,9 @@ def test_web_directory_exists():
 
 
 def test_one_supported_comfyui_version(pyproject):
-    """quant_expand/supported_comfyui.py names the ComfyUI release; pyproject, the README, the quick
+    """quant_expand/comfyui/supported_comfyui.py names the ComfyUI release; pyproject, the README, the quick
     start's known archives and CI's pinned host all say the same."""
-    from quant_expand.supported_comfyui import COMFYUI_ARCHIVES, COMFYUI_VERSION
+    from quant_expand.comfyui.supported_comfyui import COMFYUI_ARCHIVES, COMFYUI_VERSION
 
     assert pyproject["tool"]["comfy"]["requires-comfyui"] == f">={COMFYUI_VERSION}"
     with open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8") as f:
@@ -68,7 +68,7 @@ def test_quickstart_reads_the_same_version():
     """quickstart.py runs before anything is installed: it reads the constants file, not the package."""
     import runpy
 
-    from quant_expand import supported_comfyui
+    from quant_expand.comfyui import supported_comfyui
 
     qs = runpy.run_path(os.path.join(REPO_ROOT, "quickstart.py"))
     assert qs["SUPPORTED"]["COMFYUI_VERSION"] == supported_comfyui.COMFYUI_VERSION

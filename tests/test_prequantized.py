@@ -23,11 +23,14 @@ from safetensors.torch import load_file
 from prequantized_files import (ALL_IN_ONE_EXTRAS, bnb_linear_state, diffusers_state_dict, forge_state_dict,
                                 save_sharded)
 from quant_expand.cli import main
-from quant_expand.formats import BnbFluxError
-from quant_expand.prequantized import (PieceInfo, StoredLinear, assemble_rows, default_should_quantize,
-                                       inspect_file, open_flux_checkpoint, plan_rows, quantize_file, quantize_weight)
+from quant_expand.errors import BnbFluxError
+from quant_expand.checkpoint.fusion import PieceInfo, assemble_rows, plan_rows
+from quant_expand.checkpoint.stored import StoredLinear, quantize_weight
+from quant_expand.flux import default_should_quantize
+from quant_expand.tools.convert import inspect_file, quantize_file
+from quant_expand.checkpoint.reader import open_flux_checkpoint
 from quant_expand.spec import QuantSpec
-from quant_expand.synthetic import TinyFluxConfig, linear_modules, make_tiny_flux, save_safetensors
+from quant_expand.testing.synthetic import TinyFluxConfig, linear_modules, make_tiny_flux, save_safetensors
 
 CFG = TinyFluxConfig()
 LINEARS = linear_modules(CFG)

@@ -2,7 +2,7 @@
 
 Found by fuzzing ``open_flux_checkpoint`` + ``read_linear`` with one damaged quant-state tensor at a time
 (dropped, shortened, another dtype) on files bitsandbytes itself wrote (``tests/prequantized_files.py``).
-The reader is ``quant_expand.prequantized``; ``FluxCheckpoint._piece_info`` and
+The reader is ``quant_expand.checkpoint.reader``; ``FluxCheckpoint._piece_info`` and
 ``_check_quant_state_tensors`` validate every quant-state tensor before anything reaches bitsandbytes
 (CASES and OPEN_CASES say what each damage did before the checks existed; OPEN_CASES were found
 later — integer-typed scales and quant maps, broken quant-state JSON fields):
@@ -29,7 +29,7 @@ import sys
 import pytest
 import torch
 
-from quant_expand.synthetic import TinyFluxConfig, make_tiny_flux, save_safetensors
+from quant_expand.testing.synthetic import TinyFluxConfig, make_tiny_flux, save_safetensors
 
 CFG = TinyFluxConfig(hidden_size=128)
 MODULE = "double_blocks.0.img_mlp.0"
@@ -182,8 +182,8 @@ JSON_CASES = {
 
 def _worker(paths: list[str]):
     """Child process: read each file's damaged Linear; one JSON line before and after each case."""
-    from quant_expand.formats import BnbFluxError
-    from quant_expand.prequantized import open_flux_checkpoint
+    from quant_expand.errors import BnbFluxError
+    from quant_expand.checkpoint.reader import open_flux_checkpoint
 
     torch.set_num_threads(1)  # tiny tensors: threads only wait on each other
     expected = make_tiny_flux(CFG, seed=0, exact_for="nf4")[W]

@@ -28,9 +28,10 @@ import bitsandbytes.functional as bnbf  # noqa: E402
 from bitsandbytes.functional import QuantState  # noqa: E402
 
 from prequantized_files import forge_state_dict  # noqa: E402
-from quant_expand.formats import BnbFluxError  # noqa: E402
-from quant_expand.prequantized import QS_JSON_FIELDS, QS_NESTED_FIELDS, open_flux_checkpoint  # noqa: E402
-from quant_expand.synthetic import TinyFluxConfig, make_tiny_flux, save_safetensors  # noqa: E402
+from quant_expand.errors import BnbFluxError  # noqa: E402
+from quant_expand.checkpoint.stored import QS_JSON_FIELDS, QS_NESTED_FIELDS  # noqa: E402
+from quant_expand.checkpoint.reader import open_flux_checkpoint
+from quant_expand.testing.synthetic import TinyFluxConfig, make_tiny_flux, save_safetensors  # noqa: E402
 
 CFG = TinyFluxConfig(hidden_size=128)
 MODULE = "double_blocks.0.img_mlp.0"

@@ -37,10 +37,14 @@ from hypothesis import HealthCheck, currently_in_test_context, event, given, set
 from hypothesis import strategies as st  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from quant_expand import synthetic as S  # noqa: E402
-from quant_expand.formats import BnbFluxError, TensorFile  # noqa: E402
-from quant_expand.lora import LazyLoraDelta, LoraTerm  # noqa: E402
-from quant_expand.lora_formats import HEAD_DIM, ParsedLora, norm_scale_keys, parse_lora  # noqa: E402
+from quant_expand.testing import synthetic as S  # noqa: E402
+from quant_expand.errors import BnbFluxError  # noqa: E402
+from quant_expand.checkpoint.tensor_files import TensorFile
+from quant_expand.lora.delta import LazyLoraDelta, LoraTerm  # noqa: E402
+from quant_expand.flux import HEAD_DIM  # noqa: E402
+from quant_expand.lora.canonical import ParsedLora
+from quant_expand.lora.naming import norm_scale_keys
+from quant_expand.lora.parse import parse_lora
 
 
 def _fuzz_settings(examples: int):

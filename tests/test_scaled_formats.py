@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-from quant_expand.formats import BnbFluxError
-from quant_expand.prequantized import open_flux_checkpoint
-from quant_expand.synthetic import TinyFluxConfig, make_tiny_flux, save_safetensors
+from quant_expand.errors import BnbFluxError
+from quant_expand.checkpoint.reader import open_flux_checkpoint
+from quant_expand.testing.synthetic import TinyFluxConfig, make_tiny_flux, save_safetensors
 
 CFG = TinyFluxConfig()
 QKV = "double_blocks.0.img_attn.qkv"

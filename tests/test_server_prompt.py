@@ -22,7 +22,7 @@ import time
 import pytest
 import torch
 
-from quant_expand.synthetic import TinyFluxConfig, make_lora, make_tiny_flux, save_safetensors
+from quant_expand.testing.synthetic import TinyFluxConfig, make_lora, make_tiny_flux, save_safetensors
 from server_host import PACK_DIR_NAME, REPO_ROOT, running_server
 
 CFG = TinyFluxConfig()
@@ -186,7 +186,7 @@ def test_apply_control_lora_set_scale_and_chains_match_full_precision(server):
     """Apply Control LoRA -> Apply Control LoRA (style) -> Set LoRA Scale through /prompt equals ComfyUI's
     stock LoraLoaderModelOnly chain on the full-precision file, prompt after prompt (the loaded model
     is reused and its patches swapped between prompts)."""
-    from quant_expand.synthetic import make_control_lora
+    from quant_expand.testing.synthetic import make_control_lora
 
     control = "tiny_canny_lora.safetensors"
     save_safetensors(make_control_lora(CFG, seed=2), os.path.join(server.dirs["models/loras"], control))

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from quant_expand.synthetic import TinyFluxConfig, make_control_lora, make_lora, make_tiny_flux, save_safetensors
+from quant_expand.testing.synthetic import TinyFluxConfig, make_control_lora, make_lora, make_tiny_flux, save_safetensors
 from server_host import running_server
 
 CFG = TinyFluxConfig()
@@ -125,7 +125,7 @@ def test_every_input_has_a_tooltip_and_one_category(server):
 
 def test_lora_summary_warns_when_part_of_a_file_does_not_apply(host):
     """What the badge warns about (in-process: the pack's own classes, no server)."""
-    formats = host.pack_module("quant_expand.lora_formats")
+    formats = host.pack_module("quant_expand.lora.canonical")
     summary = host.pack_module("nodes.apply_control_lora").lora_summary
     te_only = formats.ParsedLora(name="te.safetensors", source_format="kohya", layers=[], norm_sets={}, widened={},
                                  text_encoder_keys=["lora_te1_text_model.encoder.layers.0.mlp.fc1.lora_down.weight"])

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from prequantized_files import diffusers_state_dict, save_sharded
-from quant_expand.formats import BnbFluxError
-from quant_expand.prequantized import INDEX_MAX_BYTES, open_flux_checkpoint
-from quant_expand.synthetic import TinyFluxConfig, linear_modules, make_tiny_flux, save_safetensors
+from quant_expand.errors import BnbFluxError
+from quant_expand.checkpoint.tensor_files import INDEX_MAX_BYTES
+from quant_expand.checkpoint.reader import open_flux_checkpoint
+from quant_expand.testing.synthetic import TinyFluxConfig, linear_modules, make_tiny_flux, save_safetensors
 
 CFG = TinyFluxConfig()
 INDEX = "diffusion_pytorch_model.safetensors.index.json"

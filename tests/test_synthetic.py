@@ -1,4 +1,4 @@
-"""Tests for quant_expand.synthetic: exact bnb round trips on CPU, and ComfyUI 0.33 really loading
+"""Tests for quant_expand.testing.synthetic: exact bnb round trips on CPU, and ComfyUI 0.33 really loading
 the tiny FLUX model and parsing every synthetic LoRA kind (set COMFYUI_PATH to run those)."""
 
 import logging
@@ -11,7 +11,7 @@ import torch
 import bitsandbytes.functional as bnbF
 from safetensors import safe_open
 
-from quant_expand import synthetic as S
+from quant_expand.testing import synthetic as S
 
 CFG = S.TinyFluxConfig()
 SCHNELL = S.TinyFluxConfig(hidden_size=384, depth=1, depth_single_blocks=2, context_in_dim=96, vec_in_dim=32,

@@ -124,8 +124,8 @@ class _ServerStub:
 def _enable_dynamic_vram() -> bool:
     """What ComfyUI's main.py does before loading anything: start comfy-aimdo, register the devices,
     and make ModelPatcherDynamic the core patcher."""
-    from comfy.cli_args import args
     import comfy_aimdo.control
+    from comfy.cli_args import args
 
     headroom = None if args.reserve_vram is None else int(args.reserve_vram * 1024 ** 3)
     try:
@@ -171,9 +171,10 @@ class ComfyHost:
 
         comfy.options.enable_args_parsing()
         dynamic_on = _enable_dynamic_vram() if dynamic_vram else False
-        import folder_paths
-        import nodes
         import execution
+        import folder_paths
+
+        import nodes
 
         for sub in ("diffusion_models", "loras", "checkpoints", "text_encoders", "vae"):
             os.makedirs(os.path.join(models_dir, sub), exist_ok=True)

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from .formats import BnbFluxError
+from ..errors import BnbFluxError
 
 SCALED_FP8_MARKER = "scaled_fp8"
 QUANT_METADATA = "_quantization_metadata"

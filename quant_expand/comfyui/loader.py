@@ -1,0 +1,287 @@
+"""Load BnB Flux: a FLUX file to a BnbModelPatcher, quantized layer by layer while the file streams in."""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import time
+from typing import Optional
+
+import comfy.lora
+import comfy.model_detection
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.ops
+import comfy.utils
+import torch
+
+from ..checkpoint.reader import FluxCheckpoint, open_flux_checkpoint
+from ..errors import BnbFluxError, shown_name
+from ..flux import default_should_quantize
+from ..layers import (
+    QLinear4bit,
+    QLinear8bit,
+    quantized_linear_from_float,
+    statistics_finite,
+)
+from ..spec import QuantSpec
+from .ops import BnbFluxOps, DeferredLinear
+from .patcher import BnbModelPatcher
+
+log = logging.getLogger("comfyui-bnb-flux")
+
+
+def _set_module(root: torch.nn.Module, name: str, module: torch.nn.Module):
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def resolve_compute_dtype(choice, parameters: int, model_config, load_device) -> torch.dtype:
+    """``auto`` is ComfyUI's own choice of FLUX dtype for the load device (fp32 on a CPU, bf16 on an
+    H100); quantized layers dequantize into it and activations run in it."""
+    if isinstance(choice, torch.dtype):
+        return choice
+    if choice in (None, "auto"):
+        dtype = mm.unet_dtype(load_device, model_params=parameters,
+                              supported_dtypes=model_config.supported_inference_dtypes)
+        return dtype if dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[choice]
+
+
+def detect_flux(ckpt: FluxCheckpoint):
+    """Model config from the file's logical shapes (a packed 4-bit weight counts as ``[out, in]``: detection
+    on packed shapes finds nonsense sizes); nothing is read or quantized yet."""
+    meta = ckpt.meta_state_dict()
+    prefix = comfy.model_detection.unet_prefix_from_state_dict(meta)
+    keys = {k[len(prefix):]: k for k in meta if k.startswith(prefix)}
+    if not keys:  # as comfy.sd.load_diffusion_model_state_dict: no prefix means a bare diffusion model
+        keys = {k: k for k in meta}
+    stripped = {k: meta[v] for k, v in keys.items()}
+    config = comfy.model_detection.model_config_from_unet(stripped, "")
+    image_model = config.unet_config.get("image_model") if config is not None else None
+    if image_model != "flux" or not ckpt.is_flux:
+        found = f"a {image_model} model" if image_model else "no diffusion model ComfyUI recognises"
+        raise BnbFluxError(f"{ckpt.name}: not a FLUX.1 diffusion model (found {found}); Load BnB Flux reads "
+                           f"FLUX.1 dev/schnell safetensors with BFL or diffusers key names")
+    return config, keys, stripped
+
+
+def describe_source(ckpt: FluxCheckpoint) -> str:
+    """One line on what the file holds, for the log and the node's output text."""
+    if ckpt.scaled:
+        return f"{ckpt.name}: {ckpt.describe_layout()}"
+    if not ckpt.is_prequantized:
+        return f"{ckpt.name}: full precision ({ckpt.describe_layout()})"
+    s = ckpt.quant_summary()
+    schemes = "; ".join(f"{n} x {k}" for k, n in s["schemes"].items())
+    return f"{ckpt.name}: pre-quantized, {ckpt.describe_layout()}: {schemes}"
+
+
+def _owned(t: Optional[torch.Tensor], device, dtype) -> Optional[torch.Tensor]:
+    """``t`` on ``device`` in ``dtype``, in memory of its own: a tensor read from a safetensors file can
+    point into the file's buffer at any byte offset, and CPU matmul kernels round differently with the
+    operand's alignment, so identical weights would not give identical outputs."""
+    if t is None:
+        return None
+    out = t.to(device=device, dtype=dtype)
+    return out.clone() if out.data_ptr() == t.data_ptr() else out
+
+
+def _staging_buffers(ckpt, names, pin: bool) -> Optional[list]:
+    """Two reusable buffers for the float weights the loader quantizes (the reader fills one while the
+    other is copied to the GPU): no fresh pages to fault in per layer, and pinned ones copy to the GPU
+    at full speed. None when nothing is read as float."""
+    size = ckpt.staging_bytes(names)
+    if not size:
+        return None
+    try:
+        return [torch.empty(size, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+    except RuntimeError:  # pinning refused (a limit on locked memory): plain memory still helps
+        return [torch.empty(size, dtype=torch.uint8) for _ in range(2)]
+
+
+def _read_ahead(ckpt, names: list, timing: Optional[dict] = None, staging: Optional[list] = None):
+    """``ckpt.read_linear`` of each name in turn, the next one read on a thread while the caller
+    quantizes this one (file reads release the GIL): loading takes about as long as reading the file.
+    At most two layers are in memory at once. ``timing`` gets the seconds spent reading (on the thread)
+    and waiting for reads (the caller): which side holds a load up. With ``staging`` (two buffers) layer
+    ``i`` is read into buffer ``i % 2``: the read of ``i + 2`` starts only when the caller asks for
+    ``i + 1``, so the caller must be done with layer ``i``'s weight (copied it) by then."""
+
+    def read(i):
+        t = time.perf_counter()
+        out = ckpt.read_linear(names[i], staging[i % 2] if staging else None)
+        if timing is not None:
+            timing["reading_s"] = timing.get("reading_s", 0.0) + time.perf_counter() - t
+        return out
+
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bnb-flux-read")
+    try:
+        pending = pool.submit(read, 0) if names else None
+        for i in range(len(names)):
+            current = pending
+            pending = pool.submit(read, i + 1) if i + 1 < len(names) else None
+            t = time.perf_counter()
+            stored = current.result()
+            if timing is not None:
+                timing["waiting_for_reads_s"] = timing.get("waiting_for_reads_s", 0.0) + time.perf_counter() - t
+            yield stored
+            current = stored = None
+    finally:
+        if pending is not None:
+            pending.cancel()
+        pool.shutdown(wait=True)
+
+
+def _require_finite(file: str, key: str, tensor: torch.Tensor):
+    if not bool(torch.isfinite(tensor).all()):
+        raise BnbFluxError(f"{file}: tensor {key} holds NaN or inf values; the file is damaged: download it again")
+
+
+def load_bnb_flux(unet_path: str, options: dict, disable_dynamic: bool = False, progress=None):
+    """Build a quantized FLUX as a :class:`BnbModelPatcher`, quantizing tensor by tensor while streaming.
+
+    ``options``: ``quant_type``, ``double_quant``, ``compute_dtype``, ``quantize_img_in`` (the node's inputs). The
+    patcher always uses ComfyUI's non-dynamic loading (see :class:`BnbModelPatcher`), so
+    ``disable_dynamic`` is accepted for ``cached_patcher_init`` and changes nothing.
+    """
+    ckpt = open_flux_checkpoint(unet_path)
+    try:
+        model_config, key_map, meta = detect_flux(ckpt)
+    except BnbFluxError:
+        ckpt.close()
+        raise
+    load_device = options.get("load_device") or mm.get_torch_device()
+    offload_device = options.get("offload_device") or mm.unet_offload_device()
+    parameters = comfy.utils.calculate_parameters(meta)
+    compute_dtype = resolve_compute_dtype(options.get("compute_dtype", "auto"), parameters, model_config, load_device)
+    spec = QuantSpec(options.get("quant_type", "nf4"), bool(options.get("double_quant", True)), 64, compute_dtype)
+    # the file's own quantization wins: its float Linears stay float, its quantized ones are used as stored
+    prequantized = ckpt.is_prequantized
+
+    model_config.set_inference_dtype(compute_dtype, None, device=load_device)
+    model_config.custom_operations = BnbFluxOps
+    model = model_config.get_model({}, "")
+    # ComfyUI's names for the logical keys (FLUX renames *_norm.scale to *_norm.weight)
+    model_keys = model_config.process_unet_state_dict({k: k for k in key_map})
+    logical_key = {mk: key_map[sk] for mk, sk in model_keys.items()}
+
+    quantize_device = load_device if mm.is_device_cuda(load_device) else torch.device("cpu")
+    dm = model.diffusion_model
+    linears = [(n, m) for n, m in dm.named_modules() if isinstance(m, DeferredLinear)]
+    bar = progress(len(linears) + 1) if progress is not None else None
+    file_linears = set(ckpt.linear_names())
+    loaded = set()
+    quantized = 0
+    schemes: dict[str, int] = {}
+
+    missing = [name for name, _ in linears if name not in file_linears]
+    if missing:
+        ckpt.close()
+        raise BnbFluxError(f"{ckpt.name}: tensor {missing[0]}.weight is missing; the file is not a complete FLUX.1 model")
+    module_of = dict(linears)
+    order = ckpt.read_order([name for name, _ in linears])  # the file's order: one pass over a cold disk
+    timing: dict = {}
+    started = time.perf_counter()
+    # float weights are copied (to the GPU to be quantized, or into a kept float layer) before the
+    # buffer they were read into is reused
+    staging = None if prequantized else _staging_buffers(ckpt, order, pin=mm.is_device_cuda(quantize_device))
+    reads = _read_ahead(ckpt, order, timing, staging)
+    try:
+        for name in order:
+            lin = module_of[name]
+            stored = next(reads)
+            loaded.update({f"{name}.weight", f"{name}.bias"})
+            if stored.shape != (lin.out_features, lin.in_features):
+                raise BnbFluxError(f"{ckpt.name}: {name}.weight has shape {list(stored.shape)}, the detected model "
+                                   f"expects {[lin.out_features, lin.in_features]}")
+            if lin.deferred_bias and stored.bias is None:
+                raise BnbFluxError(f"{ckpt.name}: tensor {name}.bias is missing; the file is not a complete FLUX.1 model")
+            new = None
+            if stored.kind == "4bit":
+                new = QLinear4bit.from_prequantized(stored.packed, stored.quant_state,
+                                                    _owned(stored.bias, offload_device, compute_dtype), compute_dtype,
+                                                    offload_device)
+            elif stored.kind == "int8":
+                new = QLinear8bit.from_prequantized(stored.cb, stored.scb, _owned(stored.bias, offload_device, compute_dtype),
+                                                    compute_dtype, offload_device)
+            elif not prequantized and default_should_quantize(name, lin.in_features, spec,
+                                                              bool(options.get("quantize_img_in", False))):
+                new = quantized_linear_from_float(stored.weight, stored.bias, spec, quantize_device=quantize_device,
+                                                  store_device=offload_device)
+            if new is not None and not prequantized and not statistics_finite(new):
+                # a NaN/inf weight makes its block's scale NaN/inf: checked on the scales, not the weights
+                raise BnbFluxError(f"{ckpt.name}: tensor {name}.weight holds NaN or inf values (or, for int8, values "
+                                   f"beyond float16's range); the file is damaged: download it again")
+            if new is None:
+                _require_finite(ckpt.name, f"{name}.weight", stored.weight)
+            if stored.bias is not None:
+                _require_finite(ckpt.name, f"{name}.bias", stored.bias)
+            if new is not None:
+                _set_module(dm, name, new)
+                quantized += 1
+                scheme = new.quant_spec().describe()
+                schemes[scheme] = schemes.get(scheme, 0) + 1
+            else:
+                lin.weight = torch.nn.Parameter(_owned(stored.weight, offload_device, compute_dtype), requires_grad=False)
+                if stored.bias is not None:
+                    lin.bias = torch.nn.Parameter(_owned(stored.bias, offload_device, compute_dtype), requires_grad=False)
+            del stored, new
+            if bar is not None:
+                bar.update(1)
+    finally:
+        reads.close()
+        pinned = staging is not None and staging[0].is_pinned()
+        del staging
+        if pinned and hasattr(torch._C, "_host_emptyCache"):
+            torch._C._host_emptyCache()  # hand the pinned staging memory back instead of caching it
+
+    params = dict(dm.named_parameters())
+    for key, src in logical_key.items():
+        if key in loaded:
+            continue
+        current = params.get(key)
+        if current is None:
+            # as ComfyUI's UNETLoader, which loads such files and logs the keys it did not use
+            log.warning("Load BnB Flux: %s: tensor %s is not part of a FLUX.1 model; ignored", ckpt.name, shown_name(src))
+            continue
+        tensor = ckpt.read(src)
+        if tuple(tensor.shape) != tuple(current.shape):
+            raise BnbFluxError(f"{ckpt.name}: tensor {shown_name(src)} has shape {list(tensor.shape)}, the detected model "
+                               f"expects {list(current.shape)}; the file is damaged or not a FLUX.1 model of this size")
+        if tensor.is_floating_point():
+            _require_finite(ckpt.name, shown_name(src), tensor)
+        comfy.utils.set_attr_param(model, f"diffusion_model.{key}", _owned(tensor, offload_device, compute_dtype))
+    unloaded = [n for n, p in dm.named_parameters() if p is None or p.device.type == "meta"]
+    if unloaded:
+        raise BnbFluxError(f"{ckpt.name}: no tensors for {', '.join(unloaded[:5])}; the file is not a complete FLUX.1 model")
+    if bar is not None:
+        bar.update(1)
+    ckpt.close()
+
+    patcher = BnbModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    source = describe_source(ckpt)
+    quant = "; ".join(f"{n} x {k}" if len(schemes) > 1 else k for k, n in schemes.items()) or "none"
+    patcher.bnb_info = {
+        "file": ckpt.name,
+        "source": source,
+        "prequantized": prequantized,
+        "quant": quant,
+        "compute_dtype": str(compute_dtype).replace("torch.", ""),
+        "quantized_layers": quantized,
+        "linear_layers": len(linears),
+        "size_bytes": patcher.model_size(),
+        "notes": list(ckpt.notes),
+        # where loading spent its time: a load waiting on reads is disk-bound, else the quantizing is
+        "load_timing": {"total_s": round(time.perf_counter() - started, 3),
+                        **{k: round(v, 3) for k, v in timing.items()}},
+    }
+    if prequantized:
+        log.info("Load BnB Flux: %s; quantized as stored (quant_type/double_quant inputs not used)", source)
+    for note in ckpt.notes:
+        log.info("Load BnB Flux: %s: %s", ckpt.name, note)
+    log.info("Load BnB Flux: %s -> %s, %d of %d Linear layers quantized, compute %s, %.1f MiB, %.1f s "
+             "(%.1f s waiting for the file)", ckpt.name, quant, quantized, len(linears), compute_dtype,
+             patcher.model_size() / 2**20, patcher.bnb_info["load_timing"]["total_s"],
+             timing.get("waiting_for_reads_s", 0.0))
+    return patcher

@@ -1,0 +1,134 @@
+"""Apply Control LoRA and Set LoRA Scale: a parsed LoRA as ComfyUI patches, and which LoRAs a model carries."""
+from __future__ import annotations
+
+import uuid
+
+import comfy.weight_adapter as weight_adapter
+import torch
+
+from ..errors import BnbFluxError
+from .patches import required_in_features
+
+APPLIED_LORAS = "bnb_flux_applied_loras"
+
+
+class AppliedLoras:
+    """Which LoRAs a model had applied by Apply Control LoRA, by file name: their patch objects
+    (identified by identity inside ``ModelPatcher.patches``) and current strength. A patcher
+    attachment, copied on clone, so each branch of a graph keeps its own record."""
+
+    def __init__(self, entries=None):
+        self.entries: dict[str, dict] = dict(entries or {})
+
+    def on_model_patcher_clone(self):
+        return AppliedLoras({k: dict(v) for k, v in self.entries.items()})
+
+    @staticmethod
+    def of(patcher) -> "AppliedLoras":
+        return patcher.get_attachment(APPLIED_LORAS) or AppliedLoras()
+
+
+def is_linear_layer(module) -> bool:
+    """A Linear of any op class ComfyUI builds FLUX with: ``comfy.ops.mixed_precision_ops.Linear`` (scaled
+    fp8, ``comfy_quant`` files) is a plain ``nn.Module`` with a weight and in/out features, not an
+    ``nn.Linear``."""
+    return isinstance(module, torch.nn.Linear) or (
+        isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int)
+        and "weight" in getattr(module, "_parameters", {}))
+
+
+def linear_shapes(patcher) -> dict[str, tuple[int, int]]:
+    """BFL name -> (out, in) of every Linear of the diffusion model as this clone will run it
+    (a widened img_in counts with its new width)."""
+    dm = patcher.get_model_object("diffusion_model")
+    shapes = {}
+    for name, m in dm.named_modules():
+        if is_linear_layer(m):
+            current = patcher.get_model_object(f"diffusion_model.{name}")
+            shapes[name] = (current.out_features, current.in_features)
+    for key, patch_list in patcher.patches.items():  # widening queued on a stock patcher (ComfyUI's reshape)
+        width = required_in_features(patch_list)
+        name = key[len("diffusion_model."):-len(".weight")] if key.startswith("diffusion_model.") else None
+        if width and name in shapes and width > shapes[name][1]:
+            shapes[name] = (shapes[name][0], width)
+    return shapes
+
+
+def lora_patches(parsed, shapes: dict[str, tuple[int, int]]) -> dict:
+    """ComfyUI patches for a parsed LoRA: LoRA adapters (``lora_A`` zero-padded to the layer's logical
+    width; ``reshape`` where the LoRA widens the layer), bias diffs, and norm ``set`` patches."""
+    patches = {}
+    for layer in parsed.layers:
+        out_features, in_features = shapes[layer.module]
+        width = parsed.widened.get(layer.module, in_features)
+        down = layer.down
+        if down.shape[1] < width:
+            down = torch.nn.functional.pad(down, (0, width - down.shape[1]))
+        reshape = [out_features, width] if layer.module in parsed.widened else None
+        key = f"diffusion_model.{layer.module}.weight"
+        rows = layer.up.shape[0]
+        offset = None if (layer.row_offset == 0 and rows == out_features) else (0, layer.row_offset, rows)
+        patches[key if offset is None else (key, offset)] = weight_adapter.LoRAAdapter(
+            set(), (layer.up, down, layer.alpha, None, None, reshape))
+        if layer.bias is not None:
+            bkey = f"diffusion_model.{layer.module}.bias"
+            patches[bkey if offset is None else (bkey, offset)] = ("diff", (layer.bias,))
+    for module, bias in getattr(parsed, "bias_diffs", {}).items():
+        patches[f"diffusion_model.{module}.bias"] = ("diff", (bias,))
+    for key, value in parsed.norm_sets.items():
+        model_key = key[: -len(".scale")] + ".weight" if key.endswith("_norm.scale") else key
+        patches[f"diffusion_model.{model_key}"] = ("set", (value,))
+    return patches
+
+
+def apply_lora(model, parsed, strength: float, lora_name: str):
+    """A clone of ``model`` with the LoRA's patches at ``strength`` (0 included: the widening and the
+    norm sets are part of the model's shape, unlike ComfyUI's LoraLoader which skips at 0)."""
+    applied = AppliedLoras.of(model)
+    if lora_name in applied.entries:
+        raise BnbFluxError(f"{lora_name}: already applied to this model; use Set LoRA Scale to change its "
+                           f"strength instead of applying it twice")
+    if parsed.is_control:
+        other = [n for n, e in applied.entries.items() if e["control"]]
+        if other:
+            raise BnbFluxError(f"{lora_name}: a Control LoRA ({other[0]}) is already applied; two Control LoRAs "
+                               f"would both claim the control channels of img_in: use one per model")
+        # one applied by ComfyUI's own LoRA loaders leaves no record here, only its widening patch on img_in
+        if required_in_features(model.patches.get("diffusion_model.img_in.weight", [])):
+            raise BnbFluxError(f"{lora_name}: the model already has a Control LoRA (applied by a LoRA loader node "
+                               f"upstream); two Control LoRAs would both claim the control channels of img_in: "
+                               f"use one per model")
+    shapes = linear_shapes(model)
+    patches = lora_patches(parsed, shapes)
+    m = model.clone()
+    accepted = set(m.add_patches(patches, strength))
+    missing = [k if isinstance(k, str) else k[0] for k in patches if k not in accepted]
+    if missing:
+        raise BnbFluxError(f"{lora_name}: the model has no {missing[0].removeprefix('diffusion_model.')} "
+                           f"({len(missing)} layer(s) not found); is this LoRA for FLUX.1?")
+    record = AppliedLoras.of(m).on_model_patcher_clone()
+    record.entries[lora_name] = {"strength": strength, "patch_ids": {id(v) for v in patches.values()},
+                                 "control": parsed.is_control, "layers": len(parsed.layers)}
+    m.set_attachments(APPLIED_LORAS, record)
+    return m
+
+
+def set_lora_scale(model, lora_name: str, strength: float):
+    """A clone whose patches of ``lora_name`` carry ``strength``: nothing is reloaded or requantized;
+    the next load re-stacks the lazy deltas with the new number."""
+    applied = AppliedLoras.of(model)
+    entry = applied.entries.get(lora_name)
+    if entry is None:
+        names = ", ".join(sorted(applied.entries)) or "none"
+        raise BnbFluxError(f"{lora_name}: not applied to this model (applied by Apply Control LoRA upstream: "
+                           f"{names}); pick one of those or add an Apply Control LoRA node for it")
+    m = model.clone()
+    ids = entry["patch_ids"]
+    for key, plist in m.patches.items():
+        if any(id(p[1]) in ids for p in plist):
+            m.patches[key] = [(strength,) + p[1:] if id(p[1]) in ids else p for p in plist]
+    m.patches_uuid = uuid.uuid4()
+    record = applied.on_model_patcher_clone()
+    record.entries[lora_name]["strength"] = strength
+    m.set_attachments(APPLIED_LORAS, record)
+    return m

@@ -1,0 +1,512 @@
+"""BnbModelPatcher: ComfyUI's ModelPatcher for models whose Linear layers hold bitsandbytes bytes."""
+from __future__ import annotations
+
+import logging
+
+import comfy.lora
+import comfy.model_detection
+import comfy.model_patcher
+import comfy.ops
+import comfy.utils
+import torch
+
+from ..errors import BnbFluxError
+from ..layers import is_quantized_linear
+from ..lora.delta import indexed_device
+from ..streaming import LayerStreamer, StreamedPlacement, StreamUnit, stream_unit_name
+from .patches import (
+    MergeSignature,
+    _plain_lora_term,
+    build_lazy_delta,
+    lazy_bias_terms,
+    required_in_features,
+    unmerged,
+    widened_linear,
+)
+
+log = logging.getLogger("comfyui-bnb-flux")
+
+BYPASS_LORA_INJECTIONS = "bypass_lora"  # the injection key of comfy.sd.load_bypass_lora_for_models
+
+
+BYPASS_LORA_REFUSAL = (
+    "Load LoRA (Bypass) (LoraLoaderBypass / LoraLoaderBypassModelOnly, ComfyUI's experimental bypass mode in "
+    "comfy/weight_adapter/bypass.py) does not work on a Load BnB Flux model: its forward hooks skip this "
+    "model's patcher, which already adds LoRAs at sampling time without touching the quantized weights. Use "
+    "LoraLoaderModelOnly (or LoraLoader) or Apply Control LoRA instead: they apply the same LoRA, Control "
+    "LoRAs included.")
+
+
+MERGED_ATTR = "bnb_flux_merged_patches"
+
+
+STREAMER_ATTR = "bnb_flux_streamer"  # the model's LayerStreamer while it is partially loaded
+
+
+STREAM_SLOTS = 3  # units in flight: the one computing and two copying ahead
+
+
+def _offloaded(module) -> bool:
+    """ComfyUI's partial load marks each module it leaves on the offload device this way
+    (``ModelPatcher.load`` sets ``prev_comfy_cast_weights``; loading it fully removes it)."""
+    return hasattr(module, "prev_comfy_cast_weights")
+
+
+def _set_plain(module, name: str, value):
+    object.__setattr__(module, name, value)
+
+
+class BnbModelPatcher(comfy.model_patcher.ModelPatcher):
+    """ModelPatcher for models holding :class:`QuantLinear` layers.
+
+    LoRA patches on quantized weights are never merged: ``patch_weight_to_device`` leaves them alone
+    and ``load`` installs a :class:`LazyLoraDelta` on each layer (moved and stacked on the load
+    device), removed again by ``unpatch_model``. Other keys (biases, norms, unquantized layers) follow
+    ComfyUI's usual merge-with-backup path.
+
+    It is a non-dynamic patcher even when ComfyUI runs with dynamic VRAM: dynamic VRAM streams and
+    requantizes raw weight tensors, which would rewrite quantized bytes; a 4-bit FLUX is small enough
+    to load whole or partially the classic way.
+
+    It refuses ComfyUI's experimental bypass mode (``LoraLoaderBypass``, ``comfy/weight_adapter/bypass.py``):
+    that wraps each adapted module's ``forward`` in a hook adding ``B(Ax)``, which the lazy deltas already do
+    (merged or not, per layer and token count) under this patcher's memory budget, Set LoRA Scale and
+    Control LoRA widening; the hooks see none of those (a Control LoRA's img_in is never widened).
+    """
+
+    def _quantized_module(self, key: str, param_name: str = "weight"):
+        module_name, _, param = key.rpartition(".")
+        if param != param_name:
+            return None
+        try:
+            module = comfy.utils.get_attr(self.model, module_name)
+        except AttributeError:
+            return None
+        return module if is_quantized_linear(module) else None
+
+    def patch_weight_to_device(self, key, device_to=None, inplace_update=False, return_weight=False, force_cast=False):
+        module = self._quantized_module(key)
+        if module is None:
+            bias_owner = self._quantized_module(key, "bias")
+            if (bias_owner is not None and not return_weight and key in self.patches
+                    and lazy_bias_terms(self.patches[key], bias_owner.out_features) is not None):
+                return None  # added by the layer's lazy delta at run time (re-scaling costs nothing)
+            return super().patch_weight_to_device(key, device_to=device_to, inplace_update=inplace_update,
+                                                  return_weight=return_weight, force_cast=force_cast)
+        if return_weight:  # a full-precision view for savers/merges; the stored bytes stay as they are
+            weight = module.dequantize(device_to, torch.float32)
+            if key in self.patches:
+                weight = comfy.lora.calculate_weight(self.patches[key], weight, key)
+            return weight
+        return None
+
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+        img_in = "diffusion_model.img_in.weight"
+        if (img_in in patches and required_in_features(self.patches.get(img_in, []))
+                and required_in_features([(strength_patch, patches[img_in], strength_model, None, None)])):
+            # ComfyUI's LoRA loaders call this too: a second Control LoRA from them is caught here
+            raise BnbFluxError("this model already has a Control LoRA, and the LoRA being added is one too: two "
+                               "Control LoRAs would both claim the control channels of img_in; use one per model")
+        keys = super().add_patches(patches, strength_patch, strength_model)
+        self.widen_for_patches()
+        return keys
+
+    def set_injections(self, key, injections):
+        # comfy.sd.load_bypass_lora_for_models hides LoRAs in hooks this patcher never sees (img_in unwidened)
+        if key == BYPASS_LORA_INJECTIONS:
+            raise BnbFluxError(BYPASS_LORA_REFUSAL)
+        super().set_injections(key, injections)
+
+    def widen_for_patches(self):
+        """A patch that widens a Linear's inputs (a Control LoRA's ``img_in``) gets a widened layer as an
+        object patch of this clone: quantized layers keep their bytes (``expand_in_features``), plain ones
+        get a zero-padded copy. ComfyUI's own path pads the weight at merge time instead, which fails when
+        the layer is offloaded (lowvram) and cannot work on packed 4-bit bytes."""
+        for key, patch_list in self.patches.items():
+            width = required_in_features(patch_list)
+            if width is None or not key.endswith(".weight"):
+                continue
+            name = key[: -len(".weight")]
+            current = self.get_model_object(name)
+            if isinstance(current, torch.nn.Linear) and width > current.in_features:
+                # while another clone is loaded, ComfyUI has merged its patches into a plain layer's weight
+                # and bias (ModelPatcher.patch_weight_to_device): widen the originals
+                unpatched = {p: unmerged(self, f"{name}.{p}", getattr(current, p)) for p in ("weight", "bias")
+                             if getattr(current, p, None) is not None}
+                self.add_object_patch(name, widened_linear(current, width, unpatched))
+
+    def _compute_dtype(self):
+        return self.model.manual_cast_dtype or self.model.get_dtype()
+
+    def _quantized_modules(self) -> list:
+        return [(n, m) for n, m in self.model.named_modules() if is_quantized_linear(m)]
+
+    def install_lazy_deltas(self, device=None, modules=None, bias_terms_of=None):
+        """Give every quantized layer the delta of this patcher's patches (or none). ``bias_terms_of``:
+        :func:`lazy_bias_terms` by layer name where the caller already worked them out."""
+        device = indexed_device(device or self.load_device)
+        dtype = self._compute_dtype()
+        with self.use_ejected():
+            for name, module in (modules if modules is not None else self._quantized_modules()):
+                key = f"{name}.weight"
+                if module.weight_function:
+                    # ComfyUI's lowvram path put a merge-per-forward patch here; the lazy delta replaces it
+                    module.weight_function = [f for f in module.weight_function
+                                              if not isinstance(f, comfy.model_patcher.LowVramPatch)]
+                if bias_terms_of is not None and name in bias_terms_of:
+                    bias_terms = bias_terms_of[name]
+                else:
+                    bias_terms = lazy_bias_terms(self.patches.get(f"{name}.bias", []), module.out_features)
+                if bias_terms and module.bias_function:
+                    module.bias_function = [f for f in module.bias_function
+                                            if not isinstance(f, comfy.model_patcher.LowVramPatch)]
+                patches = self.patches.get(key)
+                if not patches and not bias_terms:
+                    _set_plain(module, "lora_delta", None)
+                    _set_plain(module, "reusable_lora_delta", None)
+                    self._prepare_run(module, device, dtype)
+                    continue
+                delta = build_lazy_delta(patches or [], module, key, bias_terms or ())
+                # same LoRA tensors, new strengths: nothing is re-uploaded or re-stacked
+                delta.adopt_stack(module.lora_delta or getattr(module, "reusable_lora_delta", None))
+                if not _offloaded(module):  # an offloaded layer's factors stream with it (_start_streaming)
+                    delta.prepare(device, dtype)
+                _set_plain(module, "lora_delta", delta)
+                _set_plain(module, "reusable_lora_delta", None)
+                self._prepare_run(module, device, dtype)
+
+    @staticmethod
+    def _prepare_run(module, device, dtype):
+        """Look up now what the layer's forward needs on ``device`` (so a torch.compile'd model traces
+        straight through it), and the bias + delta sum its delta will add (``device`` indexed)."""
+        run = module._run_state(device, dtype)
+        delta = module.lora_delta
+        if delta is not None and delta.bias_terms and (run.static_bias or run.bias is None):
+            delta.bias_with(run.bias, device, dtype)
+
+    def clear_lazy_deltas(self, keep_for_reuse=False, modules=None):
+        """Remove every layer's delta; ``keep_for_reuse`` (the model stays where it is) lets the next
+        install take over the stacked device tensors of the same LoRAs."""
+        for _, module in (modules if modules is not None else self._quantized_modules()):
+            # plain attributes: nn.Module.__setattr__'s checks cost more than the rest of a swap
+            _set_plain(module, "reusable_lora_delta", module.lora_delta if keep_for_reuse else None)
+            _set_plain(module, "lora_delta", None)
+
+    # -- memory: what ComfyUI budgets, and the layers that do not fit ----------------------------------
+    # ComfyUI sizes a model by its state dict; the lazy deltas' stacked LoRA factors and bias deltas live
+    # outside it (a rank-128 Control LoRA adds a fifth to NF4 FLUX), and so do the streaming slots. Each is
+    # counted here, so ComfyUI never plans a load that cannot fit.
+
+    def lora_bytes(self) -> int:
+        """Device bytes of every quantized layer's lazy delta under this patcher's patches (stacked LoRA
+        factors in the compute dtype, bias deltas)."""
+        cached = getattr(self, "_lora_bytes", None)
+        if cached is not None and cached[0] == self.patches_uuid:
+            return cached[1]
+        total = sum(self._layer_lora_bytes(name, module) for name, module in self._quantized_modules())
+        self._lora_bytes = (self.patches_uuid, total)
+        return total
+
+    def _layer_lora_bytes(self, name: str, module) -> int:
+        itemsize = self._compute_dtype().itemsize
+        total = 0
+        for patch in self.patches.get(f"{name}.weight", []):
+            term = _plain_lora_term(patch, module, f"{name}.weight")
+            if term is not None:
+                total += term.rank * (module.in_features + module.out_features) * itemsize
+        if f"{name}.bias" in self.patches:
+            total += module.out_features * itemsize
+        return total
+
+    def model_size(self):
+        # not ModelPatcher.size: clone() hands the parent's model_size() to the child's constructor, which
+        # would count the parent's LoRA factors again; the state dict's bytes are the model's, shared
+        base = getattr(self.model, "bnb_flux_state_dict_bytes", None)
+        if base is None:
+            base = comfy.model_management.module_size(self.model)
+            self.model.bnb_flux_state_dict_bytes = base
+        return base + self.lora_bytes()
+
+    def memory_required(self, input_shape):
+        # on top of ComfyUI's activation estimate: one layer's weight dequantized into the compute dtype
+        # (and, merged with a LoRA, written by the kernel's epilogue) exists during that layer's GEMM
+        itemsize = self._compute_dtype().itemsize
+        largest = max((m.out_features * m.in_features for _, m in self._quantized_modules()), default=0)
+        return super().memory_required(input_shape) + 2 * largest * itemsize
+
+    def _load_list(self, *args, **kwargs):
+        """ComfyUI's list of modules to place, with a quantized layer's size including its LoRA factors and
+        no offload cost: streamed, it needs none of ComfyUI's cast buffers (its slots are reserved apart)."""
+        out = []
+        unloading = getattr(self, "_unloading", False)
+        for entry in super()._load_list(*args, **kwargs):
+            *criteria, module_mem, name, module, params = entry
+            if is_quantized_linear(module):
+                module_mem += self._layer_lora_bytes(name, module)
+                if len(criteria) == 1:  # the non-dynamic sort key: the module's offload cost
+                    criteria = [0]
+                entry = (*criteria, module_mem, name, module, params)
+            elif unloading:
+                continue  # unquantized modules stay resident (see _keep_unquantized_resident)
+            out.append(entry)
+        return out
+
+    def _streaming_reserve(self) -> int:
+        """What a partial load needs besides the layers ComfyUI places: the streaming slots (the largest
+        units of quantized layers, with their LoRA factors) and the unquantized modules kept resident."""
+        units: dict[str, int] = {}
+        unquantized = 0
+        for name, module in self.model.diffusion_model.named_modules():
+            if is_quantized_linear(module):
+                unit = stream_unit_name(name)
+                units[unit] = units.get(unit, 0) + sum(t.nbytes for t in module.stream_sources()) + \
+                    self._layer_lora_bytes(f"diffusion_model.{name}", module)
+            elif not any(True for _ in module.children()):
+                unquantized += sum(p.nbytes for p in module.parameters(recurse=False))
+        largest = sorted(units.values(), reverse=True)[:STREAM_SLOTS]
+        return sum(largest) + unquantized
+
+    def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+        setattr(self.model, MERGED_ATTR, None)
+        self._stop_streaming()
+        partial = not full_load and 0 < lowvram_model_memory < self.model_size()
+        if partial:  # leave room for what ComfyUI's plan does not see (see _streaming_reserve)
+            lowvram_model_memory = max(1, lowvram_model_memory - self._streaming_reserve())
+        super().load(device_to, lowvram_model_memory=lowvram_model_memory,
+                     force_patch_weights=force_patch_weights, full_load=full_load)
+        self._after_placement(device_to)
+
+    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+        if self._can_swap_patches_in_place(device_to, force_patch_weights):
+            self.swap_patches_in_place(device_to)
+            return 0
+        setattr(self.model, MERGED_ATTR, None)
+        out = super().partially_load(device_to, extra_memory=extra_memory, force_patch_weights=force_patch_weights)
+        if getattr(self.model, STREAMER_ATTR, None) is None:  # paths on which ComfyUI did not call load()
+            self.install_lazy_deltas(device_to)
+            if self.model.model_lowvram:
+                self._start_streaming(device_to)
+        return out
+
+    def _after_placement(self, device_to):
+        """After ComfyUI placed the modules: unquantized ones it offloaded made resident, lazy deltas,
+        the offloaded quantized layers streamed."""
+        device_to = device_to or self.load_device
+        if self.model.model_lowvram:
+            self.model.model_loaded_weight_memory += self._keep_unquantized_resident(device_to)
+        self.install_lazy_deltas(device_to)
+        self._start_streaming(device_to)
+        if not self.model.model_lowvram or getattr(self.model, STREAMER_ATTR, None) is not None:
+            self._record_merges()
+
+    def _keep_unquantized_resident(self, device_to) -> int:
+        """Load the unquantized modules ComfyUI offloaded (img_in, embedders, final layer, norms: a few
+        percent of a quantized FLUX) the way its ``ModelPatcher.load`` loads a module that fits (0.33:
+        wipe the lowvram state, merge the patches, move it): ComfyUI's offloaded arithmetic, merging LoRAs
+        per forward, would give other numbers than the same layer resident. Returns the bytes moved."""
+        moved = 0
+        for name, module in self.model.named_modules():
+            if is_quantized_linear(module) or not _offloaded(module):
+                continue
+            params = dict(module.named_parameters(recurse=False))
+            comfy.model_patcher.wipe_lowvram_weight(module)
+            for param in params:
+                key = f"{name}.{param}" if name else param
+                self.unpin_weight(key)
+                self.patch_weight_to_device(key, device_to=device_to)
+            module.comfy_patched_weights = True
+            module.to(device_to)
+            moved += sum(p.nbytes for p in module.parameters(recurse=False))
+        return moved
+
+    def pin_weight_to_device(self, key):
+        module = self._quantized_module(key)
+        if module is None:
+            return super().pin_weight_to_device(key)
+        # model_management.pin_memory takes plain tensors only: pin the packed bytes in place (no second
+        # host copy), under ComfyUI's accounting; unpin_weight undoes it on the same storage
+        if comfy.model_management.pin_memory(module.weight.data):
+            self.pinned.add(key)
+
+    def _start_streaming(self, device):
+        """A :class:`LayerStreamer` for the quantized layers ComfyUI left offloaded; its device bytes are
+        counted in the model's loaded memory until :meth:`_stop_streaming`."""
+        offloaded = [(n, m) for n, m in self._quantized_modules() if _offloaded(m)]
+        if not offloaded:
+            return
+        device = indexed_device(device)
+        dtype = self._compute_dtype()
+        units, members = {}, {}
+        for name, module in offloaded:
+            own = module.stream_sources()
+            delta = module.lora_delta
+            lora = list(delta.host_stack(dtype)) if delta is not None and delta.terms else []
+            unit = stream_unit_name(name)
+            units.setdefault(unit, []).extend(own + lora)
+            members.setdefault(unit, []).append((module, len(own), len(lora)))
+        mm = comfy.model_management
+        streamer = LayerStreamer(device, [StreamUnit(u, srcs) for u, srcs in units.items()], slots=STREAM_SLOTS,
+                                 pin=mm.pin_memory, unpin=mm.unpin_memory, pinned_copies=mm.MAX_PINNED_MEMORY > 0)
+        resident = 0
+        for index, (unit, layers) in enumerate(members.items()):
+            views = streamer.views(index)
+            at = 0
+            for module, n_own, n_lora in layers:
+                own, lora, at = views[at:at + n_own], views[at + n_own:at + n_own + n_lora], at + n_own + n_lora
+                bias = module.bias.detach().to(device=device, dtype=dtype) if module.bias is not None else None
+                resident += bias.nbytes if bias is not None else 0
+                delta = module.lora_delta
+                if lora:
+                    delta.use_stack(device, dtype, *lora)
+                run = module.stream_run_state(own, bias, device, dtype)
+                module.__dict__["_stream"] = StreamedPlacement(streamer, index, run, device, dtype)
+                if delta is not None and delta.bias_terms:
+                    delta.bias_with(bias, device, dtype)
+                    resident += module.out_features * dtype.itemsize
+        streamer.layout = self._stream_layout(offloaded)
+        streamer.counted_bytes = streamer.device_bytes + resident
+        self.model.model_loaded_weight_memory += streamer.counted_bytes
+        setattr(self.model, STREAMER_ATTR, streamer)
+        log.info("Load BnB Flux: %d quantized layers in %d units stream from %s memory through %d slots of "
+                 "%.0f MiB", len(offloaded), len(units), "pinned" if not streamer.pageable_bytes else "partly pageable",
+                 streamer.slots, streamer.slot_bytes / 2**20)
+
+    def _stream_layout(self, offloaded) -> tuple:
+        """What the streamed bytes depend on under this patcher's patches: the layers and the LoRA tensors
+        their deltas stack (by identity); a strength change keeps it, another LoRA does not."""
+        return tuple((name, build_lazy_delta(self.patches.get(f"{name}.weight") or [], module,
+                                             f"{name}.weight")._layout()) for name, module in offloaded)
+
+    def _stop_streaming(self):
+        streamer = getattr(self.model, STREAMER_ATTR, None)
+        if streamer is None:
+            return
+        for _, module in self._quantized_modules():
+            if module.__dict__.pop("_stream", None) is not None:
+                for delta in (module.lora_delta, module.reusable_lora_delta):
+                    if delta is not None:  # its stack is views into the slots: not to be adopted later
+                        delta.drop_stack()
+        streamer.close()
+        setattr(self.model, STREAMER_ATTR, None)
+        self.model.model_loaded_weight_memory = max(0, self.model.model_loaded_weight_memory - streamer.counted_bytes)
+
+    def swap_patches_in_place(self, device_to):
+        """Another clone's LoRAs (or strengths) are on the fully loaded model. ComfyUI would unpatch it by
+        moving the whole model to the offload device and reloading it; quantized weights hold no merged
+        state, so undoing the few merges ComfyUI made (norm sets, unquantized layers) and swapping object
+        patches and lazy deltas where the model is gives the same model state at a fraction of the cost."""
+        with self.use_ejected(skip_and_inject_on_exit_only=True):
+            quantized = self._quantized_modules()
+            self.clear_lazy_deltas(keep_for_reuse=True, modules=quantized)
+            # a merge whose patches are the very same (a Control LoRA's norm sets after a strength change:
+            # a "set" ignores strength) stays as it is; only the others are undone and redone
+            merged = getattr(self.model, MERGED_ATTR, None) or {}
+            keep = {key for key, sig in merged.items()
+                    if key in self.backup and key in self.patches and MergeSignature(self.patches[key]) == sig}
+            lazy, bias_terms_of = self._lazy_keys(quantized)
+            # layers the previous clone's or this clone's object patches replace: their weights are undone
+            # and backed up the usual way (a backup belongs to the module it was taken from)
+            replaced = tuple(f"{k}." for k in (*self.object_patches_backup, *self.object_patches))
+            for key, bk in list(self.backup.items()):  # as unpatch_model, onto the device the model is on
+                if key in keep:
+                    continue
+                if bk.inplace_update:
+                    comfy.utils.copy_to_param(self.model, key, bk.weight)
+                elif (key in self.patches and key not in lazy and not self.weight_inplace_update
+                      and not key.startswith(replaced)):
+                    # merged again below from the original, which stays backed up: put the backup itself
+                    # in place (patch_weight_to_device copies it to the device as it merges) instead of a
+                    # copy to the device now and a copy back into a new backup there
+                    comfy.utils.set_attr_param(self.model, key, bk.weight)
+                    continue
+                else:
+                    comfy.utils.set_attr_param(self.model, key, bk.weight.to(device_to))
+                del self.backup[key]
+            restored = dict(self.object_patches_backup)
+            for key, old in restored.items():
+                comfy.utils.set_attr(self.model, key, old)
+            self.object_patches_backup.clear()
+            for key, obj in self.object_patches.items():
+                self.object_patches_backup[key] = comfy.utils.set_attr(self.model, key, obj)
+                if isinstance(obj, torch.nn.Module):
+                    obj.to(device_to)
+            for key in self.patches:
+                if key not in keep and key not in lazy:
+                    self.patch_weight_to_device(key, device_to=device_to)
+            # object patches swapped above may have replaced quantized layers (a widened img_in)
+            self.install_lazy_deltas(device_to, modules=self._after_object_patches(quantized, restored),
+                                     bias_terms_of=bias_terms_of)
+            self.model.current_weight_patches_uuid = self.patches_uuid
+            self._record_merges()
+
+    def _after_object_patches(self, quantized: list, restored: dict) -> list:
+        """The (name, module) pairs of quantized layers once the previous clone's object patches were put
+        back (``restored``: their originals) and this patcher's went in (a widened img_in replaces a
+        layer): ``quantized``, taken before, brought up to date without a second walk over the model's
+        ~1000 modules."""
+        names = dict(quantized)
+        for patches in (restored, self.object_patches):
+            for key, obj in patches.items():
+                if not isinstance(obj, torch.nn.Module):
+                    continue
+                if next(obj.children(), None) is not None:  # a container may hold quantized layers: walk
+                    return self._quantized_modules()
+                if is_quantized_linear(obj):
+                    names[key] = obj
+                else:
+                    names.pop(key, None)
+        return list(names.items())
+
+    def _lazy_keys(self, modules) -> tuple[set, dict]:
+        """Patch keys that the lazy deltas carry (quantized weights, their additive bias diffs): nothing
+        to merge, and asking ``patch_weight_to_device`` costs a module lookup per key. Also the layers'
+        :func:`lazy_bias_terms` by name, for :meth:`install_lazy_deltas` to reuse."""
+        keys, bias_terms_of = set(), {}
+        for name, module in modules:
+            keys.add(f"{name}.weight")
+            bias_key = f"{name}.bias"
+            terms = lazy_bias_terms(self.patches.get(bias_key, []), module.out_features)
+            bias_terms_of[name] = terms
+            if bias_key in self.patches and terms is not None:
+                keys.add(bias_key)
+        return keys, bias_terms_of
+
+    def _record_merges(self):
+        """Remember which patches are merged into which weights now (see :meth:`swap_patches_in_place`)."""
+        setattr(self.model, MERGED_ATTR, {key: MergeSignature(self.patches[key]) for key in self.backup
+                                          if key in self.patches})
+
+    def _can_swap_patches_in_place(self, device_to, force_patch_weights) -> bool:
+        m = self.model
+        if not (m.current_weight_patches_uuid is not None and m.current_weight_patches_uuid != self.patches_uuid
+                and not force_patch_weights and m.model_loaded_weight_memory > 0
+                and not self.weight_wrapper_patches and not self.hook_patches and m.device == device_to):
+            return False
+        if not m.model_lowvram:
+            return True
+        # partially loaded: in place only while the streamed bytes stay the same (a strength change);
+        # every unquantized module is resident then (_keep_unquantized_resident)
+        streamer = getattr(m, STREAMER_ATTR, None)
+        if streamer is None:
+            return False
+        offloaded = [(n, mod) for n, mod in self._quantized_modules() if _offloaded(mod)]
+        return self._stream_layout(offloaded) == streamer.layout
+
+    def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
+        setattr(self.model, MERGED_ATTR, None)
+        self._stop_streaming()
+        self._unloading = True  # quantized layers only: see _load_list
+        try:
+            out = super().partially_unload(device_to, memory_to_free=memory_to_free, force_patch_weights=force_patch_weights)
+        finally:
+            self._unloading = False
+        self.install_lazy_deltas(self.load_device)
+        self._start_streaming(self.load_device)
+        return out
+
+    def unpatch_model(self, device_to=None, unpatch_weights=True):
+        if unpatch_weights:  # before the object patches (a widened img_in) are taken out of the model
+            self._stop_streaming()
+            self.clear_lazy_deltas(keep_for_reuse=device_to is None)
+            setattr(self.model, MERGED_ATTR, None)
+        super().unpatch_model(device_to, unpatch_weights)

@@ -1,0 +1,68 @@
+"""Save BnB Flux: a loaded model's stored bytes back to a pre-quantized file, nothing requantized."""
+from __future__ import annotations
+
+import torch
+
+from ..checkpoint.stored import StoredLinear, linear_tensors
+from ..checkpoint.writer import file_metadata
+from ..errors import BnbFluxError
+from ..flux import bfl_file_key
+from ..layers import QLinear4bit, QLinear8bit
+from ..widening import unexpand
+from .patches import unmerged
+
+
+def bnb_flux_state_for_saving(patcher, progress=None) -> tuple[dict, dict]:
+    """The tensors and metadata of a Load BnB Flux model as a pre-quantized file (Forge 4-bit / bnb int8
+    layout, BFL names): the stored bytes as they are, nothing requantized.
+
+    Reads the model as *this* patcher defines it: another clone of the same model may be loaded right now
+    with its LoRA merged into biases/norms and a widened ``img_in`` swapped in; ComfyUI keeps the originals
+    in the backups every clone shares (``ModelPatcher.backup``, ``object_patches_backup``)."""
+    model = patcher.model
+    config = getattr(model, "model_config", None)
+    if getattr(model, "diffusion_model", None) is None or config is None or \
+            config.unet_config.get("image_model") != "flux":
+        raise BnbFluxError("Save BnB Flux saves FLUX.1 models; this model is not one")
+    if patcher.patches or patcher.object_patches:
+        raise BnbFluxError(f"Save BnB Flux saves the quantized model as loaded; this one has LoRA patches on "
+                           f"{len(patcher.patches) + len(patcher.object_patches)} weights, which would need requantizing "
+                           f"and are not saved: connect Save BnB Flux straight to Load BnB Flux (LoRAs stay "
+                           f"separate files, applied lazily)")
+    dm = patcher.get_model_object("diffusion_model")
+
+    def original(key: str, current: torch.Tensor) -> torch.Tensor:
+        return unmerged(patcher, f"diffusion_model.{key}", current).detach()
+
+    linear_names = [n for n, m in dm.named_modules() if isinstance(m, torch.nn.Linear)]
+    bar = progress(len(linear_names) + 1) if progress is not None else None
+    linears: dict[str, StoredLinear] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for name in linear_names:
+        module = patcher.get_model_object(f"diffusion_model.{name}")
+        bias = original(f"{name}.bias", module.bias) if module.bias is not None else None
+        if isinstance(module, QLinear4bit):
+            module = unexpand(module)
+            stored = StoredLinear("4bit", packed=module.weight.data, quant_state=module.weight.quant_state, bias=bias)
+        elif isinstance(module, QLinear8bit):
+            module = unexpand(module)
+            stored = StoredLinear("int8", cb=module.weight.data, scb=module.weight.SCB, bias=bias)
+        else:
+            stored = StoredLinear("float", weight=original(f"{name}.weight", module.weight), bias=bias)
+        linears[name] = stored
+        tensors.update(linear_tensors(name, stored))
+        if bar is not None:
+            bar.update(1)
+    owners = set(linear_names)
+    for key, param in dm.named_parameters():
+        if key.rpartition(".")[0] in owners:
+            continue
+        tensors[bfl_file_key(key)] = original(key, param).to("cpu").contiguous()
+    if not any(s.kind != "float" for s in linears.values()):
+        raise BnbFluxError("Save BnB Flux: this model has no bitsandbytes layers (it did not come from Load BnB "
+                           "Flux); load the file with Load BnB Flux, or convert it with "
+                           "python -m quant_expand.cli quantize")
+    if bar is not None:
+        bar.update(1)
+    info = getattr(patcher, "bnb_info", None) or {}
+    return tensors, file_metadata(linears, source=info.get("file", ""))

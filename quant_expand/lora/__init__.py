@@ -1,0 +1,1 @@
+"""LoRAs: the run-time lazy delta (``delta``), and LoRA files of every supported trainer to one canonical form."""

@@ -1,0 +1,116 @@
+"""The command line's quantize and inspect: a float file to a pre-quantized one, and what a file holds."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from ..checkpoint.reader import open_flux_checkpoint
+from ..checkpoint.stored import StoredLinear, linear_tensors, quantize_weight
+from ..checkpoint.writer import file_metadata, save_flux_file
+from ..errors import BnbFluxError
+from ..flux import _block_count, bfl_file_key, default_should_quantize
+from ..spec import QuantSpec
+
+
+def quantize_file(src: str, dst: str, spec: QuantSpec, quantize_img_in: bool = False,
+                  progress: Optional[Callable[[int], object]] = None, log: Callable[[str], None] = print,
+                  device=None) -> dict:
+    """Convert a FLUX file into a pre-quantized one, one Linear at a time.
+
+    Full-precision Linears are quantized as Load BnB Flux would on load (same layers, same bytes).
+    A pre-quantized input keeps its own quantization (the file wins, as in the loader): its layers are
+    re-laid out (diffusers q/k/v fused by :func:`plan_rows`), not quantized again; its float Linears
+    stay float. Only the diffusion model is written (an all-in-one file's text encoders and VAE are not).
+    """
+    ckpt = open_flux_checkpoint(src)
+    if not ckpt.is_flux:
+        raise BnbFluxError(f"{ckpt.name}: no FLUX.1 diffusion model found (no double_blocks.0.img_attn.norm "
+                           f"or transformer_blocks.0.attn.norm_k tensors)")
+    pre = ckpt.is_prequantized
+    if pre:
+        log(f"{ckpt.name} is already quantized ({ckpt.describe_layout()}): its quantization is kept, "
+            f"--quant {spec.quant_type} applies to nothing")
+    names = ckpt.linear_names()
+    bar = progress(len(names)) if progress is not None else None
+    out: dict[str, torch.Tensor] = {}
+    linears: dict[str, StoredLinear] = {}
+    for name in names:
+        stored = ckpt.read_linear(name)
+        if stored.kind == "float" and not pre and default_should_quantize(name, stored.shape[1], spec, quantize_img_in):
+            stored = quantize_weight(stored.weight, spec, stored.bias, device=device)
+        linears[name] = stored
+        out.update(linear_tensors(name, stored))
+        del stored
+        if bar is not None:
+            bar.update(1)
+    for key in ckpt.other_keys():
+        out[bfl_file_key(key)] = ckpt.read(key).contiguous()
+    if bar is not None and hasattr(bar, "close"):
+        bar.close()
+    meta = file_metadata(linears, source=ckpt.name)
+    if ckpt.skipped:
+        log(f"not written: {len(ckpt.skipped)} tensors outside the diffusion model (text encoders, VAE, ...)")
+    for note in ckpt.notes:
+        log(f"note: {note}")
+    save_flux_file(dst, out, meta)
+    ckpt.close()
+    return meta
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def inspect_file(path: str) -> str:
+    """A description of a FLUX file: layout, scheme, layer counts, size, and what Load BnB Flux does with it."""
+    ckpt = open_flux_checkpoint(path)
+    t = ckpt.tensors
+    lines = [f"file: {ckpt.name} ({_mib(t.size_bytes)}{', ' + str(len(t.files)) + ' shards' if len(t.files) > 1 else ''})"]
+    if not ckpt.is_flux:
+        lines.append("not a FLUX.1 diffusion model (no double_blocks.0.img_attn.norm / transformer_blocks.0.attn.norm_k "
+                     "tensors): Load BnB Flux refuses it")
+        return "\n".join(lines)
+    if ckpt.prefix:
+        lines.append(f"diffusion model under '{ckpt.prefix}'" + (f"; {len(ckpt.skipped)} other tensors (text "
+                     f"encoders, VAE, ...) are not read" if ckpt.skipped else ""))
+    shown = ("format", "quant_type", "blocksize", "double_quant", "quantized_layers", "source")
+    meta = {k: ckpt.metadata[k] for k in shown if k in ckpt.metadata}
+    if meta:
+        lines.append("metadata: " + ", ".join(f"{k}={v}" for k, v in meta.items()))
+    lines.append(f"layout: {ckpt.describe_layout()}")
+    shapes = {n: ckpt.linear_shape(n) for n in ckpt.linear_names()}
+    img_in = shapes.get("img_in")
+    doubles = _block_count(shapes, "double_blocks")
+    singles = _block_count(shapes, "single_blocks")
+    variant = "dev (guidance_in)" if any(n.startswith("guidance_in.") for n in shapes) else "schnell (no guidance_in)"
+    params = sum(o * i for o, i in shapes.values())
+    if img_in:
+        lines.append(f"model: FLUX.1 {variant}, hidden {img_in[0]}, img_in {img_in[1]} inputs, {doubles} double + "
+                     f"{singles} single blocks, {_count(params)} Linear weights")
+    s = ckpt.quant_summary()
+    k = s["kinds"]
+    lines.append(f"Linear layers: {s['linears']} ({k['4bit']} 4-bit, {k['int8']} int8, {k['float']} full precision)")
+    for scheme, count in s["schemes"].items():
+        lines.append(f"  {count} x {scheme}")
+    stored = sum(p.stored_bytes for p in ckpt._pieces.values())
+    lines.append(f"Linear weights stored: {_mib(stored)} (bf16 would be {_mib(params * 2)})")
+    f = s["fusions"]
+    if any(f.values()):
+        lines.append(f"diffusers pieces joined into BFL Linears (q/k/v, proj_mlp, norm_out halves): {f['exact']} on "
+                     f"the stored bytes, {f['denested']} with absmax de-nested (both exact), {f['requantized']} "
+                     f"requantized (lossy)")
+    if ckpt.notes:
+        lines += [f"note: {n}" for n in ckpt.notes]
+    if ckpt.is_prequantized:
+        lines.append("Load BnB Flux: uses the file's own quantization as stored (its quant_type and double_quant "
+                     "inputs are not used); no quantization on load")
+    else:
+        lines.append("Load BnB Flux: quantizes the blocks and txt_in on load with its quant_type input; to skip that "
+                     "at every start, convert once: python -m quant_expand.cli quantize IN OUT --quant nf4")
+    ckpt.close()
+    return "\n".join(lines)
