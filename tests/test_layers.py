@@ -2,7 +2,7 @@
 
 Exactness: weights from ``synthetic.exact_4bit`` / ``exact_int8`` survive quantization bit for bit, so
 dequantization is compared with ``torch.equal``; forwards are compared with our own float32 matmul of
-the dequantized weight (bnb's CPU forward computes in bf16 and repacks the weight in place: FACTS.md).
+the dequantized weight (bnb's CPU forward computes in bf16 and repacks the weight in place).
 """
 from __future__ import annotations
 

@@ -19,8 +19,7 @@ class _Cuda4bit:
     """bitsandbytes' own CUDA kernels for one 4-bit layer, called through its ctypes entry points.
 
     bnb's torch ops run each call through the dispatcher, a dynamo guard and Python argument checks:
-    ~50 us of host time per op, two or three ops per layer and step, which is what kept the GPU waiting
-    at 1024x1024 (bench/README.md). The calls here pass the very arguments bnb's CUDA backend passes to
+    host time per op that, at two or three ops per layer and step, kept the GPU waiting. The calls here pass the very arguments bnb's CUDA backend passes to
     the very same kernels, so the results are bit-identical; under torch.compile the torch ops are used
     (dynamo traces those, not ctypes).
     """

@@ -107,13 +107,12 @@ def dequantize_int8_rows(cb: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _NESTED_BLOCK = 256  # the nested absmax blocksize bnb's quantize_4bit uses
-_EPILOGUE_MAX_BLOCK = 512  # a tile is at least one quantization block wide: ~80 KB of shared memory at 512
+_EPILOGUE_MAX_BLOCK = 512  # a tile is at least one quantization block wide: wider ones overflow shared memory
 _PLAIN_MAX_COLS = 1024  # columns per row of a plain tile (more quantization blocks per row: fewer)
-# tile shapes (rows, quantization blocks per row, LoRA rank chunk, warps, pipeline stages): chosen on an
-# H200 with bench/dequant_kernels.py and the kernel variants in bench/README.md; any shape gives the
-# same dequantized bits. The LoRA tile's blocks count 64-column blocks (wider quantization blocks: one).
-# 64 x 64 LoRA tiles beat 64 x 128 by 14 % over a FLUX step: less shared memory per program, so more
-# programs per SM hide the dequantize's loads behind the others' tensor-core work.
+# tile shapes (rows, quantization blocks per row, LoRA rank chunk, warps, pipeline stages): chosen with
+# bench/dequant_kernels.py; any shape gives the same dequantized bits. The LoRA tile's blocks count
+# 64-column blocks (wider quantization blocks: one). Square LoRA tiles use less shared memory per
+# program than wider ones, so more programs per SM hide the dequantize's loads behind the others' GEMMs.
 _PLAIN_TILE = (2, 16, 0, 4, 1)
 _LORA_TILE = (64, 1, 64, 4, 2)
 

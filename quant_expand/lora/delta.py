@@ -189,10 +189,8 @@ class LazyLoraDelta:
         the FLOP count picks. For FLUX at 1024x1024 that merges the image-stream and single-block layers
         (4096-4608 tokens) and keeps the text stream (512 tokens) and the one-token modulation layers
         unmerged. On CUDA the merged product is the dequantize kernel's epilogue (no pass over W of its
-        own; backends/triton_dequant.py), which runs its GEMM at about a third of the rate of cuBLAS' large
-        GEMMs but does about half the FLOPs of the unmerged path at these sizes, and the unmerged path
-        also reads and writes the output once more: on an H200 the mix measured 1.07-1.11x bf16,
-        every layer unmerged 1.10-1.16x, every layer merged 1.08x (bench/README.md)."""
+        own; backends/triton_dequant.py): a slower GEMM than cuBLAS' but fewer FLOPs at these sizes, and
+        the unmerged path reads and writes the output once more; bench/README.md has the measured mix."""
         if self.strategy != "auto":
             return self.strategy == "merged"
         return self.out_features * self.in_features < tokens * (self.in_features + self.out_features)

@@ -8,6 +8,7 @@ from a seed, a latent node, and a capture node that hands sampled latents back t
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import os
 import sys
@@ -205,7 +206,9 @@ class ComfyHost:
         return host
 
     def pack_module(self, name: str):
-        return sys.modules[f"{self.pack_name}.{name}"]
+        """A module of the pack as ComfyUI imported it (the package named after its path), imported now
+        if no node needed it yet."""
+        return importlib.import_module(f"{self.pack_name}.{name}")
 
     def model_path(self, kind: str, filename: str) -> str:
         return os.path.join(self.models_dir, kind, filename)
