@@ -281,7 +281,7 @@ def run_lowvram(args, bench, host, load_bnb, apply, bf16_model, info, save, log)
                 r = row(f"uncapped after {after} GiB {key}", key, model, None)
                 if "median_step_s" in r or key != "bf16+control" or attempt:
                     break
-                # ComfyUI 0.33 cannot reload a partially loaded widened img_in (FACTS.md): a fresh model
+                # ComfyUI 0.33 cannot reload a partially loaded widened img_in: a fresh model
                 bf = None
                 bench.unload()
                 bf = stock_control()
