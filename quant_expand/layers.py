@@ -32,6 +32,8 @@ from .params import (
 )
 from .spec import QuantSpec
 
+from .tuning import TUNING
+
 
 class _RunState:
     """What a layer's forward looked up for one placement (see ``QuantLinear._run_state``). Never copied
@@ -382,10 +384,8 @@ class QLinear8bit(QuantLinear, bnb.nn.Linear8bitLt):
         # int8 * float promotes to the float dtype inside one kernel: no separate int8 -> float copy
         return torch.mul(cb, scale[:, None])
 
-    # How the GPU dequantizes: "promote" (torch.mul(int8, scale)), "cast" (cast, then scale in place) or
-    # "triton" (backends/triton_dequant.py, one pass). All three give the same bits; a benchmark
-    # switch (bench/README.md compares them). Without Triton "triton" falls back to "promote".
-    cuda_dequant = "triton"
+    # How the GPU dequantizes is TUNING.int8_dequant (quant_expand/tuning.py); without Triton "triton"
+    # falls back to "promote".
 
     def _kernels(self, device, dtype):
         param = self.weight
@@ -402,7 +402,7 @@ class QLinear8bit(QuantLinear, bnb.nn.Linear8bitLt):
     def _kernels_on(self, cb, scb, device, dtype):
         scale = (scb / 127.0).to(dtype)  # as dequantize_stored computes it, kept
         rows = scale[:, None]
-        mode = self.cuda_dequant if device.type == "cuda" else "promote"
+        mode = TUNING.int8_dequant if device.type == "cuda" else "promote"
         if mode == "triton" and cb.is_contiguous():
             if kernels.available():
                 return (lambda: kernels.dequantize_int8_rows(cb, scale)), None, None

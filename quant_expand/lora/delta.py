@@ -1,11 +1,12 @@
 """Lazy LoRA deltas: what a quantized layer adds at run time, never merged into its stored bytes."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
+
+from ..tuning import TUNING
 
 
 def indexed_device(device) -> torch.device:
@@ -47,7 +48,6 @@ class LazyLoraDelta:
     """
 
     # "auto" (cost model), "merged" or "unmerged": a switch for benchmarks, never needed for results
-    strategy = os.environ.get("BNB_FLUX_LORA_PATH", "auto")
 
     def __init__(self, out_features: int, in_features: int, terms: Sequence[LoraTerm] = (),
                  weight_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
@@ -191,8 +191,8 @@ class LazyLoraDelta:
         unmerged. On CUDA the merged product is the dequantize kernel's epilogue (no pass over W of its
         own; backends/triton_dequant.py): a slower GEMM than cuBLAS' but fewer FLOPs at these sizes, and
         the unmerged path reads and writes the output once more; bench/README.md has the measured mix."""
-        if self.strategy != "auto":
-            return self.strategy == "merged"
+        if TUNING.lora_strategy != "auto":
+            return TUNING.lora_strategy == "merged"
         return self.out_features * self.in_features < tokens * (self.in_features + self.out_features)
 
     def nbytes(self) -> int:
