@@ -442,12 +442,7 @@ def resident_breakdown(patcher, host, device_type="cuda"):
     lora = []
     for m in model.modules():
         if layers.is_quantized_linear(m) and m.lora_delta is not None:
-            d = m.lora_delta
-            lora += [t for pair in d._stack_cache.values() for t in pair]
-            lora += [t for t in d._scale_cache.values()] + list(d._bias_cache.values())
-            lora += [t for raw in d._bias_raw.values() for t in raw]
-            if d._bias_sum is not None:
-                lora.append(d._bias_sum[3])
+            lora += m.lora_delta.device_tensors()
     owned["lora_factors_and_bias_deltas"] = ptrs(lora) - owned["state_dict"]
     out, counted = {}, set()
     for name, ps in owned.items():

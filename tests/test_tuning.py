@@ -37,3 +37,18 @@ def test_lora_strategy_decides_where_a_delta_meets_the_weight():
         assert not delta.prefer_merged(4096)
     with tuned(lora_strategy="merged"):
         assert delta.prefer_merged(1)
+
+
+def test_device_tensors_are_what_the_delta_holds_for_the_forward():
+    """bench's memory breakdown reads this instead of the delta's caches."""
+    g = torch.Generator().manual_seed(1)
+    term = LoraTerm(down=torch.randn(4, 256, generator=g), up=torch.randn(128, 4, generator=g), scale=0.5)
+    bias_term = torch.randn(128, generator=g)
+    delta = LazyLoraDelta(128, 256, [term], bias_terms=[(bias_term, 0.25)])
+    assert delta.device_tensors() == []
+    down, up, _ = delta.stacked(torch.device("cpu"), torch.float32)
+    summed = delta.bias_with(torch.zeros(128), torch.device("cpu"), torch.float32)
+    held = {t.data_ptr() for t in delta.device_tensors()}
+    assert {down.data_ptr(), up.data_ptr()} <= held
+    if isinstance(summed, torch.Tensor):
+        assert summed.data_ptr() in held

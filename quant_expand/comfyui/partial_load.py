@@ -176,7 +176,7 @@ class PartialLoad:
         """What the streamed bytes depend on under this patcher's patches: the layers and the LoRA tensors
         their deltas stack (by identity); a strength change keeps it, another LoRA does not."""
         return tuple((name, build_lazy_delta(self.patches.get(f"{name}.weight") or [], module,
-                                             f"{name}.weight")._layout()) for name, module in offloaded)
+                                             f"{name}.weight").layout()) for name, module in offloaded)
 
     def _stop_streaming(self):
         streamer = getattr(self.model, STREAMER_ATTR, None)

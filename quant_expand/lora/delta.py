@@ -68,23 +68,29 @@ class LazyLoraDelta:
         self._bias_sum = None  # (base bias, device, dtype, base + delta)
 
     @property
-    def has_low_rank(self) -> bool:
-        return bool(self.terms)
-
-    @property
     def rank(self) -> int:
         return sum(t.rank for t in self.terms)
 
-    def _layout(self):
+    def layout(self):
         """What the stacked tensors depend on: the term tensors (by identity) and where they go."""
         return tuple((id(t.down), id(t.up), t.row_offset) for t in self.terms)
+
+    def device_tensors(self) -> list[torch.Tensor]:
+        """Every tensor this delta holds for the forward (stacked factors, scales, bias terms and sums),
+        for memory accounting: what a loaded model owns besides its state dict."""
+        out = [t for pair in self._stack_cache.values() for t in pair]
+        out += list(self._scale_cache.values()) + list(self._bias_cache.values())
+        out += [t for raw in self._bias_raw.values() for t in raw]
+        if self._bias_sum is not None:
+            out.append(self._bias_sum[3])
+        return [t for t in out if isinstance(t, torch.Tensor)]  # a uniform scale is a plain float
 
     def adopt_stack(self, previous: Optional["LazyLoraDelta"]):
         """Reuse ``previous``'s device tensors (stacked low-rank terms, bias terms) where it holds the very
         same LoRA tensors: a strength change re-uploads nothing."""
         if previous is None or previous is self:
             return
-        if previous.terms and previous._layout() == self._layout() and previous.in_features == self.in_features:
+        if previous.terms and previous.layout() == self.layout() and previous.in_features == self.in_features:
             self._stack_cache = dict(previous._stack_cache)
         if self.bias_terms and [id(b) for b, _ in previous.bias_terms] == [id(b) for b, _ in self.bias_terms]:
             self._bias_raw = dict(previous._bias_raw)
