@@ -442,12 +442,7 @@ def resident_breakdown(patcher, host, device_type="cuda"):
     lora = []
     for m in model.modules():
         if layers.is_quantized_linear(m) and m.lora_delta is not None:
-            d = m.lora_delta
-            lora += [t for pair in d._stack_cache.values() for t in pair]
-            lora += [t for t in d._scale_cache.values()] + list(d._bias_cache.values())
-            lora += [t for raw in d._bias_raw.values() for t in raw]
-            if d._bias_sum is not None:
-                lora.append(d._bias_sum[3])
+            lora += m.lora_delta.device_tensors()
     owned["lora_factors_and_bias_deltas"] = ptrs(lora) - owned["state_dict"]
     out, counted = {}, set()
     for name, ps in owned.items():
@@ -501,11 +496,11 @@ def run(args):
             "comfyui": open(os.path.join(args.comfyui, "comfyui_version.py")).read().split('"')[1],
             "dynamic_vram": bool(getattr(host, "dynamic_vram", False)), "res": res, "timed_steps": args.steps,
             "params_billion": round(sum(__import__("math").prod(s) for s in flux_shapes(cfg).values()) / 1e9, 3)}
-    kernels = host.pack_module("quant_expand.backends.triton_dequant")
+    tuning = host.pack_module("quant_expand.tuning").TUNING
     if args.tiles:  # tile shapes picked by bench/dequant_kernels.py on this machine
         best = json.load(open(args.tiles))["best_tiles"]
-        kernels._PLAIN_TILE, kernels._LORA_TILE = tuple(best["plain"]), tuple(best["lora"])
-    info["triton_tiles"] = {"plain": list(kernels._PLAIN_TILE), "lora": list(kernels._LORA_TILE)}
+        tuning.plain_tile, tuning.lora_tile = tuple(best["plain"]), tuple(best["lora"])
+    info["triton_tiles"] = {"plain": list(tuning.plain_tile), "lora": list(tuning.lora_tile)}
     def save():  # after every run: a command stopped at its time limit keeps what it measured
         info["runs"] = bench.results
         info["log"] = log_lines
@@ -600,19 +595,17 @@ def run(args):
     if bench.cuda:
         bench.results["nf4"]["resident_breakdown_gib"] = resident_breakdown(nf4, host)
         log(f"nf4 resident: {bench.results['nf4']['resident_breakdown_gib']}")
-    fast = host.pack_module("quant_expand.backends.bnb_cuda")._Cuda4bit
+    tuned = host.pack_module("quant_expand.tuning").tuned
     ctl = apply(nf4, "control.safetensors", 1.0)
     if args.phase == "legacy":
         # A/B: bnb's own dequantize kernels through their entry points (no Triton), and bnb's torch ops
-        fast.use_triton = False
-        bench.unload()  # the layers look their kernels up again when loaded
-        bench.sample("nf4 bnb dequantize kernels", nf4)
-        bench.sample("nf4+control bnb dequantize kernels + addmm", ctl, control=True)
-        fast.use_triton = True
-        saved, fast._lib = fast._lib, False
-        bench.unload()
-        bench.sample("nf4 via bnb torch ops", nf4)
-        fast._lib = saved
+        with tuned(four_bit_path="bnb"):
+            bench.unload()  # the layers look their kernels up again when loaded
+            bench.sample("nf4 bnb dequantize kernels", nf4)
+            bench.sample("nf4+control bnb dequantize kernels + addmm", ctl, control=True)
+        with tuned(four_bit_path="torch"):
+            bench.unload()
+            bench.sample("nf4 via bnb torch ops", nf4)
         bench.unload()
         bench.sample("nf4 again", nf4)
     bench.sample("nf4+control", ctl, control=True)
@@ -623,13 +616,11 @@ def run(args):
     if args.phase == "legacy":
         # the same model again: ComfyUI's own per-sampling setup, the baseline for Set LoRA Scale
         bench.sample("nf4+control again", ctl, control=True)
-        lazy = host.pack_module("quant_expand.lora.delta").LazyLoraDelta
         for strategy in ("unmerged", "merged"):  # both exact paths, forced everywhere, for the record
-            lazy.strategy = strategy
-            forced = apply(nf4, "control.safetensors", 1.0)
-            bench.sample(f"nf4+control {strategy} everywhere", forced, control=True)
-            del forced
-        lazy.strategy = "auto"
+            with tuned(lora_strategy=strategy):
+                forced = apply(nf4, "control.safetensors", 1.0)
+                bench.sample(f"nf4+control {strategy} everywhere", forced, control=True)
+                del forced
         bench.sample("nf4+control", ctl, control=True)
         bench.sample("nf4+control again", ctl, control=True)
         before = quantized_digest(nf4, host)
@@ -719,14 +710,13 @@ def run(args):
             m = load_bnb(quant)
             bench.sample(quant, m)
             if quant == "int8":  # the three ways to dequantize int8 on the GPU (same bits), side by side
-                q8 = host.pack_module("quant_expand.layers").QLinear8bit
-                default = q8.cuda_dequant
+                default = host.pack_module("quant_expand.tuning").TUNING.int8_dequant
                 for mode in ("promote", "cast", "triton"):
                     if mode != default:
-                        q8.cuda_dequant = mode
-                        bench.unload()
-                        bench.sample(f"int8 dequant {mode}", m)
-                q8.cuda_dequant = default
+                        with tuned(int8_dequant=mode):
+                            bench.unload()
+                            bench.sample(f"int8 dequant {mode}", m)
+                bench.unload()
             del m
             bench.unload()
     else:

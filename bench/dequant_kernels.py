@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bitsandbytes.functional as bnbf  # noqa: E402
 
 from quant_expand.backends import triton_dequant as kernels  # noqa: E402
+from quant_expand.tuning import TUNING  # noqa: E402
 
 # (rows, cols, layers of this shape in FLUX.1-dev that dequantize at 1024x1024)
 SHAPES = [(9216, 3072, 38), (3072, 3072, 38), (12288, 3072, 38), (3072, 12288, 38),
@@ -87,7 +88,7 @@ def main():
         row["bnb_gpu_s"] = gpu_time(lambda: bnbf.dequantize_4bit(packed, qs))
         gbytes = (rows * cols * 2.5 + rows * cols / 64) / 1e9
         for tile in PLAIN_TILES:
-            kernels._PLAIN_TILE = tile
+            TUNING.plain_tile = tile
             got = fused.dequantize()
             same = torch.equal(got, ref)
             row[f"triton{tile}_s"] = timeit(fused.dequantize)
@@ -100,7 +101,7 @@ def main():
         row["bnb_then_addmm_s"] = timeit(lambda: bnbf.dequantize_4bit(packed, qs).addmm_(up, down, alpha=0.8))
         row["bnb_then_addmm_gpu_s"] = gpu_time(lambda: bnbf.dequantize_4bit(packed, qs).addmm_(up, down, alpha=0.8))
         for tile in LORA_TILES:
-            kernels._LORA_TILE = tile
+            TUNING.lora_tile = tile
             m = fused.dequantize(cols, down, up, 0.8)
             row[f"lora{tile}_rel_err"] = ((m.float() - exact).norm() / exact.norm()).item()
             row[f"lora{tile}_s"] = timeit(lambda: fused.dequantize(cols, down, up, 0.8))

@@ -176,7 +176,7 @@ def run_lowvram(args, bench, host, load_bnb, apply, bf16_model, info, save, log)
     import comfy.model_management as mm
     import nodes as comfy_nodes
 
-    adapter = host.pack_module("quant_expand.comfyui.patcher")
+    adapter = host.pack_module("quant_expand.comfyui.partial_load")
     info["host_to_device_GBps"] = pinned_bandwidth_gbps() if bench.cuda else {"pinned": 1.0, "pageable": 1.0}
     bw = info["host_to_device_GBps"]["pinned"] * 1e9
     log(f"host to device: {info['host_to_device_GBps']} GB/s")
@@ -281,7 +281,7 @@ def run_lowvram(args, bench, host, load_bnb, apply, bf16_model, info, save, log)
                 r = row(f"uncapped after {after} GiB {key}", key, model, None)
                 if "median_step_s" in r or key != "bf16+control" or attempt:
                     break
-                # ComfyUI 0.33 cannot reload a partially loaded widened img_in (FACTS.md): a fresh model
+                # ComfyUI 0.33 cannot reload a partially loaded widened img_in: a fresh model
                 bf = None
                 bench.unload()
                 bf = stock_control()

@@ -32,6 +32,8 @@ from .params import (
 )
 from .spec import QuantSpec
 
+from .tuning import TUNING
+
 
 class _RunState:
     """What a layer's forward looked up for one placement (see ``QuantLinear._run_state``). Never copied
@@ -93,8 +95,8 @@ class QuantLinear:
         return bias
 
     # -- forward ----------------------------------------------------------------------------
-    # A FLUX step calls ~350 of these layers; at 1024x1024 a layer's GPU work takes ~0.1-1 ms, so the
-    # host side must stay well below that or the GPU waits for Python. Everything that depends only on
+    # A FLUX step calls hundreds of these layers, each a short piece of GPU work, so the host side must
+    # stay well below it or the GPU waits for Python. Everything that depends only on
     # where the layer sits (plain tensors behind bnb's parameter subclass, bias in the compute dtype,
     # the dequantize call) is looked up once per (weight, bias, device, dtype) in ``_run_state``.
 
@@ -252,12 +254,7 @@ class QLinear4bit(QuantLinear, bnb.nn.Linear4bit):
         with torch.device("meta"):
             layer = cls(in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype,
                         compress_statistics=spec.double_quant, quant_type=spec.quant_type)
-        quantize_device = quantize_device or weight.device
-        # absmax from float32 whatever the file's dtype: the scale is then as exact as the data allows
-        w = weight.to(device=quantize_device, dtype=torch.float32)
-        packed, qs = bnbf.quantize_4bit(w, blocksize=spec.blocksize, compress_statistics=spec.double_quant,
-                                        quant_type=spec.quant_type, quant_storage=torch.uint8)
-        del w
+        packed, qs = quantize_weight_bytes(weight, spec, quantize_device)
         qs.dtype = compute_dtype  # dequantize straight into the compute dtype
         layer._install(packed.to(store_device), quant_state_to(qs, store_device), bias, compute_dtype, store_device)
         return layer
@@ -350,12 +347,7 @@ class QLinear8bit(QuantLinear, bnb.nn.Linear8bitLt):
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], spec: QuantSpec,
                    quantize_device=None, store_device="cpu") -> "QLinear8bit":
-        quantize_device = quantize_device or weight.device
-        w = weight.to(device=quantize_device, dtype=torch.float32)
-        # bnb's CUDA kernel takes float16 only (as Int8Params quantizes); the same on CPU keeps the bytes
-        # identical whichever device quantized the file
-        cb, scb, _ = bnbf.int8_vectorwise_quant(w.to(torch.float16))
-        del w
+        cb, scb = quantize_weight_bytes(weight, spec, quantize_device)
         return cls.from_prequantized(cb, scb, bias, spec.compute_dtype or torch.float32, store_device)
 
     @classmethod
@@ -392,10 +384,8 @@ class QLinear8bit(QuantLinear, bnb.nn.Linear8bitLt):
         # int8 * float promotes to the float dtype inside one kernel: no separate int8 -> float copy
         return torch.mul(cb, scale[:, None])
 
-    # How the GPU dequantizes: "promote" (torch.mul(int8, scale)), "cast" (cast, then scale in place) or
-    # "triton" (backends/triton_dequant.py, one pass). All three give the same bits; bench/README.md says
-    # which is fastest where. Without Triton "triton" falls back to "promote".
-    cuda_dequant = "triton"
+    # How the GPU dequantizes is TUNING.int8_dequant (quant_expand/tuning.py); without Triton "triton"
+    # falls back to "promote".
 
     def _kernels(self, device, dtype):
         param = self.weight
@@ -412,7 +402,7 @@ class QLinear8bit(QuantLinear, bnb.nn.Linear8bitLt):
     def _kernels_on(self, cb, scb, device, dtype):
         scale = (scb / 127.0).to(dtype)  # as dequantize_stored computes it, kept
         rows = scale[:, None]
-        mode = self.cuda_dequant if device.type == "cuda" else "promote"
+        mode = TUNING.int8_dequant if device.type == "cuda" else "promote"
         if mode == "triton" and cb.is_contiguous():
             if kernels.available():
                 return (lambda: kernels.dequantize_int8_rows(cb, scale)), None, None
@@ -427,6 +417,22 @@ class QLinear8bit(QuantLinear, bnb.nn.Linear8bitLt):
         new.CB = data
         new.SCB = param.SCB.to(device, non_blocking=non_blocking)
         return new
+
+
+def quantize_weight_bytes(weight: torch.Tensor, spec: QuantSpec, device=None) -> tuple:
+    """The pack's one quantizer, behind quantizing on load and ``cli quantize`` alike (so both write the
+    same bytes): ``(packed uint8, QuantState)`` for 4-bit, ``(int8 rows, float32 row scales)`` for int8,
+    on ``device`` (default: where the weight is). bnb's CUDA and CPU kernels round a few values
+    differently: the bytes match where both quantize on the same kind of device."""
+    # absmax from float32 whatever the file's dtype: the scale is then as exact as the data allows
+    w = weight.to(device=device or weight.device, dtype=torch.float32)
+    if spec.is_4bit:
+        return bnbf.quantize_4bit(w, blocksize=spec.blocksize, compress_statistics=spec.double_quant,
+                                  quant_type=spec.quant_type, quant_storage=torch.uint8)
+    # bnb's CUDA kernel takes float16 only (as Int8Params quantizes); the same on CPU keeps the bytes
+    # identical whichever device quantized the file
+    cb, scb, _ = bnbf.int8_vectorwise_quant(w.to(torch.float16))
+    return cb, scb.to(torch.float32)
 
 
 def is_quantized_linear(module) -> bool:

@@ -25,7 +25,7 @@ class QuantSpec:
     ``int8`` is LLM.int8 storage (``Int8Params``: int8 rows + per-row absmax ``SCB``) run as
     weight-only dequantize + matmul in the compute dtype: activations are never quantized, so it is
     as accurate as the stored weights allow (bnb's int8 matmul with threshold 0 also quantizes the
-    activations, and measured slower on the GPU in FACTS.md).
+    activations, and is slower on the GPU).
     ``compute_dtype`` None means "decided by the host when loading" (ComfyUI's choice for the device).
     """
 

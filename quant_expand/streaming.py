@@ -136,7 +136,7 @@ class LayerStreamer:
     def _place(self, unit: StreamUnit, buf: torch.Tensor, pin, pinned_copies: bool):
         """The unit's device views in ``buf`` and its copies: each large source from where it is (pinned
         there when it can be), the small ones gathered into one pinned buffer, copied at once: each copy
-        call costs the host a few microseconds, and a step that streams ~60 units is host-bound."""
+        call costs host time, and a step that streams every unit is host-bound."""
         unit.sources = [t if t.is_contiguous() else t.contiguous() for t in unit.sources]
         unit.views = [buf[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
                       for o, t in zip(unit.offsets, unit.sources)]

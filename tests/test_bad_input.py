@@ -1,5 +1,5 @@
 """Bad input through ComfyUI's own executor (in-process, CPU): a clear node error that names the file and
-the problem, and every cached model intact afterwards (DESIGN.md invariant 5).
+the problem, and every cached model intact afterwards.
 
 Each case runs three prompts on one ComfyUI host whose cache keeps node outputs between prompts, as a
 server does for days:

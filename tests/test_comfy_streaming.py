@@ -49,7 +49,6 @@ def partial(patcher):
 
 def test_model_size_counts_the_lora_factors(host, files):
     base, styled = loaded(host, files)
-    adapter = host.pack_module("quant_expand.comfyui.patcher")
     expected = 0
     for name, module in styled._quantized_modules():
         for patch in styled.patches.get(f"{name}.weight", []):
@@ -58,11 +57,11 @@ def test_model_size_counts_the_lora_factors(host, files):
         expected += module.out_features * 4 if f"{name}.bias" in styled.patches else 0
     assert expected > 0 and styled.lora_bytes() == expected
     assert styled.model_size() == base.model_size() + expected
-    assert isinstance(styled, adapter.BnbModelPatcher)
+    assert isinstance(styled, host.pack_module("quant_expand.comfyui.patcher").BnbModelPatcher)
 
 
 def test_offloaded_quantized_layers_stream_by_block_and_the_rest_stays_resident(host, files):
-    adapter = host.pack_module("quant_expand.comfyui.patcher")
+    adapter = host.pack_module("quant_expand.comfyui.partial_load")
     layers = host.pack_module("quant_expand.layers")
     _, styled = loaded(host, files)
     partial(styled)
@@ -70,10 +69,10 @@ def test_offloaded_quantized_layers_stream_by_block_and_the_rest_stays_resident(
         streamer = getattr(styled.model, adapter.STREAMER_ATTR)
         assert streamer is not None and styled.model.model_lowvram
         dm = styled.model.diffusion_model
-        offloaded = {n for n, m in dm.named_modules() if layers.is_quantized_linear(m) and adapter._offloaded(m)}
+        offloaded = {n for n, m in dm.named_modules() if layers.is_quantized_linear(m) and adapter.offloaded(m)}
         streamed = {n for n, m in dm.named_modules() if layers.is_quantized_linear(m) and "_stream" in m.__dict__}
         assert offloaded and streamed == offloaded
-        assert any(not adapter._offloaded(m) for _, m in dm.named_modules() if layers.is_quantized_linear(m))
+        assert any(not adapter.offloaded(m) for _, m in dm.named_modules() if layers.is_quantized_linear(m))
         # units are whole blocks (or top-level layers), in the order FLUX runs them
         names = [u.name for u in streamer.units]
         blocks = [n for n in names if ".double_blocks." in n or ".single_blocks." in n]
@@ -83,7 +82,7 @@ def test_offloaded_quantized_layers_stream_by_block_and_the_rest_stays_resident(
         # every unquantized module with weights is resident and merged the usual way (ComfyUI's backups)
         for name, module in dm.named_modules():
             if not layers.is_quantized_linear(module) and hasattr(module, "comfy_cast_weights"):
-                assert not adapter._offloaded(module), name
+                assert not adapter.offloaded(module), name
         assert any(k.startswith("diffusion_model.img_in") for k in styled.backup)
         # a unit holds its layers' stored bytes, statistics and stacked LoRA factors
         adapter_unit = host.pack_module("quant_expand.streaming").stream_unit_name
@@ -103,7 +102,7 @@ def test_offloaded_quantized_layers_stream_by_block_and_the_rest_stays_resident(
 def test_a_streamed_model_computes_the_same_bits_and_copies_each_unit_once_per_forward(host, files):
     import comfy.model_management as mm
 
-    adapter = host.pack_module("quant_expand.comfyui.patcher")
+    adapter = host.pack_module("quant_expand.comfyui.partial_load")
     _, styled = loaded(host, files)
     mm.unload_all_models()
     styled.patch_model(device_to=CPU, lowvram_model_memory=0)
@@ -124,14 +123,14 @@ def test_a_streamed_model_computes_the_same_bits_and_copies_each_unit_once_per_f
 def test_set_lora_scale_under_a_partial_load_swaps_in_place(host, files):
     """A strength change keeps the streamer, its sources and the resident bytes: only numbers change,
     and the result equals the LoRA applied at that strength from the start."""
-    adapter = host.pack_module("quant_expand.comfyui.patcher")
+    adapter = host.pack_module("quant_expand.comfyui.partial_load")
     node = host.pack_module("nodes.load_bnb_flux").LoadBnbFlux
     apply = host.pack_module("nodes.apply_control_lora").ApplyControlLora
     _, styled = loaded(host, files)
     partial(styled)
     streamer = getattr(styled.model, adapter.STREAMER_ATTR)
     digest = host.pack_module("quant_expand.layer_state").quantized_digest(styled.model.diffusion_model)
-    resident = {n: m.weight.data.data_ptr() for n, m in styled._quantized_modules() if not adapter._offloaded(m)}
+    resident = {n: m.weight.data.data_ptr() for n, m in styled._quantized_modules() if not adapter.offloaded(m)}
     rescaled = host.pack_module("quant_expand.comfyui.loras").set_lora_scale(styled, "stream_style.safetensors", 0.25)
     assert rescaled._can_swap_patches_in_place(CPU, False)
     copied = streamer.bytes_copied
@@ -166,7 +165,7 @@ def test_partially_unloading_streams_what_it_offloads_and_keeps_the_unquantized_
     quantized layers go, and they stream."""
     import comfy.model_management as mm
 
-    adapter = host.pack_module("quant_expand.comfyui.patcher")
+    adapter = host.pack_module("quant_expand.comfyui.partial_load")
     layers = host.pack_module("quant_expand.layers")
     _, styled = loaded(host, files)
     mm.unload_all_models()
@@ -176,10 +175,10 @@ def test_partially_unloading_streams_what_it_offloads_and_keeps_the_unquantized_
     try:
         assert freed > 0 and styled.model.model_lowvram
         dm = styled.model.diffusion_model
-        assert all(not adapter._offloaded(m) for m in dm.modules()
+        assert all(not adapter.offloaded(m) for m in dm.modules()
                    if not layers.is_quantized_linear(m) and hasattr(m, "comfy_cast_weights"))
         streamed = [m for m in dm.modules() if "_stream" in m.__dict__]
-        assert streamed and all(adapter._offloaded(m) for m in streamed)
+        assert streamed and all(adapter.offloaded(m) for m in streamed)
         assert torch.equal(denoise_once(styled, control=True), full)
     finally:
         styled.unpatch_model(CPU)

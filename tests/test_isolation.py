@@ -1,5 +1,5 @@
 """Isolation: what one branch or one prompt does to a shared, cached model never shows in another
-(DESIGN.md invariant 3). CPU; ComfyUI from COMFYUI_PATH.
+CPU; ComfyUI from COMFYUI_PATH.
 
 In-process (ComfyUI's executor): branches of one graph share one loaded quantized model — plain, Control
 LoRA, Control + style LoRA, the same rescaled by Set LoRA Scale, stock LoraLoaderModelOnly. Each branch run alone

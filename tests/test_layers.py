@@ -2,7 +2,7 @@
 
 Exactness: weights from ``synthetic.exact_4bit`` / ``exact_int8`` survive quantization bit for bit, so
 dequantization is compared with ``torch.equal``; forwards are compared with our own float32 matmul of
-the dequantized weight (bnb's CPU forward computes in bf16 and repacks the weight in place: FACTS.md).
+the dequantized weight (bnb's CPU forward computes in bf16 and repacks the weight in place).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from quant_expand import LazyLoraDelta, LoraTerm, QLinear4bit, QLinear8bit, QuantSpec, QuantSpecError
 from quant_expand.layer_state import dequantized_state_dict, quantized_bytes
+from quant_expand.tuning import TUNING
 from quant_expand.layers import quantized_linear_from_float
 from quant_expand.testing.synthetic import exact_4bit, exact_int8
 
@@ -306,7 +307,7 @@ def test_cuda_kernels_called_directly_match_bitsandbytes(spec, dtype):
 def test_cuda_int8_dequantize_modes_give_the_same_bits(mode, dtype, monkeypatch):
     w = torch.randn(3072, 1024, generator=torch.Generator().manual_seed(6)) * 0.02
     layer = quantized_linear_from_float(w, None, QuantSpec("int8", compute_dtype=dtype), store_device="cuda").to("cuda")
-    monkeypatch.setattr(QLinear8bit, "cuda_dequant", mode)
+    monkeypatch.setattr(TUNING, "int8_dequant", mode)
     dev = torch.device("cuda", torch.cuda.current_device())
     got = layer._run_state(dev, dtype).dequantize()
     assert torch.equal(got, layer.dequantize_stored(dev, dtype))

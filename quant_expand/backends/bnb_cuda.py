@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from ..tuning import TUNING
 from . import triton_dequant as kernels
 
 _bnb_ops = torch.ops.bitsandbytes
@@ -19,14 +20,12 @@ class _Cuda4bit:
     """bitsandbytes' own CUDA kernels for one 4-bit layer, called through its ctypes entry points.
 
     bnb's torch ops run each call through the dispatcher, a dynamo guard and Python argument checks:
-    ~50 us of host time per op, two or three ops per layer and step, which is what kept the GPU waiting
-    at 1024x1024 (bench/README.md). The calls here pass the very arguments bnb's CUDA backend passes to
+    host time per op that, at two or three ops per layer and step, kept the GPU waiting. The calls here pass the very arguments bnb's CUDA backend passes to
     the very same kernels, so the results are bit-identical; under torch.compile the torch ops are used
     (dynamo traces those, not ctypes).
     """
 
     _lib = None
-    use_triton = True  # triton_dequant.Dequant4bit where it is verified (bench A/B switch)
 
     @classmethod
     def usable(cls, qs, gemm: bool = False) -> bool:
@@ -40,7 +39,7 @@ class _Cuda4bit:
                 cls._lib = lib
             except Exception:  # no CUDA build of bnb here, or another layout of its internals
                 cls._lib = False
-        if not cls._lib or qs.dtype not in _KERNEL_DTYPES or qs.quant_type not in ("nf4", "fp4"):
+        if not cls._lib or TUNING.four_bit_path == "torch" or qs.dtype not in _KERNEL_DTYPES or qs.quant_type not in ("nf4", "fp4"):
             return False
         if qs.nested and (qs.state2.dtype != torch.float32 or qs.absmax.dtype != torch.uint8):
             return False
@@ -57,7 +56,7 @@ class _Cuda4bit:
         self.gemm = getattr(lib, f"cgemm_4bit_{dt}")
         self.offset = qs.offset.to(device=packed.device, dtype=torch.float32) if qs.nested else None  # 0-dim, as bnb wants
         self.fused = None
-        if self.use_triton:
+        if TUNING.four_bit_path == "triton":
             dev = packed.device
             if kernels.available() and kernels.Dequant4bit.supports(packed, qs, qs.dtype) and \
                     kernels.Dequant4bit.verified(qs, qs.dtype, dev):

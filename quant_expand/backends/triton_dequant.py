@@ -91,6 +91,8 @@ if triton is not None:
         out = out_ptr + rows64[:, None] * n_cols + cols[None, :]
         tl.store(out, w.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < n_cols)[None, :])
 
+from ..tuning import TUNING
+
 
 def available() -> bool:
     return triton is not None and torch.cuda.is_available()
@@ -107,15 +109,12 @@ def dequantize_int8_rows(cb: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _NESTED_BLOCK = 256  # the nested absmax blocksize bnb's quantize_4bit uses
-_EPILOGUE_MAX_BLOCK = 512  # a tile is at least one quantization block wide: ~80 KB of shared memory at 512
+_EPILOGUE_MAX_BLOCK = 512  # a tile is at least one quantization block wide: wider ones overflow shared memory
 _PLAIN_MAX_COLS = 1024  # columns per row of a plain tile (more quantization blocks per row: fewer)
-# tile shapes (rows, quantization blocks per row, LoRA rank chunk, warps, pipeline stages): chosen on an
-# H200 with bench/dequant_kernels.py and the kernel variants in bench/README.md; any shape gives the
-# same dequantized bits. The LoRA tile's blocks count 64-column blocks (wider quantization blocks: one).
-# 64 x 64 LoRA tiles beat 64 x 128 by 14 % over a FLUX step: less shared memory per program, so more
-# programs per SM hide the dequantize's loads behind the others' tensor-core work.
-_PLAIN_TILE = (2, 16, 0, 4, 1)
-_LORA_TILE = (64, 1, 64, 4, 2)
+# tile shapes (TUNING.plain_tile / lora_tile in quant_expand/tuning.py): chosen with
+# bench/dequant_kernels.py; any shape gives the same dequantized bits. The LoRA tile's blocks count
+# 64-column blocks (wider quantization blocks: one). Square LoRA tiles use less shared memory per
+# program than wider ones, so more programs per SM hide the dequantize's loads behind the others' GEMMs.
 
 
 class Dequant4bit:
@@ -249,7 +248,7 @@ class Dequant4bit:
         out_dtype = qs.dtype
         lora = down is not None
         rank = down.shape[0] if lora else 0
-        bm, nb, br, warps, stages = _LORA_TILE if lora else _PLAIN_TILE
+        bm, nb, br, warps, stages = TUNING.lora_tile if lora else TUNING.plain_tile
         qblock = qs.blocksize
         if lora:
             if down.shape != (rank, width) or up.shape != (self.rows, rank) or not (down.is_contiguous() and up.is_contiguous()):

@@ -9,7 +9,9 @@ import bitsandbytes.functional as bnbf
 import torch
 from bitsandbytes.functional import QuantState
 
+from ..layers import QLinear4bit, QLinear8bit, quantize_weight_bytes
 from ..spec import QuantSpec
+from ..widening import unexpand
 
 FORMAT_NAME = "bnb-flux"
 
@@ -130,19 +132,37 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec, bias: Optional[torch.
     ``device`` (default: where the weight is); the result is on the CPU. bnb's CUDA and CPU kernels round
     a few values differently, so the bytes equal a load's where both quantize on the same kind of device
     (the loader quantizes on its load device: the GPU when there is one)."""
-    w = weight.to(device=device or weight.device, dtype=torch.float32)
     if spec.is_4bit:
-        packed, qs = bnbf.quantize_4bit(w, blocksize=spec.blocksize, compress_statistics=spec.double_quant,
-                                        quant_type=spec.quant_type, quant_storage=torch.uint8)
+        packed, qs = quantize_weight_bytes(weight, spec, device)
         keep = weight.dtype if weight.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
         qs.dtype = spec.compute_dtype or keep  # recorded only; the loader dequantizes into its compute dtype
         if packed.device.type != "cpu":
             packed, qs = packed.cpu(), _quant_state_copy(qs)
             qs.to("cpu")
         return StoredLinear("4bit", packed=packed, quant_state=qs, bias=bias)
-    # from float16, as bnb's CUDA kernel requires and as the loader does
-    cb, scb, _ = bnbf.int8_vectorwise_quant(w.to(torch.float16))
-    return StoredLinear("int8", cb=cb.cpu(), scb=scb.to("cpu", torch.float32), bias=bias)
+    cb, scb = quantize_weight_bytes(weight, spec, device)
+    return StoredLinear("int8", cb=cb.cpu(), scb=scb.cpu(), bias=bias)
+
+
+def layer_from_stored(stored: StoredLinear, bias, compute_dtype: torch.dtype, store_device):
+    """The live quantized layer holding a stored layer's bytes as they are (None for a float one)."""
+    if stored.kind == "4bit":
+        return QLinear4bit.from_prequantized(stored.packed, stored.quant_state, bias, compute_dtype, store_device)
+    if stored.kind == "int8":
+        return QLinear8bit.from_prequantized(stored.cb, stored.scb, bias, compute_dtype, store_device)
+    return None
+
+
+def stored_from_layer(module, weight=None, bias=None) -> StoredLinear:
+    """What a file stores for a live layer: a quantized one's original bytes (an expanded layer's own,
+    unwidened), else ``weight`` (the plain layer's float weight)."""
+    if isinstance(module, QLinear4bit):
+        module = unexpand(module)
+        return StoredLinear("4bit", packed=module.weight.data, quant_state=module.weight.quant_state, bias=bias)
+    if isinstance(module, QLinear8bit):
+        module = unexpand(module)
+        return StoredLinear("int8", cb=module.weight.data, scb=module.weight.SCB, bias=bias)
+    return StoredLinear("float", weight=weight, bias=bias)
 
 
 def default_quantize_device() -> torch.device:

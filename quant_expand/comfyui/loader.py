@@ -15,11 +15,10 @@ import comfy.utils
 import torch
 
 from ..checkpoint.reader import FluxCheckpoint, open_flux_checkpoint
+from ..checkpoint.stored import layer_from_stored
 from ..errors import BnbFluxError, shown_name
 from ..flux import default_should_quantize
 from ..layers import (
-    QLinear4bit,
-    QLinear8bit,
     quantized_linear_from_float,
     statistics_finite,
 )
@@ -37,8 +36,8 @@ def _set_module(root: torch.nn.Module, name: str, module: torch.nn.Module):
 
 
 def resolve_compute_dtype(choice, parameters: int, model_config, load_device) -> torch.dtype:
-    """``auto`` is ComfyUI's own choice of FLUX dtype for the load device (fp32 on a CPU, bf16 on an
-    H100); quantized layers dequantize into it and activations run in it."""
+    """``auto`` is ComfyUI's own choice of FLUX dtype for the load device (fp32 on a CPU, bf16 on a
+    recent GPU); quantized layers dequantize into it and activations run in it."""
     if isinstance(choice, torch.dtype):
         return choice
     if choice in (None, "auto"):
@@ -197,15 +196,9 @@ def load_bnb_flux(unet_path: str, options: dict, disable_dynamic: bool = False, 
                                    f"expects {[lin.out_features, lin.in_features]}")
             if lin.deferred_bias and stored.bias is None:
                 raise BnbFluxError(f"{ckpt.name}: tensor {name}.bias is missing; the file is not a complete FLUX.1 model")
-            new = None
-            if stored.kind == "4bit":
-                new = QLinear4bit.from_prequantized(stored.packed, stored.quant_state,
-                                                    _owned(stored.bias, offload_device, compute_dtype), compute_dtype,
-                                                    offload_device)
-            elif stored.kind == "int8":
-                new = QLinear8bit.from_prequantized(stored.cb, stored.scb, _owned(stored.bias, offload_device, compute_dtype),
-                                                    compute_dtype, offload_device)
-            elif not prequantized and default_should_quantize(name, lin.in_features, spec,
+            new = layer_from_stored(stored, _owned(stored.bias, offload_device, compute_dtype), compute_dtype,
+                                    offload_device)
+            if new is None and not prequantized and default_should_quantize(name, lin.in_features, spec,
                                                               bool(options.get("quantize_img_in", False))):
                 new = quantized_linear_from_float(stored.weight, stored.bias, spec, quantize_device=quantize_device,
                                                   store_device=offload_device)

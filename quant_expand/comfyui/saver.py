@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import torch
 
-from ..checkpoint.stored import StoredLinear, linear_tensors
+from ..checkpoint.stored import StoredLinear, linear_tensors, stored_from_layer
 from ..checkpoint.writer import file_metadata
 from ..errors import BnbFluxError
 from ..flux import bfl_file_key
-from ..layers import QLinear4bit, QLinear8bit
-from ..widening import unexpand
+from ..layers import is_quantized_linear
 from .patches import unmerged
 
 
@@ -41,14 +40,8 @@ def bnb_flux_state_for_saving(patcher, progress=None) -> tuple[dict, dict]:
     for name in linear_names:
         module = patcher.get_model_object(f"diffusion_model.{name}")
         bias = original(f"{name}.bias", module.bias) if module.bias is not None else None
-        if isinstance(module, QLinear4bit):
-            module = unexpand(module)
-            stored = StoredLinear("4bit", packed=module.weight.data, quant_state=module.weight.quant_state, bias=bias)
-        elif isinstance(module, QLinear8bit):
-            module = unexpand(module)
-            stored = StoredLinear("int8", cb=module.weight.data, scb=module.weight.SCB, bias=bias)
-        else:
-            stored = StoredLinear("float", weight=original(f"{name}.weight", module.weight), bias=bias)
+        plain = not is_quantized_linear(module)
+        stored = stored_from_layer(module, original(f"{name}.weight", module.weight) if plain else None, bias)
         linears[name] = stored
         tensors.update(linear_tensors(name, stored))
         if bar is not None:

@@ -1,11 +1,12 @@
 """Lazy LoRA deltas: what a quantized layer adds at run time, never merged into its stored bytes."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
+
+from ..tuning import TUNING
 
 
 def indexed_device(device) -> torch.device:
@@ -47,7 +48,6 @@ class LazyLoraDelta:
     """
 
     # "auto" (cost model), "merged" or "unmerged": a switch for benchmarks, never needed for results
-    strategy = os.environ.get("BNB_FLUX_LORA_PATH", "auto")
 
     def __init__(self, out_features: int, in_features: int, terms: Sequence[LoraTerm] = (),
                  weight_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
@@ -68,23 +68,29 @@ class LazyLoraDelta:
         self._bias_sum = None  # (base bias, device, dtype, base + delta)
 
     @property
-    def has_low_rank(self) -> bool:
-        return bool(self.terms)
-
-    @property
     def rank(self) -> int:
         return sum(t.rank for t in self.terms)
 
-    def _layout(self):
+    def layout(self):
         """What the stacked tensors depend on: the term tensors (by identity) and where they go."""
         return tuple((id(t.down), id(t.up), t.row_offset) for t in self.terms)
+
+    def device_tensors(self) -> list[torch.Tensor]:
+        """Every tensor this delta holds for the forward (stacked factors, scales, bias terms and sums),
+        for memory accounting: what a loaded model owns besides its state dict."""
+        out = [t for pair in self._stack_cache.values() for t in pair]
+        out += list(self._scale_cache.values()) + list(self._bias_cache.values())
+        out += [t for raw in self._bias_raw.values() for t in raw]
+        if self._bias_sum is not None:
+            out.append(self._bias_sum[3])
+        return [t for t in out if isinstance(t, torch.Tensor)]  # a uniform scale is a plain float
 
     def adopt_stack(self, previous: Optional["LazyLoraDelta"]):
         """Reuse ``previous``'s device tensors (stacked low-rank terms, bias terms) where it holds the very
         same LoRA tensors: a strength change re-uploads nothing."""
         if previous is None or previous is self:
             return
-        if previous.terms and previous._layout() == self._layout() and previous.in_features == self.in_features:
+        if previous.terms and previous.layout() == self.layout() and previous.in_features == self.in_features:
             self._stack_cache = dict(previous._stack_cache)
         if self.bias_terms and [id(b) for b, _ in previous.bias_terms] == [id(b) for b, _ in self.bias_terms]:
             self._bias_raw = dict(previous._bias_raw)
@@ -189,12 +195,10 @@ class LazyLoraDelta:
         the FLOP count picks. For FLUX at 1024x1024 that merges the image-stream and single-block layers
         (4096-4608 tokens) and keeps the text stream (512 tokens) and the one-token modulation layers
         unmerged. On CUDA the merged product is the dequantize kernel's epilogue (no pass over W of its
-        own; backends/triton_dequant.py), which runs its GEMM at about a third of the rate of cuBLAS' large
-        GEMMs but does about half the FLOPs of the unmerged path at these sizes, and the unmerged path
-        also reads and writes the output once more: on an H200 the mix measured 1.07-1.11x bf16,
-        every layer unmerged 1.10-1.16x, every layer merged 1.08x (bench/README.md)."""
-        if self.strategy != "auto":
-            return self.strategy == "merged"
+        own; backends/triton_dequant.py): a slower GEMM than cuBLAS' but fewer FLOPs at these sizes, and
+        the unmerged path reads and writes the output once more; bench/README.md has the measured mix."""
+        if TUNING.lora_strategy != "auto":
+            return TUNING.lora_strategy == "merged"
         return self.out_features * self.in_features < tokens * (self.in_features + self.out_features)
 
     def nbytes(self) -> int:

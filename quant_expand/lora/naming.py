@@ -5,6 +5,17 @@ import re
 from typing import Optional
 
 from ..errors import LoraFormatError
+from ..flux import (
+    DIFFUSERS_ALIASES_DOUBLE,
+    DIFFUSERS_ALIASES_SINGLE,
+    DIFFUSERS_DOUBLE,
+    DIFFUSERS_NORMS_DOUBLE,
+    DIFFUSERS_NORMS_SINGLE,
+    DIFFUSERS_SINGLE,
+    DIFFUSERS_TOP,
+    SWAPPED_HALVES,
+    diffusers_to_bfl,
+)
 from .canonical import LoraTarget
 
 _BFL_ROOTS = ("double_blocks.", "single_blocks.", "img_in.", "txt_in.", "time_in.", "vector_in.",
@@ -22,65 +33,12 @@ _TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "text_encoders.", "te1.", "
 _SD_UNET_MARKERS = ("input_blocks", "output_blocks", "middle_block", "down_blocks", "up_blocks", "mid_block")
 
 
-# diffusers name inside transformer_blocks.<i> -> (BFL name inside double_blocks.<i>, slice of the fused rows)
-_DIFFUSERS_DOUBLE = {
-    "attn.to_q": ("img_attn.qkv", "q"),
-    "attn.to_k": ("img_attn.qkv", "k"),
-    "attn.to_v": ("img_attn.qkv", "v"),
-    "attn.add_q_proj": ("txt_attn.qkv", "q"),
-    "attn.add_k_proj": ("txt_attn.qkv", "k"),
-    "attn.add_v_proj": ("txt_attn.qkv", "v"),
-    "attn.to_out.0": ("img_attn.proj", None),
-    "attn.to_add_out": ("txt_attn.proj", None),
-    "ff.net.0.proj": ("img_mlp.0", None),
-    "ff.net.2": ("img_mlp.2", None),
-    "ff_context.net.0.proj": ("txt_mlp.0", None),
-    "ff_context.net.2": ("txt_mlp.2", None),
-    "ff.linear_in": ("img_mlp.0", None),          # LyCORIS spelling, mapped by ComfyUI too
-    "ff.linear_out": ("img_mlp.2", None),
-    "ff_context.linear_in": ("txt_mlp.0", None),
-    "ff_context.linear_out": ("txt_mlp.2", None),
-    "norm1.linear": ("img_mod.lin", None),
-    "norm1_context.linear": ("txt_mod.lin", None),
-}
-
-
-# diffusers name inside single_transformer_blocks.<i> -> (BFL name inside single_blocks.<i>, slice)
-_DIFFUSERS_SINGLE = {
-    "attn.to_q": ("linear1", "q"),
-    "attn.to_k": ("linear1", "k"),
-    "attn.to_v": ("linear1", "v"),
-    "proj_mlp": ("linear1", "mlp"),
-    "proj_out": ("linear2", None),
-    "norm.linear": ("modulation.lin", None),
-    "attn.to_qkv_mlp_proj": ("linear1", None),    # fused spelling (Flux 2); ComfyUI maps it onto FLUX.1 too
-    "attn.to_out": ("linear2", None),
-}
-
-
-_DIFFUSERS_TOP = {
-    "x_embedder": "img_in",
-    "context_embedder": "txt_in",
-    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
-    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
-    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
-    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
-    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
-    "proj_out": "final_layer.linear",
-    "norm_out.linear": "final_layer.adaLN_modulation.1",
-}
-
-
-_DIFFUSERS_NORMS_DOUBLE = {
-    "attn.norm_q": "img_attn.norm.query_norm",
-    "attn.norm_k": "img_attn.norm.key_norm",
-    "attn.norm_added_q": "txt_attn.norm.query_norm",
-    "attn.norm_added_k": "txt_attn.norm.key_norm",
-}
-
-
-_DIFFUSERS_NORMS_SINGLE = {"attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"}
+# diffusers name inside (single_)transformer_blocks.<i> -> (BFL name inside the block, slice of fused rows)
+_DIFFUSERS_DOUBLE = diffusers_to_bfl(DIFFUSERS_DOUBLE, DIFFUSERS_ALIASES_DOUBLE)
+_DIFFUSERS_SINGLE = diffusers_to_bfl(DIFFUSERS_SINGLE, DIFFUSERS_ALIASES_SINGLE)
+_DIFFUSERS_TOP = {d: bfl for bfl, d in DIFFUSERS_TOP.items()}
+_DIFFUSERS_NORMS_DOUBLE = {d: bfl for bfl, d in DIFFUSERS_NORMS_DOUBLE.items()}
+_DIFFUSERS_NORMS_SINGLE = {d: bfl for bfl, d in DIFFUSERS_NORMS_SINGLE.items()}
 
 
 _BLOCK_RE = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
@@ -100,7 +58,7 @@ def _slice_target(module: str, part: Optional[str], modules: dict[str, tuple[int
 def _diffusers_target(name: str, modules: dict[str, tuple[int, int]]) -> Optional[LoraTarget]:
     """BFL target of a diffusers Linear name (no prefix, no suffix); None if the name is not a FLUX Linear."""
     if name in _DIFFUSERS_TOP:
-        return LoraTarget(_DIFFUSERS_TOP[name], swap_halves=(name == "norm_out.linear"))
+        return LoraTarget(_DIFFUSERS_TOP[name], swap_halves=(_DIFFUSERS_TOP[name] == SWAPPED_HALVES))
     m = _BLOCK_RE.match(name)
     if m is None:
         return None

@@ -34,6 +34,9 @@ def parse_lora(tensors, name: str, modules: dict[str, tuple[int, int]]) -> Parse
     ``tensors``: a TensorFile or a dict (anything with ``keys()`` and ``get(key)`` / ``[key]``).
     ``modules``: the model's Linears, BFL names -> (out_features, in_features) as the model is now
     (img_in may already be 128 wide after an earlier Control LoRA).
+
+    Long on purpose: one pass that groups the keys, then checks the groups in the order a user fixes a
+    file (format, targets, shapes, magnitudes, norms); the checks themselves live in ``checks.py``.
     """
     keys = list(tensors.keys())
     family, te_keys = detect_lora_format(name, keys)

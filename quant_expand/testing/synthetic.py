@@ -273,6 +273,8 @@ def make_lora(cfg: Optional[TinyFluxConfig] = None, kind: str = "lora", rank: in
     Formats: lora ``diffusion_model.<m>.lora_A/lora_B.weight``; kohya ``lora_unet_<m_>.lora_down/
     lora_up.weight``; LyCORIS kinds ``lora_unet_<m_>.<hada_*|lokr_*|a1..b2.weight|oft_blocks>``;
     diff ``diffusion_model.<m>.diff``/``.diff_b``; set ``diffusion_model.<norm>.set_weight``.
+
+    Long on purpose: one short branch per kind, side by side, so the key formats read as one table.
     """
     cfg = cfg or TinyFluxConfig()
     if kind not in LORA_KINDS:
