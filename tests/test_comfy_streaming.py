@@ -69,10 +69,10 @@ def test_offloaded_quantized_layers_stream_by_block_and_the_rest_stays_resident(
         streamer = getattr(styled.model, adapter.STREAMER_ATTR)
         assert streamer is not None and styled.model.model_lowvram
         dm = styled.model.diffusion_model
-        offloaded = {n for n, m in dm.named_modules() if layers.is_quantized_linear(m) and adapter.offloaded(m)}
+        offloaded = {n for n, m in dm.named_modules() if layers.is_quantized_linear(m) and adapter.is_offloaded(m)}
         streamed = {n for n, m in dm.named_modules() if layers.is_quantized_linear(m) and "_stream" in m.__dict__}
         assert offloaded and streamed == offloaded
-        assert any(not adapter.offloaded(m) for _, m in dm.named_modules() if layers.is_quantized_linear(m))
+        assert any(not adapter.is_offloaded(m) for _, m in dm.named_modules() if layers.is_quantized_linear(m))
         # units are whole blocks (or top-level layers), in the order FLUX runs them
         names = [u.name for u in streamer.units]
         blocks = [n for n in names if ".double_blocks." in n or ".single_blocks." in n]
@@ -82,7 +82,7 @@ def test_offloaded_quantized_layers_stream_by_block_and_the_rest_stays_resident(
         # every unquantized module with weights is resident and merged the usual way (ComfyUI's backups)
         for name, module in dm.named_modules():
             if not layers.is_quantized_linear(module) and hasattr(module, "comfy_cast_weights"):
-                assert not adapter.offloaded(module), name
+                assert not adapter.is_offloaded(module), name
         assert any(k.startswith("diffusion_model.img_in") for k in styled.backup)
         # a unit holds its layers' stored bytes, statistics and stacked LoRA factors
         adapter_unit = host.pack_module("quant_expand.streaming").stream_unit_name
@@ -130,7 +130,7 @@ def test_set_lora_scale_under_a_partial_load_swaps_in_place(host, files):
     partial(styled)
     streamer = getattr(styled.model, adapter.STREAMER_ATTR)
     digest = host.pack_module("quant_expand.layer_state").quantized_digest(styled.model.diffusion_model)
-    resident = {n: m.weight.data.data_ptr() for n, m in styled._quantized_modules() if not adapter.offloaded(m)}
+    resident = {n: m.weight.data.data_ptr() for n, m in styled._quantized_modules() if not adapter.is_offloaded(m)}
     rescaled = host.pack_module("quant_expand.comfyui.loras").set_lora_scale(styled, "stream_style.safetensors", 0.25)
     assert rescaled._can_swap_patches_in_place(CPU, False)
     copied = streamer.bytes_copied
@@ -175,10 +175,10 @@ def test_partially_unloading_streams_what_it_offloads_and_keeps_the_unquantized_
     try:
         assert freed > 0 and styled.model.model_lowvram
         dm = styled.model.diffusion_model
-        assert all(not adapter.offloaded(m) for m in dm.modules()
+        assert all(not adapter.is_offloaded(m) for m in dm.modules()
                    if not layers.is_quantized_linear(m) and hasattr(m, "comfy_cast_weights"))
         streamed = [m for m in dm.modules() if "_stream" in m.__dict__]
-        assert streamed and all(adapter.offloaded(m) for m in streamed)
+        assert streamed and all(adapter.is_offloaded(m) for m in streamed)
         assert torch.equal(denoise_once(styled, control=True), full)
     finally:
         styled.unpatch_model(CPU)

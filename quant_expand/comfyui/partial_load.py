@@ -22,7 +22,7 @@ log = logging.getLogger("comfyui-bnb-flux")
 
 STREAMER_ATTR = "bnb_flux_streamer"  # the model's LayerStreamer while it is partially loaded
 STREAM_SLOTS = 3  # units in flight: the one computing and two copying ahead
-def offloaded(module) -> bool:
+def is_offloaded(module) -> bool:
     """ComfyUI's partial load marks each module it leaves on the offload device this way
     (``ModelPatcher.load`` sets ``prev_comfy_cast_weights``; loading it fully removes it)."""
     return hasattr(module, "prev_comfy_cast_weights")
@@ -107,7 +107,7 @@ class PartialLoad:
         per forward, would give other numbers than the same layer resident. Returns the bytes moved."""
         moved = 0
         for name, module in self.model.named_modules():
-            if is_quantized_linear(module) or not offloaded(module):
+            if is_quantized_linear(module) or not is_offloaded(module):
                 continue
             params = dict(module.named_parameters(recurse=False))
             comfy.model_patcher.wipe_lowvram_weight(module)
@@ -132,7 +132,7 @@ class PartialLoad:
     def _start_streaming(self, device):
         """A :class:`LayerStreamer` for the quantized layers ComfyUI left offloaded; its device bytes are
         counted in the model's loaded memory until :meth:`_stop_streaming`."""
-        offloaded = [(n, m) for n, m in self._quantized_modules() if offloaded(m)]
+        offloaded = [(n, m) for n, m in self._quantized_modules() if is_offloaded(m)]
         if not offloaded:
             return
         device = indexed_device(device)

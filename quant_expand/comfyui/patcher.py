@@ -13,7 +13,7 @@ import torch
 from ..errors import BnbFluxError
 from ..layers import is_quantized_linear
 from ..lora.delta import indexed_device
-from .partial_load import STREAMER_ATTR, PartialLoad, offloaded
+from .partial_load import STREAMER_ATTR, PartialLoad, is_offloaded
 from .patches import (
     MergeSignature,
     build_lazy_delta,
@@ -156,7 +156,7 @@ class BnbModelPatcher(PartialLoad, comfy.model_patcher.ModelPatcher):
                 delta = build_lazy_delta(patches or [], module, key, bias_terms or ())
                 # same LoRA tensors, new strengths: nothing is re-uploaded or re-stacked
                 delta.adopt_stack(module.lora_delta or getattr(module, "reusable_lora_delta", None))
-                if not offloaded(module):  # an offloaded layer's factors stream with it (_start_streaming)
+                if not is_offloaded(module):  # an offloaded layer's factors stream with it (_start_streaming)
                     delta.prepare(device, dtype)
                 _set_plain(module, "lora_delta", delta)
                 _set_plain(module, "reusable_lora_delta", None)
@@ -316,7 +316,7 @@ class BnbModelPatcher(PartialLoad, comfy.model_patcher.ModelPatcher):
         streamer = getattr(m, STREAMER_ATTR, None)
         if streamer is None:
             return False
-        offloaded = [(n, mod) for n, mod in self._quantized_modules() if offloaded(mod)]
+        offloaded = [(n, mod) for n, mod in self._quantized_modules() if is_offloaded(mod)]
         return self._stream_layout(offloaded) == streamer.layout
 
     def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
