@@ -1,4 +1,8 @@
-"""Reading a FLUX checkpoint (BFL or diffusers names, float, pre-quantized or scaled) with its damage checks."""
+"""Reading a FLUX checkpoint (BFL or diffusers names, float, pre-quantized or scaled) with its damage checks.
+
+Longer than the other modules on purpose: it is one class, ``FluxCheckpoint``, whose checks all read the
+layout it parsed once from the header (fusion, stored layers and tensor files live apart already).
+"""
 from __future__ import annotations
 
 import json

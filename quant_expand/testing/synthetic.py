@@ -1,5 +1,8 @@
 """Tiny synthetic FLUX.1 models and LoRAs, written as real safetensors files for tests and demos.
 
+Longer than the product's modules on purpose: it writes FLUX's names and shapes a second time, apart from
+``quant_expand/flux.py``, so that the tests do not check the reader against its own table.
+
 Pure torch + safetensors (+ bitsandbytes only for the 4-bit code books); never imports ComfyUI.
 Key names follow BFL's FLUX.1 files and the LoRA formats ComfyUI 0.33's own loader parses.
 """
