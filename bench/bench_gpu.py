@@ -586,7 +586,7 @@ def run(args):
             "rss_anon_peak_minus_before_gib": round((rss.peak - rss.start) / GIB, 2),
             "quantized_size_gib": round(size / GIB, 2),
             # reading_s: the reader thread's reads; waiting_for_reads_s: the quantizing side idle
-            "load_timing": nf4.bnb_info.get("load_timing")}
+            "load_timing": host.pack_module("quant_expand.comfyui.report").load_report(nf4).load_timing}
         log(f"quantize-on-load: {info['quantize_on_load']}")
     else:
         nf4 = load_bnb("nf4")

@@ -85,7 +85,7 @@ def main():
         "dynamic_vram_enabled": host.dynamic_vram,
         "stock_patcher": type(stock).__name__,
         "bnb_patcher": type(ours).__name__,
-        "bnb_compute_dtype": ours.bnb_info["compute_dtype"],
+        "bnb_compute_dtype": host.pack_module("quant_expand.comfyui.report").load_report(ours).compute_dtype,
         "bnb_weights_device_after_sampling": str(dm.double_blocks[0].img_attn.qkv.weight.device),
         "loaded_models": [type(m.model).__name__ for m in mm.current_loaded_models],
         "rel_err_bnb_control_style_vs_stock_full_precision": rel(out["bnb"], out["full"]),

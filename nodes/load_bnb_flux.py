@@ -6,7 +6,8 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..quant_expand.comfyui.loader import load_bnb_flux
+from ..quant_expand.comfyui.loader import LoadOptions, load_bnb_flux
+from ..quant_expand.comfyui.report import load_report
 from .host_check import require_supported_host
 
 CATEGORY = "loaders/bnb flux"
@@ -75,17 +76,19 @@ class LoadBnbFlux(io.ComfyNode):
     def execute(cls, unet_name, quant_type, double_quant, compute_dtype, quantize_img_in=False) -> io.NodeOutput:
         require_supported_host()
         path = model_path(unet_name)
-        options = {"quant_type": quant_type, "double_quant": bool(double_quant), "compute_dtype": compute_dtype,
-                   "quantize_img_in": bool(quantize_img_in)}
+        options = LoadOptions(quant_type=quant_type, double_quant=bool(double_quant), compute_dtype=compute_dtype,
+                              quantize_img_in=bool(quantize_img_in))
         model = load_bnb_flux(path, options, progress=_progress)
         # ComfyUI rebuilds a model through this when it needs a fresh copy (clone(disable_dynamic=True))
         model.cached_patcher_init = (load_bnb_flux, (path, options))
-        info = model.bnb_info
-        text = (f"{info['source']}\n{info['quant']}: {info['quantized_layers']} of {info['linear_layers']} Linear "
-                f"layers quantized, compute {info['compute_dtype']}, {info['size_bytes'] / 2**20:.1f} MiB")
-        if info["prequantized"]:
+        report = load_report(model)
+        text = (f"{report.source}\n{report.quant}: {report.quantized_layers} of {report.linear_layers} Linear "
+                f"layers quantized, compute {report.compute_dtype}, {report.size_bytes / 2**20:.1f} MiB")
+        if report.prequantized:
             text += "\nquant_type and double_quant not used: the file's own quantization wins"
-        text += "".join(f"\nnote: {n}" for n in info["notes"])
-        badge = {k: info[k] for k in ("file", "source", "prequantized", "quant", "compute_dtype",
-                                      "quantized_layers", "linear_layers", "size_bytes", "notes")}
+        text += "".join(f"\nnote: {n}" for n in report.notes)
+        badge = {"file": report.file, "source": report.source, "prequantized": report.prequantized,
+                 "quant": report.quant, "compute_dtype": report.compute_dtype,
+                 "quantized_layers": report.quantized_layers, "linear_layers": report.linear_layers,
+                 "size_bytes": report.size_bytes, "notes": list(report.notes)}
         return io.NodeOutput(model, ui={"text": [text], "bnb_flux": [badge]})

@@ -75,7 +75,7 @@ class TestLoadBnbFlux:
         # ComfyUI's model size sees the real (packed) bytes: far below float32's 4 bytes per weight
         params = sum(p.numel() for p in make_tiny_flux(CFG).values())
         assert patcher.model_size() < params * 4 * 0.25
-        assert patcher.bnb_info["quantized_layers"] == len(quantized)
+        assert host.pack_module("quant_expand.comfyui.report").load_report(patcher).quantized_layers == len(quantized)
 
     @pytest.mark.parametrize("quant,dq", SCHEMES)
     def test_sampling_equals_full_precision_of_dequantized_weights(self, host, files, quant, dq):

@@ -40,6 +40,10 @@ def load_direct(host, file, quant="nf4", dq=True):
         return node.execute(file, quant, dq, "float32").result[0]
 
 
+def report_of(host, patcher):
+    return host.pack_module("quant_expand.comfyui.report").load_report(patcher)
+
+
 def saver(model_ref, prefix):
     return {"class_type": "SaveBnbFlux", "inputs": {"model": model_ref, "filename_prefix": prefix}}
 
@@ -120,8 +124,8 @@ class TestSaveLoadRoundTrip:
         g = sampling_graph({**g, "r": loader(name, other, not dq)}, ["r", 0], key="reloaded", prefix="b")
         out = host.run(g)
         original, reloaded = host.node_output("q"), host.node_output("r")
-        assert reloaded.bnb_info["prequantized"] and not original.bnb_info["prequantized"]
-        assert reloaded.bnb_info["quant"] == original.bnb_info["quant"]
+        assert report_of(host, reloaded).prequantized and not report_of(host, original).prequantized
+        assert report_of(host, reloaded).quant == report_of(host, original).quant
         assert_same_storage(stored_tensors(host, original), stored_tensors(host, reloaded))
         assert torch.equal(out["orig"], out["reloaded"])
         # detection saw logical shapes: the same model config as the full-precision file gave
@@ -134,6 +138,28 @@ class TestSaveLoadRoundTrip:
         errors = host.run(g, expect_error=True)["errors"]
         assert len(errors) == 1 and errors[0]["node_type"] == "SaveBnbFlux"
         assert "LoRA patches" in errors[0]["exception_message"] and "straight to Load BnB Flux" in errors[0]["exception_message"]
+
+    def test_clones_keep_the_load_report_and_save_names_the_loaded_file(self, host, exact, outdir):
+        """ComfyUI's clone() drops a patcher's plain attributes: the report is an attachment, so a clone
+        without patches (ComfyUI's RescaleCFG) saves with the loaded file as ``source``, and LoRA clones
+        still know what was loaded."""
+        loaded = load_direct(host, exact["nf4"])
+        report = report_of(host, loaded)
+        assert report is not None and report.file == exact["nf4"] and not report.prequantized
+        assert report_of(host, loaded.clone()) is report
+        lora_nodes = host.pack_module("nodes.apply_control_lora")
+        with torch.inference_mode():
+            applied = lora_nodes.ApplyControlLora.execute(loaded, CONTROL, 1.0).result[0]
+            rescaled = lora_nodes.SetLoraScale.execute(applied, CONTROL, 0.5).result[0]
+        assert report_of(host, applied) is report and report_of(host, rescaled) is report
+        prefix = "diffusion_models/from_a_clone"
+        host.run({"q": loader(exact["nf4"]),
+                  "c": {"class_type": "RescaleCFG", "inputs": {"model": ["q", 0], "multiplier": 0.7}},
+                  "save": saver(["c", 0], prefix)})
+        clone = host.node_output("c")
+        assert clone is not host.node_output("q") and not clone.patches and not clone.object_patches
+        with safe_open(saved_file(outdir, prefix), "pt") as f:
+            assert f.metadata()["source"] == exact["nf4"]
 
     @pytest.mark.parametrize("prefix", ["diffusion_models/a\x00b", "diffusion_models/two\nlines", ""])
     def test_save_refuses_a_prefix_with_control_characters_naming_it(self, host, exact, outdir, prefix):
@@ -175,7 +201,7 @@ class TestSaveLoadRoundTrip:
         assert main(["quantize", src, dst, "--quant", quant] + ([] if dq else ["--no-double-quant"])) == 0
         on_load = load_direct(host, os.path.basename(src), quant, dq)
         converted = load_direct(host, os.path.basename(dst), "fp4", not dq)
-        assert converted.bnb_info["prequantized"] and converted.bnb_info["quant"] == on_load.bnb_info["quant"]
+        assert report_of(host, converted).prequantized and report_of(host, converted).quant == report_of(host, on_load).quant
         assert_same_storage(stored_tensors(host, on_load), stored_tensors(host, converted))
 
 
@@ -195,8 +221,8 @@ class TestForeignFiles:
         out = host.run(g)
         assert_same_storage(stored_tensors(host, host.node_output("f")), stored_tensors(host, host.node_output("q")))
         assert torch.equal(out["forge"], out["on_load"])
-        info = host.node_output("f").bnb_info
-        assert info["prequantized"] and "lllyasviel/Forge" in info["source"]
+        info = report_of(host, host.node_output("f"))
+        assert info.prequantized and "lllyasviel/Forge" in info.source
         # what the node shows: what it found, and that its quant_type input did not apply
         node = host.pack_module("nodes.load_bnb_flux").LoadBnbFlux
         with torch.inference_mode():
@@ -232,9 +258,9 @@ class TestForeignFiles:
         save_sharded(diffusers_state_dict(sd, CFG, "nf4", double_quant=True, skip=("proj_out",)), folder, shards=2)
         shard = "pq_diffusers_nf4/diffusion_pytorch_model-00002-of-00002.safetensors"
         patcher = load_direct(host, shard, "fp4", False)
-        info = patcher.bnb_info
-        assert info["prequantized"] and "diffusers-bnb" in info["source"]
-        assert any("de-nested" in n for n in info["notes"])  # the log and the node's text say so
+        info = report_of(host, patcher)
+        assert info.prequantized and "diffusers-bnb" in info.source
+        assert any("de-nested" in n for n in info.notes)  # the log and the node's text say so
         qkv = patcher.model.diffusion_model.double_blocks[0].img_attn.qkv
         assert qkv.weight.shape == (3 * CFG.hidden_size, CFG.hidden_size) and not qkv.weight.quant_state.nested
         ref = write_dequantized(host, patcher, "pq_diffusers_nf4_deq.safetensors")
@@ -255,7 +281,8 @@ class TestForeignFiles:
                            ["r", 0], key="ref", prefix="b")
         out = host.run(g)
         patcher = host.node_output("i")
-        assert patcher.bnb_info["quant"].startswith("int8") and patcher.bnb_info["quantized_layers"] == 23  # every Linear
+        info = report_of(host, patcher)
+        assert info.quant.startswith("int8") and info.quantized_layers == 23  # every Linear
         # exact-survival int8 weights: the file's model is the original full-precision one
         assert rel_err(out["int8"], out["ref"]) < 1e-6
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import time
 from typing import Optional
@@ -25,8 +26,22 @@ from ..layers import (
 from ..spec import QuantSpec
 from .ops import BnbFluxOps, DeferredLinear
 from .patcher import BnbModelPatcher
+from .report import LoadReport
 
 log = logging.getLogger("comfyui-bnb-flux")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadOptions:
+    """How Load BnB Flux quantizes a full-precision file (a pre-quantized one keeps its own scheme)."""
+
+    quant_type: str = "nf4"  # nf4, fp4 or int8
+    double_quant: bool = True  # 4-bit only: quantize the per-block scales too
+    compute_dtype: object = "auto"  # auto, bfloat16, float16, float32 or a torch.dtype
+    quantize_img_in: bool = False
+    blocksize: int = 64  # 4-bit only
+    load_device: Optional[torch.device] = None  # None: ComfyUI's torch device
+    offload_device: Optional[torch.device] = None  # None: ComfyUI's unet offload device
 
 
 def _set_module(root: torch.nn.Module, name: str, module: torch.nn.Module):
@@ -137,12 +152,12 @@ def _require_finite(file: str, key: str, tensor: torch.Tensor):
         raise BnbFluxError(f"{file}: tensor {key} holds NaN or inf values; the file is damaged: download it again")
 
 
-def load_bnb_flux(unet_path: str, options: dict, disable_dynamic: bool = False, progress=None):
-    """Build a quantized FLUX as a :class:`BnbModelPatcher`, quantizing tensor by tensor while streaming.
-
-    ``options``: ``quant_type``, ``double_quant``, ``compute_dtype``, ``quantize_img_in`` (the node's inputs). The
-    patcher always uses ComfyUI's non-dynamic loading (see :class:`BnbModelPatcher`), so
-    ``disable_dynamic`` is accepted for ``cached_patcher_init`` and changes nothing.
+def load_bnb_flux(unet_path: str, options: LoadOptions = LoadOptions(), disable_dynamic: bool = False,
+                  progress=None):
+    """Build a quantized FLUX as a :class:`BnbModelPatcher`, quantizing tensor by tensor while streaming;
+    its :class:`LoadReport` is attached (``report.load_report(patcher)``). The patcher always uses
+    ComfyUI's non-dynamic loading (see :class:`BnbModelPatcher`), so ``disable_dynamic`` is accepted for
+    ``cached_patcher_init`` and changes nothing.
     """
     ckpt = open_flux_checkpoint(unet_path)
     try:
@@ -150,11 +165,11 @@ def load_bnb_flux(unet_path: str, options: dict, disable_dynamic: bool = False, 
     except BnbFluxError:
         ckpt.close()
         raise
-    load_device = options.get("load_device") or mm.get_torch_device()
-    offload_device = options.get("offload_device") or mm.unet_offload_device()
+    load_device = options.load_device or mm.get_torch_device()
+    offload_device = options.offload_device or mm.unet_offload_device()
     parameters = comfy.utils.calculate_parameters(meta)
-    compute_dtype = resolve_compute_dtype(options.get("compute_dtype", "auto"), parameters, model_config, load_device)
-    spec = QuantSpec(options.get("quant_type", "nf4"), bool(options.get("double_quant", True)), 64, compute_dtype)
+    compute_dtype = resolve_compute_dtype(options.compute_dtype, parameters, model_config, load_device)
+    spec = QuantSpec(options.quant_type, bool(options.double_quant), options.blocksize, compute_dtype)
     # the file's own quantization wins: its float Linears stay float, its quantized ones are used as stored
     prequantized = ckpt.is_prequantized
 
@@ -199,7 +214,7 @@ def load_bnb_flux(unet_path: str, options: dict, disable_dynamic: bool = False, 
             new = layer_from_stored(stored, _owned(stored.bias, offload_device, compute_dtype), compute_dtype,
                                     offload_device)
             if new is None and not prequantized and default_should_quantize(name, lin.in_features, spec,
-                                                              bool(options.get("quantize_img_in", False))):
+                                                                                 bool(options.quantize_img_in)):
                 new = quantized_linear_from_float(stored.weight, stored.bias, spec, quantize_device=quantize_device,
                                                   store_device=offload_device)
             if new is not None and not prequantized and not statistics_finite(new):
@@ -255,26 +270,19 @@ def load_bnb_flux(unet_path: str, options: dict, disable_dynamic: bool = False, 
     patcher = BnbModelPatcher(model, load_device=load_device, offload_device=offload_device)
     source = describe_source(ckpt)
     quant = "; ".join(f"{n} x {k}" if len(schemes) > 1 else k for k, n in schemes.items()) or "none"
-    patcher.bnb_info = {
-        "file": ckpt.name,
-        "source": source,
-        "prequantized": prequantized,
-        "quant": quant,
-        "compute_dtype": str(compute_dtype).replace("torch.", ""),
-        "quantized_layers": quantized,
-        "linear_layers": len(linears),
-        "size_bytes": patcher.model_size(),
-        "notes": list(ckpt.notes),
-        # where loading spent its time: a load waiting on reads is disk-bound, else the quantizing is
-        "load_timing": {"total_s": round(time.perf_counter() - started, 3),
-                        **{k: round(v, 3) for k, v in timing.items()}},
-    }
+    report = LoadReport(
+        file=ckpt.name, source=source, prequantized=prequantized, quant=quant,
+        compute_dtype=str(compute_dtype).replace("torch.", ""), quantized_layers=quantized,
+        linear_layers=len(linears), size_bytes=patcher.model_size(), notes=tuple(ckpt.notes),
+        load_timing={"total_s": round(time.perf_counter() - started, 3),
+                     **{k: round(v, 3) for k, v in timing.items()}})
+    report.attach_to(patcher)
     if prequantized:
         log.info("Load BnB Flux: %s; quantized as stored (quant_type/double_quant inputs not used)", source)
     for note in ckpt.notes:
         log.info("Load BnB Flux: %s: %s", ckpt.name, note)
     log.info("Load BnB Flux: %s -> %s, %d of %d Linear layers quantized, compute %s, %.1f MiB, %.1f s "
              "(%.1f s waiting for the file)", ckpt.name, quant, quantized, len(linears), compute_dtype,
-             patcher.model_size() / 2**20, patcher.bnb_info["load_timing"]["total_s"],
+             patcher.model_size() / 2**20, report.load_timing["total_s"],
              timing.get("waiting_for_reads_s", 0.0))
     return patcher

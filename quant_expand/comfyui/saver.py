@@ -9,6 +9,7 @@ from ..errors import BnbFluxError
 from ..flux import bfl_file_key
 from ..layers import is_quantized_linear
 from .patches import unmerged
+from .report import load_report
 
 
 def bnb_flux_state_for_saving(patcher, progress=None) -> tuple[dict, dict]:
@@ -57,5 +58,5 @@ def bnb_flux_state_for_saving(patcher, progress=None) -> tuple[dict, dict]:
                            "python -m quant_expand.cli quantize")
     if bar is not None:
         bar.update(1)
-    info = getattr(patcher, "bnb_info", None) or {}
-    return tensors, file_metadata(linears, source=info.get("file", ""))
+    report = load_report(patcher)
+    return tensors, file_metadata(linears, source=report.file if report is not None else "")

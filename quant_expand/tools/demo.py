@@ -144,10 +144,10 @@ def demo(args) -> int:
     t0 = time.perf_counter()
     out = host.run(g)
     elapsed = time.perf_counter() - t0
-    info = getattr(host.node_output("q_m"), "bnb_info", None)
-    if info:
-        print(f"Load BnB Flux: {info['quant']}, {info['quantized_layers']} of {info['linear_layers']} Linear layers "
-              f"quantized, compute {info['compute_dtype']}, model {info['size_bytes'] / 2**20:.2f} MiB "
+    info = host.pack_module("quant_expand.comfyui.report").load_report(host.node_output("q_m"))
+    if info is not None:
+        print(f"Load BnB Flux: {info.quant}, {info.quantized_layers} of {info.linear_layers} Linear layers "
+              f"quantized, compute {info.compute_dtype}, model {info.size_bytes / 2**20:.2f} MiB "
               f"(float32: {n_params * 4 / 2**20:.2f} MiB)")
     print(f"executed 3 sampling branches in {elapsed:.1f} s")
     err = _rel(out["bnb"], out["full"])
