@@ -55,31 +55,32 @@ def _slice_target(module: str, part: Optional[str], modules: dict[str, tuple[int
     return LoraTarget(module, start, rows)
 
 
+def _in_block(name: str, double: dict, single: dict) -> Optional[tuple[str, object]]:
+    """``(BFL block name, table entry)`` for a name inside a diffusers (single_)transformer block that the
+    block's table knows, else None."""
+    m = _BLOCK_RE.match(name)
+    if m is None:
+        return None
+    kind, index, inner = m.groups()
+    table, bfl_block = (double, "double_blocks") if kind == "transformer_blocks" else (single, "single_blocks")
+    return (f"{bfl_block}.{index}", table[inner]) if inner in table else None
+
+
 def _diffusers_target(name: str, modules: dict[str, tuple[int, int]]) -> Optional[LoraTarget]:
     """BFL target of a diffusers Linear name (no prefix, no suffix); None if the name is not a FLUX Linear."""
     if name in _DIFFUSERS_TOP:
         return LoraTarget(_DIFFUSERS_TOP[name], swap_halves=(_DIFFUSERS_TOP[name] == SWAPPED_HALVES))
-    m = _BLOCK_RE.match(name)
-    if m is None:
+    found = _in_block(name, _DIFFUSERS_DOUBLE, _DIFFUSERS_SINGLE)
+    if found is None:
         return None
-    kind, index, inner = m.groups()
-    table, bfl_block = ((_DIFFUSERS_DOUBLE, "double_blocks") if kind == "transformer_blocks"
-                        else (_DIFFUSERS_SINGLE, "single_blocks"))
-    if inner not in table:
-        return None
-    bfl_inner, part = table[inner]
-    return _slice_target(f"{bfl_block}.{index}.{bfl_inner}", part, modules)
+    block, (bfl_inner, part) = found
+    return _slice_target(f"{block}.{bfl_inner}", part, modules)
 
 
 def _diffusers_norm_key(name: str) -> Optional[str]:
     """BFL norm scale key of a diffusers QK-norm name (``transformer_blocks.0.attn.norm_q``), or None."""
-    m = _BLOCK_RE.match(name)
-    if m is None:
-        return None
-    kind, index, inner = m.groups()
-    table, bfl_block = ((_DIFFUSERS_NORMS_DOUBLE, "double_blocks") if kind == "transformer_blocks"
-                        else (_DIFFUSERS_NORMS_SINGLE, "single_blocks"))
-    return f"{bfl_block}.{index}.{table[inner]}.scale" if inner in table else None
+    found = _in_block(name, _DIFFUSERS_NORMS_DOUBLE, _DIFFUSERS_NORMS_SINGLE)
+    return f"{found[0]}.{found[1]}.scale" if found is not None else None
 
 
 def _block_indices(modules, bfl_block: str) -> list[int]:
