@@ -2,6 +2,8 @@
 pre-quantized one (lllyasviel/Forge NF4/FP4, diffusers-bnb, LLM.int8, Save BnB Flux) used as stored."""
 from __future__ import annotations
 
+import dataclasses
+
 import comfy.utils
 import folder_paths
 from comfy_api.latest import io
@@ -87,8 +89,6 @@ class LoadBnbFlux(io.ComfyNode):
         if report.prequantized:
             text += "\nquant_type and double_quant not used: the file's own quantization wins"
         text += "".join(f"\nnote: {n}" for n in report.notes)
-        badge = {"file": report.file, "source": report.source, "prequantized": report.prequantized,
-                 "quant": report.quant, "compute_dtype": report.compute_dtype,
-                 "quantized_layers": report.quantized_layers, "linear_layers": report.linear_layers,
-                 "size_bytes": report.size_bytes, "notes": list(report.notes)}
+        badge = {**{k: v for k, v in dataclasses.asdict(report).items() if k != "load_timing"},
+                 "notes": list(report.notes)}
         return io.NodeOutput(model, ui={"text": [text], "bnb_flux": [badge]})
