@@ -716,7 +716,6 @@ def run(args):
                         with tuned(int8_dequant=mode):
                             bench.unload()
                             bench.sample(f"int8 dequant {mode}", m)
-                bench.unload()
             del m
             bench.unload()
     else:
