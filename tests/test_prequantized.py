@@ -25,7 +25,7 @@ from prequantized_files import (ALL_IN_ONE_EXTRAS, bnb_linear_state, diffusers_s
 from quant_expand.cli import main
 from quant_expand.errors import BnbFluxError
 from quant_expand.checkpoint.fusion import PieceInfo, assemble_rows, plan_rows
-from quant_expand.checkpoint.stored import StoredLinear, quantize_weight
+from quant_expand.checkpoint.stored import StoredKind, StoredLinear, quantize_weight
 from quant_expand.flux import default_should_quantize
 from quant_expand.tools.convert import inspect_file, quantize_file
 from quant_expand.checkpoint.reader import open_flux_checkpoint
@@ -344,5 +344,5 @@ def test_stored_linear_dequantize_matches_bnb(tmp_path):
     w = make_tiny_flux(CFG, seed=8)["txt_in.weight"]
     state = bnb_linear_state(w, None, "nf4", True)
     qs = QuantState.from_dict({k[len("weight."):]: v for k, v in state.items() if k != "weight"}, torch.device("cpu"))
-    stored = StoredLinear("4bit", packed=state["weight"], quant_state=qs)
+    stored = StoredLinear(StoredKind.FOUR_BIT, packed=state["weight"], quant_state=qs)
     assert torch.equal(stored.dequantize(), bnb_dequantized(state, "nf4"))

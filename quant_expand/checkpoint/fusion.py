@@ -1,6 +1,7 @@
 """Fusing diffusers' separate q/k/v (and other split) layers into FLUX's fused rows, quantized bytes included."""
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Optional
 
@@ -9,7 +10,7 @@ from bitsandbytes.functional import QuantState
 
 from ..errors import BnbFluxError
 from ..spec import QuantSpec
-from .stored import StoredLinear, denested_absmax, quantize_weight
+from .stored import StoredKind, StoredLinear, denested_absmax, quantize_weight
 
 
 @dataclass
@@ -17,7 +18,7 @@ class PieceInfo:
     """What one stored Linear of the file is, read from headers and the small quant-state tensors only."""
 
     module: str                   # file module key (prefix included)
-    kind: str                     # "float" | "4bit" | "int8"
+    kind: StoredKind
     shape: tuple[int, int]        # logical [out, in]
     dtype: torch.dtype            # float weight dtype; 4-bit: the recorded dequantize dtype
     quant_type: Optional[str] = None
@@ -30,6 +31,9 @@ class PieceInfo:
     nested_code: Optional[torch.Tensor] = None
     stored_bytes: int = 0
 
+    def __post_init__(self):
+        self.kind = StoredKind(self.kind)
+
     @property
     def numel(self) -> int:
         return self.shape[0] * self.shape[1]
@@ -37,19 +41,36 @@ class PieceInfo:
     @classmethod
     def of(cls, module: str, stored: StoredLinear) -> "PieceInfo":
         """The info of a Linear already in memory (for planning row assembly of tensors not read from a file)."""
-        if stored.kind != "4bit":
-            dtype = stored.weight.dtype if stored.kind == "float" else torch.float16
+        if stored.kind is not StoredKind.FOUR_BIT:
+            dtype = stored.weight.dtype if stored.kind is StoredKind.FLOAT else torch.float16
             return cls(module, stored.kind, stored.shape, dtype)
         qs = stored.quant_state
-        return cls(module, "4bit", tuple(qs.shape), qs.dtype, quant_type=qs.quant_type, blocksize=qs.blocksize,
+        return cls(module, StoredKind.FOUR_BIT, tuple(qs.shape), qs.dtype, quant_type=qs.quant_type,
+                   blocksize=qs.blocksize,
                    nested=qs.nested, nested_blocksize=qs.state2.blocksize if qs.nested else None,
                    offset=float(qs.offset) if qs.nested else None, absmax_count=qs.absmax.numel(), code=qs.code,
                    nested_code=qs.state2.code if qs.nested else None)
 
     def scheme(self) -> str:
-        if self.kind == "4bit":
+        if self.kind is StoredKind.FOUR_BIT:
             return f"{self.quant_type} (blocksize {self.blocksize}, {'double quant' if self.nested else 'no double quant'})"
-        return "int8 (LLM.int8 rows + SCB)" if self.kind == "int8" else "float"
+        return "int8 (LLM.int8 rows + SCB)" if self.kind is StoredKind.INT8 else "float"
+
+
+class RowMethod(str, enum.Enum):
+    """How :func:`assemble_rows` builds a Linear from its pieces (see :func:`plan_rows`)."""
+
+    READ = "read"                    # one whole piece, as stored
+    FLOAT = "float"                  # float pieces concatenated
+    CONCAT = "concat"                # quantized bytes and statistics concatenated as they are
+    CONCAT_DENEST = "concat-denest"  # 4-bit bytes concatenated, double-quantized absmax de-nested
+    REQUANTIZE = "requantize"        # dequantized, concatenated, quantized again: not exact
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
 
 @dataclass
@@ -57,8 +78,8 @@ class RowPlan:
     """How a BFL Linear is assembled from row slices of stored Linears (``parts``: piece, first row, rows)."""
 
     parts: list
-    method: str                   # "read" | "concat" | "concat-denest" | "requantize" | "float"
-    kind: str                     # kind of the result
+    method: RowMethod
+    kind: StoredKind              # kind of the result
     exact: bool
     reason: str = ""
 
@@ -81,32 +102,35 @@ def plan_rows(parts: list[tuple[PieceInfo, int, int]]) -> RowPlan:
     """
     first = parts[0][0]
     if len(parts) == 1 and parts[0][1] == 0 and parts[0][2] == first.shape[0]:
-        return RowPlan(parts, "read", first.kind, True)
+        return RowPlan(parts, RowMethod.READ, first.kind, True)
     kinds = {p.kind for p, _, _ in parts}
     widths = {p.shape[1] for p, _, _ in parts}
     if len(widths) != 1:
         raise BnbFluxError(f"{', '.join(p.module for p, _, _ in parts)}: input widths {sorted(widths)} differ; "
                            f"these tensors cannot form one FLUX Linear")
-    if kinds == {"float"}:
-        return RowPlan(parts, "float", "float", True)
-    if kinds == {"int8"}:
-        return RowPlan(parts, "concat", "int8", True, "int8 rows and per-row scales concatenated")
-    quantized = [p for p, _, _ in parts if p.kind != "float"]
+    if kinds == {StoredKind.FLOAT}:
+        return RowPlan(parts, RowMethod.FLOAT, StoredKind.FLOAT, True)
+    if kinds == {StoredKind.INT8}:
+        return RowPlan(parts, RowMethod.CONCAT, StoredKind.INT8, True, "int8 rows and per-row scales concatenated")
+    quantized = [p for p, _, _ in parts if p.kind is not StoredKind.FLOAT]
     target = quantized[0]
-    if kinds == {"4bit"}:
+    if kinds == {StoredKind.FOUR_BIT}:
         same = all(p.quant_type == first.quant_type and p.blocksize == first.blocksize
                    and torch.equal(p.code, first.code) for p, _, _ in parts)
         why = _alignment_problem(parts) if same else "parts quantized with different settings"
         if why is None:
             if _nested_concat_exact(parts):
-                return RowPlan(parts, "concat", "4bit", True, "packed bytes, absmax and nested absmax concatenated")
+                return RowPlan(parts, RowMethod.CONCAT, StoredKind.FOUR_BIT, True,
+                               "packed bytes, absmax and nested absmax concatenated")
             if not any(p.nested for p, _, _ in parts):
-                return RowPlan(parts, "concat", "4bit", True, "packed bytes and absmax concatenated")
-            return RowPlan(parts, "concat-denest", "4bit", True,
+                return RowPlan(parts, RowMethod.CONCAT, StoredKind.FOUR_BIT, True,
+                               "packed bytes and absmax concatenated")
+            return RowPlan(parts, RowMethod.CONCAT_DENEST, StoredKind.FOUR_BIT, True,
                            "packed bytes concatenated; double-quantized absmax de-nested to float32 (each part has "
                            "its own offset), dequantized values identical")
-        return RowPlan(parts, "requantize", "4bit", False, f"{why}: dequantized and quantized again as {target.scheme()}")
-    return RowPlan(parts, "requantize", target.kind, False,
+        return RowPlan(parts, RowMethod.REQUANTIZE, StoredKind.FOUR_BIT, False,
+                       f"{why}: dequantized and quantized again as {target.scheme()}")
+    return RowPlan(parts, RowMethod.REQUANTIZE, target.kind, False,
                    f"parts stored as {', '.join(sorted(kinds))}: dequantized and quantized again as {target.scheme()}")
 
 
@@ -141,28 +165,28 @@ def assemble_rows(plan: RowPlan, stored: dict[str, StoredLinear]) -> StoredLinea
     """Carry out :func:`plan_rows` on the stored tensors (``stored``: piece module -> StoredLinear)."""
     parts = [(stored[p.module], p, start, rows) for p, start, rows in plan.parts]
     bias = _concat_bias(parts)
-    if plan.method == "read":
+    if plan.method is RowMethod.READ:
         s = parts[0][0]
         return StoredLinear(s.kind, s.weight, s.packed, s.quant_state, s.cb, s.scb, bias)
-    if plan.method == "float":
+    if plan.method is RowMethod.FLOAT:
         dtype = parts[0][0].weight.dtype
         if any(s.weight.dtype != dtype for s, _, _, _ in parts):
             dtype = torch.float32
         w = torch.cat([s.weight[start:start + rows].to(dtype) for s, _, start, rows in parts])
-        return StoredLinear("float", weight=w, bias=bias)
-    if plan.kind == "int8" and plan.method == "concat":
+        return StoredLinear(StoredKind.FLOAT, weight=w, bias=bias)
+    if plan.kind is StoredKind.INT8 and plan.method is RowMethod.CONCAT:
         cb = torch.cat([s.cb[start:start + rows] for s, _, start, rows in parts])
         scb = torch.cat([s.scb[start:start + rows].to(torch.float32) for s, _, start, rows in parts])
-        return StoredLinear("int8", cb=cb, scb=scb, bias=bias, note=plan.reason)
-    if plan.method in ("concat", "concat-denest"):
+        return StoredLinear(StoredKind.INT8, cb=cb, scb=scb, bias=bias, note=plan.reason)
+    if plan.method in (RowMethod.CONCAT, RowMethod.CONCAT_DENEST):
         return _concat_4bit(parts, plan, bias)
     # requantize: not exact, said so in plan.reason
     w = torch.cat([s.dequantize(torch.float32)[start:start + rows] for s, _, start, rows in parts])
-    target = next(p for p, _, _ in plan.parts if p.kind != "float")
-    spec = (QuantSpec(target.quant_type, target.nested, target.blocksize) if target.kind == "4bit"
+    target = next(p for p, _, _ in plan.parts if p.kind is not StoredKind.FLOAT)
+    spec = (QuantSpec(target.quant_type, target.nested, target.blocksize) if target.kind is StoredKind.FOUR_BIT
             else QuantSpec("int8"))
     out = quantize_weight(w, spec, bias)
-    if out.kind == "4bit":
+    if out.kind is StoredKind.FOUR_BIT:
         out.quant_state.dtype = target.dtype
     out.note = plan.reason
     return out
@@ -182,7 +206,7 @@ def _concat_4bit(parts, plan: RowPlan, bias) -> StoredLinear:
     first = parts[0][0].quant_state
     width = parts[0][1].shape[1]
     packed, absmax, nested_absmax, rows_total = [], [], [], 0
-    keep_nested = plan.method == "concat"
+    keep_nested = plan.method is RowMethod.CONCAT
     for s, info, start, rows in parts:
         qs = s.quant_state
         bs = qs.blocksize
@@ -205,4 +229,5 @@ def _concat_4bit(parts, plan: RowPlan, bias) -> StoredLinear:
     qs = QuantState(absmax=torch.cat(absmax), shape=torch.Size([rows_total, width]), code=first.code,
                     blocksize=first.blocksize, quant_type=first.quant_type, dtype=first.dtype, offset=offset,
                     state2=state2)
-    return StoredLinear("4bit", packed=torch.cat(packed).reshape(-1, 1), quant_state=qs, bias=bias, note=plan.reason)
+    return StoredLinear(StoredKind.FOUR_BIT, packed=torch.cat(packed).reshape(-1, 1), quant_state=qs, bias=bias,
+                        note=plan.reason)

@@ -22,7 +22,7 @@ from ..flux import (
 )
 from ..spec import FLOAT16_MAX
 from . import scaled_formats
-from .fusion import PieceInfo, RowPlan, assemble_rows, plan_rows
+from .fusion import PieceInfo, RowMethod, RowPlan, assemble_rows, plan_rows
 from .stored import (
     FORMAT_NAME,
     QS_DTYPES,
@@ -31,6 +31,7 @@ from .stored import (
     QS_KEY,
     QS_NESTED_FIELDS,
     QS_TENSORS,
+    StoredKind,
     StoredLinear,
     _quant_state_value_ok,
 )
@@ -72,11 +73,11 @@ class FluxCheckpoint:
                               f"{scaled_formats.describe_formats(self.scaled)}: read as their stored values times "
                               f"their scales, then quantized with the node's quant_type")
         modules = _stored_modules(under)
-        modules.update({m: "float" for m in self.scaled})
+        modules.update({m: StoredKind.FLOAT for m in self.scaled})
         for k in under:  # float Linears: the remaining 2-D float weights (FLUX.1 has no other 2-D weights)
             if k.endswith(".weight") and k[: -len(".weight")] not in modules and len(tensors.shape(k)) == 2 \
                     and tensors.dtype(k) in FLOAT_DTYPES:
-                modules[k[: -len(".weight")]] = "float"
+                modules[k[: -len(".weight")]] = StoredKind.FLOAT
         for m, kind in modules.items():
             self._pieces[m] = self._piece_info(m, kind)
         consumed = scaled_formats.consumed_keys(under, self.scaled, self.prefix)
@@ -123,17 +124,17 @@ class FluxCheckpoint:
         if unknown:
             self.notes.append(f"{len(unknown)} tensor(s) with no FLUX.1 counterpart ignored, e.g. {unknown[0]}")
 
-    def _piece_info(self, module: str, kind: str) -> PieceInfo:
+    def _piece_info(self, module: str, kind: StoredKind) -> PieceInfo:
         t = self.tensors
         wkey = f"{module}.weight"
         scaled = self.scaled.get(module)
         if scaled is not None:
-            return PieceInfo(module, "float", scaled.logical_shape(t.shape(wkey)), torch.float32,
+            return PieceInfo(module, StoredKind.FLOAT, scaled.logical_shape(t.shape(wkey)), torch.float32,
                              stored_bytes=scaled_formats.stored_bytes(t, scaled))
-        if kind == "float":
+        if kind is StoredKind.FLOAT:
             shape = t.shape(wkey)
-            return PieceInfo(module, "float", tuple(shape), t.dtype(wkey), stored_bytes=_nbytes(t, wkey))
-        if kind == "int8":
+            return PieceInfo(module, StoredKind.FLOAT, tuple(shape), t.dtype(wkey), stored_bytes=_nbytes(t, wkey))
+        if kind is StoredKind.INT8:
             shape = t.shape(wkey)
             if t.dtype(wkey) != torch.int8 or len(shape) != 2:
                 raise BnbFluxError(f"{self.name}: {wkey} has {t.dtype(wkey)} {list(shape)} beside {module}.SCB; "
@@ -156,7 +157,7 @@ class FluxCheckpoint:
             if math.prod(t.shape(scb)) != shape[0]:
                 raise BnbFluxError(f"{self.name}: {scb} has {math.prod(t.shape(scb))} values for the {shape[0]} rows "
                                    f"of {wkey}; the file is damaged: download it again")
-            return PieceInfo(module, "int8", tuple(shape), torch.float16,
+            return PieceInfo(module, StoredKind.INT8, tuple(shape), torch.float16,
                              stored_bytes=_nbytes(t, wkey) + _nbytes(t, f"{module}.SCB"))
         qs_keys = [k for k in (f"{wkey}.{QS_KEY}nf4", f"{wkey}.{QS_KEY}fp4") if k in t]
         if not qs_keys:
@@ -165,7 +166,7 @@ class FluxCheckpoint:
                                f"shard): download it again")
         state = self._quant_state_fields(qs_keys[0])
         shape = tuple(state["shape"])
-        info = PieceInfo(module, "4bit", shape, QS_DTYPES[state["dtype"]], quant_type=state["quant_type"],
+        info = PieceInfo(module, StoredKind.FOUR_BIT, shape, QS_DTYPES[state["dtype"]], quant_type=state["quant_type"],
                          blocksize=state["blocksize"])
         if f"{wkey}.absmax" not in t:
             raise BnbFluxError(f"{self.name}: tensor {wkey} has no weight.absmax beside its quant state; the file "
@@ -196,7 +197,7 @@ class FluxCheckpoint:
             raise BnbFluxError(f"{self.name}: {wkey} holds {packed_bytes} bytes and {info.absmax_count} absmax "
                                f"values; a 4-bit {list(shape)} weight with blocksize {info.blocksize} needs "
                                f"{-(-n // 2)} and {-(-n // info.blocksize)}: the file is damaged")
-        info.stored_bytes = sum(_nbytes(t, k) for k in _module_keys(module, "4bit", t))
+        info.stored_bytes = sum(_nbytes(t, k) for k in _module_keys(module, StoredKind.FOUR_BIT, t))
         return info
 
     def _quant_state_fields(self, key: str) -> dict:
@@ -293,15 +294,12 @@ class FluxCheckpoint:
         parts = self.plan(name).parts
         return (sum(rows for _, _, rows in parts), parts[0][0].shape[1])
 
-    def linear_kind(self, name: str) -> str:
-        return self.plan(name).kind
-
     def has_bias(self, name: str) -> bool:
         return any(f"{m}.bias" in self.tensors for m, _, _ in self._linears[name])
 
     @property
     def is_prequantized(self) -> bool:
-        return any(p.kind != "float" for p in self._pieces.values())
+        return any(p.kind is not StoredKind.FLOAT for p in self._pieces.values())
 
     def meta_state_dict(self) -> dict[str, torch.Tensor]:
         """Logical BFL keys, shapes and dtypes (no data read): what model detection must see."""
@@ -321,7 +319,7 @@ class FluxCheckpoint:
         """The largest float weight among ``names`` stored in one piece (what :meth:`read_linear` can
         read into a staging buffer)."""
         sizes = [self.tensors.nbytes(f"{plan.parts[0][0].module}.weight") for plan in map(self.plan, names)
-                 if len(plan.parts) == 1 and plan.parts[0][0].kind == "float"]
+                 if len(plan.parts) == 1 and plan.parts[0][0].kind is StoredKind.FLOAT]
         return max(sizes, default=0)
 
     def read_linear(self, name: str, staging: Optional[torch.Tensor] = None) -> StoredLinear:
@@ -334,7 +332,7 @@ class FluxCheckpoint:
             staging = None
         stored = {p.module: self._read_piece(p, staging) for p, _, _ in plan.parts}
         out = assemble_rows(plan, stored)
-        if plan.method not in ("read", "float"):
+        if plan.method not in (RowMethod.READ, RowMethod.FLOAT):
             note = f"{name}: {plan.reason}"
             if note not in self.notes:
                 self.notes.append(note)
@@ -350,15 +348,17 @@ class FluxCheckpoint:
         t, m = self.tensors, info.module
         bias = t.get(f"{m}.bias") if f"{m}.bias" in t else None
         if m in self.scaled:
-            return StoredLinear("float", weight=scaled_formats.dequantize(self.scaled[m], t, self.name), bias=bias)
-        weight = t.get(f"{m}.weight", out=staging if info.kind == "float" else None)
-        if info.kind == "float":
-            return StoredLinear("float", weight=weight, bias=bias)
-        if info.kind == "int8":
+            weight = scaled_formats.dequantize(self.scaled[m], t, self.name)
+            return StoredLinear(StoredKind.FLOAT, weight=weight, bias=bias)
+        weight = t.get(f"{m}.weight", out=staging if info.kind is StoredKind.FLOAT else None)
+        if info.kind is StoredKind.FLOAT:
+            return StoredLinear(StoredKind.FLOAT, weight=weight, bias=bias)
+        if info.kind is StoredKind.INT8:
             scb = t.get(f"{m}.SCB").to(torch.float32)
             self._check_statistic(f"{m}.SCB", scb, "per-row scale")
-            return StoredLinear("int8", cb=weight, scb=scb, bias=bias)
-        qs_dict = {k[len(m) + 1:]: t.get(k) for k in _module_keys(m, "4bit", t) if k not in (f"{m}.weight", f"{m}.bias")}
+            return StoredLinear(StoredKind.INT8, cb=weight, scb=scb, bias=bias)
+        qs_dict = {k[len(m) + 1:]: t.get(k) for k in _module_keys(m, StoredKind.FOUR_BIT, t)
+                   if k not in (f"{m}.weight", f"{m}.bias")}
         try:
             qs = QuantState.from_dict(qs_dict, device=torch.device("cpu"))
         except Exception as e:  # bnb raises ValueError/AssertionError/KeyError for malformed states
@@ -373,7 +373,7 @@ class FluxCheckpoint:
             self._check_statistic(f"{m}.weight.absmax", qs.absmax, "block scale")
         # bytes are bytes: a non-uint8 quant_storage (diffusers' bnb_4bit_quant_storage) is viewed as uint8
         packed = weight.contiguous().view(torch.uint8).reshape(-1, 1)
-        return StoredLinear("4bit", packed=packed, quant_state=qs, bias=bias)
+        return StoredLinear(StoredKind.FOUR_BIT, packed=packed, quant_state=qs, bias=bias)
 
     def _check_statistic(self, key: str, values: torch.Tensor, what: str, offset: float = 0.0):
         """A quantization statistic bitsandbytes multiplies into every weight of its block or row: NaN or
@@ -397,21 +397,21 @@ class FluxCheckpoint:
     # -- describing -----------------------------------------------------------------------------
     def quant_summary(self) -> dict:
         """Counts and schemes of the Linears as the loader will build them."""
-        kinds = {"4bit": 0, "int8": 0, "float": 0}
+        kinds = {kind.value: 0 for kind in (StoredKind.FOUR_BIT, StoredKind.INT8, StoredKind.FLOAT)}
         schemes: dict[str, int] = {}
         fusions = {"exact": 0, "denested": 0, "requantized": 0}
         for name in self._linears:
             plan = self.plan(name)
-            kinds[plan.kind] += 1
-            if plan.kind != "float":
-                target = next(p for p, _, _ in plan.parts if p.kind != "float")
+            kinds[plan.kind.value] += 1
+            if plan.kind is not StoredKind.FLOAT:
+                target = next(p for p, _, _ in plan.parts if p.kind is not StoredKind.FLOAT)
                 scheme = target.scheme()
-                if plan.method == "concat-denest":
+                if plan.method is RowMethod.CONCAT_DENEST:
                     scheme = scheme.replace("double quant", "absmax de-nested")
                 schemes[scheme] = schemes.get(scheme, 0) + 1
-            if len(plan.parts) > 1 and plan.kind != "float":
-                fusions["exact" if plan.method == "concat" else "denested" if plan.method == "concat-denest"
-                        else "requantized"] += 1
+            if len(plan.parts) > 1 and plan.kind is not StoredKind.FLOAT:
+                fusion = {RowMethod.CONCAT: "exact", RowMethod.CONCAT_DENEST: "denested"}.get(plan.method, "requantized")
+                fusions[fusion] += 1
         return {"kinds": kinds, "schemes": schemes, "fusions": fusions, "linears": len(self._linears)}
 
     def describe_layout(self) -> str:
@@ -422,8 +422,9 @@ class FluxCheckpoint:
             return f"full precision, {_LAYOUT_NAMES.get(self.layout, 'unknown names')}"
         kinds = {p.kind for p in self._pieces.values()}
         if self.layout == "diffusers":
-            what = "diffusers-bnb " + "/".join(k for k in ("4-bit", "int8") if k.replace("-", "") in kinds)
-        elif "4bit" in kinds:
+            shown = {StoredKind.FOUR_BIT: "4-bit", StoredKind.INT8: "int8"}
+            what = "diffusers-bnb " + "/".join(word for kind, word in shown.items() if kind in kinds)
+        elif StoredKind.FOUR_BIT in kinds:
             what = "lllyasviel/Forge bnb 4-bit layout (weight.absmax, weight.quant_map, weight.quant_state...)"
         else:
             what = "bnb LLM.int8 layout (weight, SCB, weight_format), BFL names"
@@ -457,16 +458,16 @@ def _find_layout(keys: list[str]) -> tuple[Optional[str], str]:
 _AUX_RE = re.compile(r"^(.*)\.weight\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\.bitsandbytes__\w+)$")
 
 
-def _stored_modules(keys: list[str]) -> dict[str, str]:
-    """File module key -> "4bit" | "int8" | "float" for every stored Linear (2-D weight or bnb layout)."""
+def _stored_modules(keys: list[str]) -> dict[str, StoredKind]:
+    """File module key -> the :class:`StoredKind` of every quantized Linear (bnb 4-bit or int8 layout)."""
     keyset = set(keys)
-    out: dict[str, str] = {}
+    out: dict[str, StoredKind] = {}
     for k in keys:
         m = _AUX_RE.match(k)
         if m:
-            out[m.group(1)] = "4bit"
+            out[m.group(1)] = StoredKind.FOUR_BIT
         elif k.endswith(".SCB"):
-            out.setdefault(k[: -len(".SCB")], "int8")
+            out.setdefault(k[: -len(".SCB")], StoredKind.INT8)
     missing = [m for m in out if f"{m}.weight" not in keyset]
     if missing:
         raise BnbFluxError(f"tensor {missing[0]}.weight is missing beside its quantization state; "
@@ -474,11 +475,11 @@ def _stored_modules(keys: list[str]) -> dict[str, str]:
     return out
 
 
-def _module_keys(module: str, kind: str, t) -> list[str]:
+def _module_keys(module: str, kind: StoredKind, t) -> list[str]:
     w = f"{module}.weight"
-    if kind == "float":
+    if kind is StoredKind.FLOAT:
         return [k for k in (w, f"{module}.bias") if k in t]
-    if kind == "int8":
+    if kind is StoredKind.INT8:
         return [k for k in (w, f"{module}.bias", f"{module}.SCB", f"{module}.weight_format") if k in t]
     keys = [w, f"{module}.bias"] + [f"{w}.{s}" for s in QS_TENSORS] + [f"{w}.{QS_KEY}{q}" for q in ("nf4", "fp4")]
     return [k for k in keys if k in t]

@@ -1,6 +1,7 @@
 """A Linear layer as a file stores it (Forge/bnb 4-bit, bnb int8, float), and the checks on its quant state."""
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -70,12 +71,26 @@ def _quant_state_value_ok(field: str, value) -> bool:
 QS_TENSORS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
 
+class StoredKind(str, enum.Enum):
+    """How a file stores one Linear. A ``str`` whose value is the word that plans and summaries print."""
+
+    FLOAT = "float"
+    FOUR_BIT = "4bit"
+    INT8 = "int8"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
 @dataclass
 class StoredLinear:
     """One Linear as a file stores it: a float ``weight``, or 4-bit ``packed`` + ``quant_state``, or
     int8 ``cb`` + ``scb``; ``note`` says how it was assembled when that was not a plain read."""
 
-    kind: str                                   # "float" | "4bit" | "int8"
+    kind: StoredKind
     weight: Optional[torch.Tensor] = None
     packed: Optional[torch.Tensor] = None
     quant_state: Optional[QuantState] = None
@@ -84,24 +99,27 @@ class StoredLinear:
     bias: Optional[torch.Tensor] = None
     note: Optional[str] = None
 
+    def __post_init__(self):
+        self.kind = StoredKind(self.kind)
+
     @property
     def shape(self) -> tuple[int, int]:
-        if self.kind == "4bit":
+        if self.kind is StoredKind.FOUR_BIT:
             return tuple(self.quant_state.shape)
-        return tuple((self.weight if self.kind == "float" else self.cb).shape)
+        return tuple((self.weight if self.kind is StoredKind.FLOAT else self.cb).shape)
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        if self.kind == "float":
+        if self.kind is StoredKind.FLOAT:
             return self.weight.to(dtype)
-        if self.kind == "int8":  # SCB / 127 is exact for power-of-two scales (see layers.QLinear8bit)
+        if self.kind is StoredKind.INT8:  # SCB / 127 is exact for power-of-two scales (see layers.QLinear8bit)
             return (self.cb.to(torch.float32) * (self.scb.to(torch.float32) / 127.0)[:, None]).to(dtype)
         qs = _quant_state_copy(self.quant_state, torch.float32)
         return bnbf.dequantize_4bit(self.packed, qs).to(dtype)
 
     def describe(self) -> str:
-        if self.kind == "float":
+        if self.kind is StoredKind.FLOAT:
             return f"float ({str(self.weight.dtype).replace('torch.', '')})"
-        if self.kind == "int8":
+        if self.kind is StoredKind.INT8:
             return "int8"
         qs = self.quant_state
         return f"{qs.quant_type}, blocksize {qs.blocksize}, {'double quant' if qs.nested else 'no double quant'}"
@@ -139,16 +157,16 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec, bias: Optional[torch.
         if packed.device.type != "cpu":
             packed, qs = packed.cpu(), _quant_state_copy(qs)
             qs.to("cpu")
-        return StoredLinear("4bit", packed=packed, quant_state=qs, bias=bias)
+        return StoredLinear(StoredKind.FOUR_BIT, packed=packed, quant_state=qs, bias=bias)
     cb, scb = quantize_weight_bytes(weight, spec, device)
-    return StoredLinear("int8", cb=cb.cpu(), scb=scb.cpu(), bias=bias)
+    return StoredLinear(StoredKind.INT8, cb=cb.cpu(), scb=scb.cpu(), bias=bias)
 
 
 def layer_from_stored(stored: StoredLinear, bias, compute_dtype: torch.dtype, store_device):
     """The live quantized layer holding a stored layer's bytes as they are (None for a float one)."""
-    if stored.kind == "4bit":
+    if stored.kind is StoredKind.FOUR_BIT:
         return QLinear4bit.from_prequantized(stored.packed, stored.quant_state, bias, compute_dtype, store_device)
-    if stored.kind == "int8":
+    if stored.kind is StoredKind.INT8:
         return QLinear8bit.from_prequantized(stored.cb, stored.scb, bias, compute_dtype, store_device)
     return None
 
@@ -158,11 +176,12 @@ def stored_from_layer(module, weight=None, bias=None) -> StoredLinear:
     unwidened), else ``weight`` (the plain layer's float weight)."""
     if isinstance(module, QLinear4bit):
         module = unexpand(module)
-        return StoredLinear("4bit", packed=module.weight.data, quant_state=module.weight.quant_state, bias=bias)
+        return StoredLinear(StoredKind.FOUR_BIT, packed=module.weight.data, quant_state=module.weight.quant_state,
+                            bias=bias)
     if isinstance(module, QLinear8bit):
         module = unexpand(module)
-        return StoredLinear("int8", cb=module.weight.data, scb=module.weight.SCB, bias=bias)
-    return StoredLinear("float", weight=weight, bias=bias)
+        return StoredLinear(StoredKind.INT8, cb=module.weight.data, scb=module.weight.SCB, bias=bias)
+    return StoredLinear(StoredKind.FLOAT, weight=weight, bias=bias)
 
 
 def default_quantize_device() -> torch.device:
@@ -175,11 +194,11 @@ def linear_tensors(name: str, stored: StoredLinear) -> dict[str, torch.Tensor]:
     ``QuantState.as_dict(packed=True)`` beside the packed ``weight``), int8 as bnb's ``Linear8bitLt``
     state dict (``weight``, ``SCB``, ``weight_format`` 0 = row-major), float as a plain ``weight``."""
     out: dict[str, torch.Tensor] = {}
-    if stored.kind == "4bit":
+    if stored.kind is StoredKind.FOUR_BIT:
         out[f"{name}.weight"] = stored.packed.detach().reshape(-1, 1)
         for k, v in stored.quant_state.as_dict(packed=True).items():
             out[f"{name}.weight.{k}"] = v.detach().clone()  # small; never shares storage with another layer
-    elif stored.kind == "int8":
+    elif stored.kind is StoredKind.INT8:
         out[f"{name}.weight"] = stored.cb.detach()
         out[f"{name}.SCB"] = stored.scb.detach().to(torch.float32)
         out[f"{name}.weight_format"] = torch.tensor(0, dtype=torch.uint8)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checkpoint.stored import StoredLinear, linear_tensors, stored_from_layer
+from ..checkpoint.stored import StoredKind, StoredLinear, linear_tensors, stored_from_layer
 from ..checkpoint.writer import file_metadata
 from ..errors import BnbFluxError
 from ..flux import bfl_file_key
@@ -52,7 +52,7 @@ def bnb_flux_state_for_saving(patcher, progress=None) -> tuple[dict, dict]:
         if key.rpartition(".")[0] in owners:
             continue
         tensors[bfl_file_key(key)] = original(key, param).to("cpu").contiguous()
-    if not any(s.kind != "float" for s in linears.values()):
+    if not any(s.kind is not StoredKind.FLOAT for s in linears.values()):
         raise BnbFluxError("Save BnB Flux: this model has no bitsandbytes layers (it did not come from Load BnB "
                            "Flux); load the file with Load BnB Flux, or convert it with "
                            "python -m quant_expand.cli quantize")

@@ -6,7 +6,7 @@ from typing import Callable, Optional
 import torch
 
 from ..checkpoint.reader import open_flux_checkpoint
-from ..checkpoint.stored import StoredLinear, linear_tensors, quantize_weight
+from ..checkpoint.stored import StoredKind, StoredLinear, linear_tensors, quantize_weight
 from ..checkpoint.writer import file_metadata, save_flux_file
 from ..errors import BnbFluxError
 from ..flux import _block_count, bfl_file_key, default_should_quantize
@@ -37,7 +37,8 @@ def quantize_file(src: str, dst: str, spec: QuantSpec, quantize_img_in: bool = F
     linears: dict[str, StoredLinear] = {}
     for name in names:
         stored = ckpt.read_linear(name)
-        if stored.kind == "float" and not pre and default_should_quantize(name, stored.shape[1], spec, quantize_img_in):
+        if (stored.kind is StoredKind.FLOAT and not pre
+                and default_should_quantize(name, stored.shape[1], spec, quantize_img_in)):
             stored = quantize_weight(stored.weight, spec, stored.bias, device=device)
         linears[name] = stored
         out.update(linear_tensors(name, stored))
