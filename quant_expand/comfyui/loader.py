@@ -152,6 +152,108 @@ def _require_finite(file: str, key: str, tensor: torch.Tensor):
         raise BnbFluxError(f"{file}: tensor {key} holds NaN or inf values; the file is damaged: download it again")
 
 
+class _LinearLoad:
+    """Every Linear of the file into the model built for it, in the file's order: a quantized layer as
+    stored, a float one quantized on ``quantize_device`` (or kept float where FLUX keeps it), with the
+    checks a damaged file fails. Counts what it did for the load report."""
+
+    def __init__(self, ckpt: FluxCheckpoint, dm: torch.nn.Module, spec: QuantSpec, options: LoadOptions,
+                 quantize_device: torch.device, offload_device: torch.device):
+        self.ckpt, self.dm, self.spec = ckpt, dm, spec
+        self.quantize_img_in = bool(options.quantize_img_in)
+        self.quantize_device, self.offload_device = quantize_device, offload_device
+        # the file's own quantization wins: its float Linears stay float, its quantized ones are used as stored
+        self.prequantized = ckpt.is_prequantized
+        self.keys: set[str] = set()  # the model keys loaded here (weights and biases)
+        self.quantized = 0
+        self.schemes: dict[str, int] = {}
+        self.timing: dict = {}
+
+    def run(self, linears: list, bar=None):
+        in_file = set(self.ckpt.linear_names())
+        missing = [name for name, _ in linears if name not in in_file]
+        if missing:
+            raise BnbFluxError(f"{self.ckpt.name}: tensor {missing[0]}.weight is missing; the file is not a "
+                               f"complete FLUX.1 model")
+        module_of = dict(linears)
+        order = self.ckpt.read_order(list(module_of))  # the file's order: one pass over a cold disk
+        # float weights are copied (to the GPU to be quantized, or into a kept float layer) before the
+        # buffer they were read into is reused
+        staging = None if self.prequantized else _staging_buffers(
+            self.ckpt, order, pin=mm.is_device_cuda(self.quantize_device))
+        reads = _read_ahead(self.ckpt, order, self.timing, staging)
+        try:
+            for name in order:
+                self._one(name, module_of[name], next(reads))
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            reads.close()
+            pinned = staging is not None and staging[0].is_pinned()
+            del staging
+            if pinned and hasattr(torch._C, "_host_emptyCache"):
+                torch._C._host_emptyCache()  # hand the pinned staging memory back instead of caching it
+
+    def _one(self, name: str, lin: DeferredLinear, stored):
+        file, dtype = self.ckpt.name, self.spec.compute_dtype
+        self.keys.update({f"{name}.weight", f"{name}.bias"})
+        if stored.shape != (lin.out_features, lin.in_features):
+            raise BnbFluxError(f"{file}: {name}.weight has shape {list(stored.shape)}, the detected model "
+                               f"expects {[lin.out_features, lin.in_features]}")
+        if lin.deferred_bias and stored.bias is None:
+            raise BnbFluxError(f"{file}: tensor {name}.bias is missing; the file is not a complete FLUX.1 model")
+        new = layer_from_stored(stored, _owned(stored.bias, self.offload_device, dtype), dtype, self.offload_device)
+        if new is None and not self.prequantized and default_should_quantize(name, lin.in_features, self.spec,
+                                                                             self.quantize_img_in):
+            new = quantized_linear_from_float(stored.weight, stored.bias, self.spec,
+                                              quantize_device=self.quantize_device, store_device=self.offload_device)
+            if not statistics_finite(new):
+                # a NaN/inf weight makes its block's scale NaN/inf: checked on the scales, not the weights
+                raise BnbFluxError(f"{file}: tensor {name}.weight holds NaN or inf values (or, for int8, values "
+                                   f"beyond float16's range); the file is damaged: download it again")
+        if new is None:
+            _require_finite(file, f"{name}.weight", stored.weight)
+        if stored.bias is not None:
+            _require_finite(file, f"{name}.bias", stored.bias)
+        if new is not None:
+            _set_module(self.dm, name, new)
+            self.quantized += 1
+            scheme = new.quant_spec().describe()
+            self.schemes[scheme] = self.schemes.get(scheme, 0) + 1
+            return
+        lin.weight = torch.nn.Parameter(_owned(stored.weight, self.offload_device, dtype), requires_grad=False)
+        if stored.bias is not None:
+            lin.bias = torch.nn.Parameter(_owned(stored.bias, self.offload_device, dtype), requires_grad=False)
+
+
+def _load_other_tensors(ckpt: FluxCheckpoint, model, logical_key: dict[str, str], loaded: set[str],
+                        device: torch.device, dtype: torch.dtype):
+    """Every model tensor that is no Linear's (norm scales, embedder tensors) from the file; ``logical_key``:
+    ComfyUI's model key -> the file's logical key."""
+    params = dict(model.diffusion_model.named_parameters())
+    for key, src in logical_key.items():
+        if key in loaded:
+            continue
+        current = params.get(key)
+        if current is None:
+            # as ComfyUI's UNETLoader, which loads such files and logs the keys it did not use
+            log.warning("Load BnB Flux: %s: tensor %s is not part of a FLUX.1 model; ignored", ckpt.name,
+                        shown_name(src))
+            continue
+        tensor = ckpt.read(src)
+        if tuple(tensor.shape) != tuple(current.shape):
+            raise BnbFluxError(f"{ckpt.name}: tensor {shown_name(src)} has shape {list(tensor.shape)}, the detected "
+                               f"model expects {list(current.shape)}; the file is damaged or not a FLUX.1 model of "
+                               f"this size")
+        if tensor.is_floating_point():
+            _require_finite(ckpt.name, shown_name(src), tensor)
+        comfy.utils.set_attr_param(model, f"diffusion_model.{key}", _owned(tensor, device, dtype))
+    unloaded = [n for n, p in model.diffusion_model.named_parameters() if p is None or p.device.type == "meta"]
+    if unloaded:
+        raise BnbFluxError(f"{ckpt.name}: no tensors for {', '.join(unloaded[:5])}; the file is not a complete "
+                           f"FLUX.1 model")
+
+
 def load_bnb_flux(unet_path: str, options: LoadOptions = LoadOptions(), disable_dynamic: bool = False,
                   progress=None):
     """Build a quantized FLUX as a :class:`BnbModelPatcher`, quantizing tensor by tensor while streaming;
@@ -162,127 +264,46 @@ def load_bnb_flux(unet_path: str, options: LoadOptions = LoadOptions(), disable_
     ckpt = open_flux_checkpoint(unet_path)
     try:
         model_config, key_map, meta = detect_flux(ckpt)
-    except BnbFluxError:
-        ckpt.close()
-        raise
-    load_device = options.load_device or mm.get_torch_device()
-    offload_device = options.offload_device or mm.unet_offload_device()
-    parameters = comfy.utils.calculate_parameters(meta)
-    compute_dtype = resolve_compute_dtype(options.compute_dtype, parameters, model_config, load_device)
-    spec = QuantSpec(options.quant_type, bool(options.double_quant), options.blocksize, compute_dtype)
-    # the file's own quantization wins: its float Linears stay float, its quantized ones are used as stored
-    prequantized = ckpt.is_prequantized
-
-    model_config.set_inference_dtype(compute_dtype, None, device=load_device)
-    model_config.custom_operations = BnbFluxOps
-    model = model_config.get_model({}, "")
-    # ComfyUI's names for the logical keys (FLUX renames *_norm.scale to *_norm.weight)
-    model_keys = model_config.process_unet_state_dict({k: k for k in key_map})
-    logical_key = {mk: key_map[sk] for mk, sk in model_keys.items()}
-
-    quantize_device = load_device if mm.is_device_cuda(load_device) else torch.device("cpu")
-    dm = model.diffusion_model
-    linears = [(n, m) for n, m in dm.named_modules() if isinstance(m, DeferredLinear)]
-    bar = progress(len(linears) + 1) if progress is not None else None
-    file_linears = set(ckpt.linear_names())
-    loaded = set()
-    quantized = 0
-    schemes: dict[str, int] = {}
-
-    missing = [name for name, _ in linears if name not in file_linears]
-    if missing:
-        ckpt.close()
-        raise BnbFluxError(f"{ckpt.name}: tensor {missing[0]}.weight is missing; the file is not a complete FLUX.1 model")
-    module_of = dict(linears)
-    order = ckpt.read_order([name for name, _ in linears])  # the file's order: one pass over a cold disk
-    timing: dict = {}
-    started = time.perf_counter()
-    # float weights are copied (to the GPU to be quantized, or into a kept float layer) before the
-    # buffer they were read into is reused
-    staging = None if prequantized else _staging_buffers(ckpt, order, pin=mm.is_device_cuda(quantize_device))
-    reads = _read_ahead(ckpt, order, timing, staging)
-    try:
-        for name in order:
-            lin = module_of[name]
-            stored = next(reads)
-            loaded.update({f"{name}.weight", f"{name}.bias"})
-            if stored.shape != (lin.out_features, lin.in_features):
-                raise BnbFluxError(f"{ckpt.name}: {name}.weight has shape {list(stored.shape)}, the detected model "
-                                   f"expects {[lin.out_features, lin.in_features]}")
-            if lin.deferred_bias and stored.bias is None:
-                raise BnbFluxError(f"{ckpt.name}: tensor {name}.bias is missing; the file is not a complete FLUX.1 model")
-            new = layer_from_stored(stored, _owned(stored.bias, offload_device, compute_dtype), compute_dtype,
-                                    offload_device)
-            if new is None and not prequantized and default_should_quantize(name, lin.in_features, spec,
-                                                                                 bool(options.quantize_img_in)):
-                new = quantized_linear_from_float(stored.weight, stored.bias, spec, quantize_device=quantize_device,
-                                                  store_device=offload_device)
-            if new is not None and not prequantized and not statistics_finite(new):
-                # a NaN/inf weight makes its block's scale NaN/inf: checked on the scales, not the weights
-                raise BnbFluxError(f"{ckpt.name}: tensor {name}.weight holds NaN or inf values (or, for int8, values "
-                                   f"beyond float16's range); the file is damaged: download it again")
-            if new is None:
-                _require_finite(ckpt.name, f"{name}.weight", stored.weight)
-            if stored.bias is not None:
-                _require_finite(ckpt.name, f"{name}.bias", stored.bias)
-            if new is not None:
-                _set_module(dm, name, new)
-                quantized += 1
-                scheme = new.quant_spec().describe()
-                schemes[scheme] = schemes.get(scheme, 0) + 1
-            else:
-                lin.weight = torch.nn.Parameter(_owned(stored.weight, offload_device, compute_dtype), requires_grad=False)
-                if stored.bias is not None:
-                    lin.bias = torch.nn.Parameter(_owned(stored.bias, offload_device, compute_dtype), requires_grad=False)
-            del stored, new
-            if bar is not None:
-                bar.update(1)
+        load_device = options.load_device or mm.get_torch_device()
+        offload_device = options.offload_device or mm.unet_offload_device()
+        parameters = comfy.utils.calculate_parameters(meta)
+        compute_dtype = resolve_compute_dtype(options.compute_dtype, parameters, model_config, load_device)
+        spec = QuantSpec(options.quant_type, bool(options.double_quant), options.blocksize, compute_dtype)
+        model_config.set_inference_dtype(compute_dtype, None, device=load_device)
+        model_config.custom_operations = BnbFluxOps
+        model = model_config.get_model({}, "")
+        # ComfyUI's names for the logical keys (FLUX renames *_norm.scale to *_norm.weight)
+        model_keys = model_config.process_unet_state_dict({k: k for k in key_map})
+        logical_key = {mk: key_map[sk] for mk, sk in model_keys.items()}
+        quantize_device = load_device if mm.is_device_cuda(load_device) else torch.device("cpu")
+        linears = [(n, m) for n, m in model.diffusion_model.named_modules() if isinstance(m, DeferredLinear)]
+        bar = progress(len(linears) + 1) if progress is not None else None
+        started = time.perf_counter()
+        layers = _LinearLoad(ckpt, model.diffusion_model, spec, options, quantize_device, offload_device)
+        layers.run(linears, bar)
+        _load_other_tensors(ckpt, model, logical_key, layers.keys, offload_device, compute_dtype)
+        if bar is not None:
+            bar.update(1)
     finally:
-        reads.close()
-        pinned = staging is not None and staging[0].is_pinned()
-        del staging
-        if pinned and hasattr(torch._C, "_host_emptyCache"):
-            torch._C._host_emptyCache()  # hand the pinned staging memory back instead of caching it
-
-    params = dict(dm.named_parameters())
-    for key, src in logical_key.items():
-        if key in loaded:
-            continue
-        current = params.get(key)
-        if current is None:
-            # as ComfyUI's UNETLoader, which loads such files and logs the keys it did not use
-            log.warning("Load BnB Flux: %s: tensor %s is not part of a FLUX.1 model; ignored", ckpt.name, shown_name(src))
-            continue
-        tensor = ckpt.read(src)
-        if tuple(tensor.shape) != tuple(current.shape):
-            raise BnbFluxError(f"{ckpt.name}: tensor {shown_name(src)} has shape {list(tensor.shape)}, the detected model "
-                               f"expects {list(current.shape)}; the file is damaged or not a FLUX.1 model of this size")
-        if tensor.is_floating_point():
-            _require_finite(ckpt.name, shown_name(src), tensor)
-        comfy.utils.set_attr_param(model, f"diffusion_model.{key}", _owned(tensor, offload_device, compute_dtype))
-    unloaded = [n for n, p in dm.named_parameters() if p is None or p.device.type == "meta"]
-    if unloaded:
-        raise BnbFluxError(f"{ckpt.name}: no tensors for {', '.join(unloaded[:5])}; the file is not a complete FLUX.1 model")
-    if bar is not None:
-        bar.update(1)
-    ckpt.close()
+        ckpt.close()
 
     patcher = BnbModelPatcher(model, load_device=load_device, offload_device=offload_device)
     source = describe_source(ckpt)
+    schemes = layers.schemes
     quant = "; ".join(f"{n} x {k}" if len(schemes) > 1 else k for k, n in schemes.items()) or "none"
     report = LoadReport(
-        file=ckpt.name, source=source, prequantized=prequantized, quant=quant,
-        compute_dtype=str(compute_dtype).replace("torch.", ""), quantized_layers=quantized,
+        file=ckpt.name, source=source, prequantized=layers.prequantized, quant=quant,
+        compute_dtype=str(compute_dtype).replace("torch.", ""), quantized_layers=layers.quantized,
         linear_layers=len(linears), size_bytes=patcher.model_size(), notes=tuple(ckpt.notes),
         load_timing={"total_s": round(time.perf_counter() - started, 3),
-                     **{k: round(v, 3) for k, v in timing.items()}})
+                     **{k: round(v, 3) for k, v in layers.timing.items()}})
     report.attach_to(patcher)
-    if prequantized:
+    if layers.prequantized:
         log.info("Load BnB Flux: %s; quantized as stored (quant_type/double_quant inputs not used)", source)
     for note in ckpt.notes:
         log.info("Load BnB Flux: %s: %s", ckpt.name, note)
     log.info("Load BnB Flux: %s -> %s, %d of %d Linear layers quantized, compute %s, %.1f MiB, %.1f s "
-             "(%.1f s waiting for the file)", ckpt.name, quant, quantized, len(linears), compute_dtype,
+             "(%.1f s waiting for the file)", ckpt.name, quant, layers.quantized, len(linears), compute_dtype,
              patcher.model_size() / 2**20, report.load_timing["total_s"],
-             timing.get("waiting_for_reads_s", 0.0))
+             layers.timing.get("waiting_for_reads_s", 0.0))
     return patcher
