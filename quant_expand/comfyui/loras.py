@@ -1,6 +1,7 @@
 """Apply Control LoRA and Set LoRA Scale: a parsed LoRA as ComfyUI patches, and which LoRAs a model carries."""
 from __future__ import annotations
 
+import dataclasses
 import uuid
 
 import comfy.weight_adapter as weight_adapter
@@ -12,16 +13,23 @@ from .patches import required_in_features
 APPLIED_LORAS = "bnb_flux_applied_loras"
 
 
+@dataclasses.dataclass(frozen=True)
+class AppliedLora:
+    """One LoRA file applied by Apply Control LoRA."""
+
+    patch_ids: frozenset  # id() of its patch objects inside ModelPatcher.patches (Set LoRA Scale finds them so)
+    control: bool  # a Control LoRA (at most one per model)
+
+
 class AppliedLoras:
-    """Which LoRAs a model had applied by Apply Control LoRA, by file name: their patch objects
-    (identified by identity inside ``ModelPatcher.patches``) and current strength. A patcher
-    attachment, copied on clone, so each branch of a graph keeps its own record."""
+    """Which LoRAs a model had applied by Apply Control LoRA, by file name. A patcher attachment, copied on
+    clone, so each branch of a graph keeps its own record."""
 
     def __init__(self, entries=None):
-        self.entries: dict[str, dict] = dict(entries or {})
+        self.entries: dict[str, AppliedLora] = dict(entries or {})
 
     def on_model_patcher_clone(self):
-        return AppliedLoras({k: dict(v) for k, v in self.entries.items()})
+        return AppliedLoras(self.entries)
 
     @staticmethod
     def of(patcher) -> "AppliedLoras":
@@ -89,7 +97,7 @@ def apply_lora(model, parsed, strength: float, lora_name: str):
         raise BnbFluxError(f"{lora_name}: already applied to this model; use Set LoRA Scale to change its "
                            f"strength instead of applying it twice")
     if parsed.is_control:
-        other = [n for n, e in applied.entries.items() if e["control"]]
+        other = [n for n, e in applied.entries.items() if e.control]
         if other:
             raise BnbFluxError(f"{lora_name}: a Control LoRA ({other[0]}) is already applied; two Control LoRAs "
                                f"would both claim the control channels of img_in: use one per model")
@@ -106,9 +114,8 @@ def apply_lora(model, parsed, strength: float, lora_name: str):
     if missing:
         raise BnbFluxError(f"{lora_name}: the model has no {missing[0].removeprefix('diffusion_model.')} "
                            f"({len(missing)} layer(s) not found); is this LoRA for FLUX.1?")
-    record = AppliedLoras.of(m).on_model_patcher_clone()
-    record.entries[lora_name] = {"strength": strength, "patch_ids": {id(v) for v in patches.values()},
-                                 "control": parsed.is_control, "layers": len(parsed.layers)}
+    record = AppliedLoras.of(m)  # the clone's own copy (ModelPatcher.clone calls on_model_patcher_clone)
+    record.entries[lora_name] = AppliedLora(frozenset(id(v) for v in patches.values()), parsed.is_control)
     m.set_attachments(APPLIED_LORAS, record)
     return m
 
@@ -123,12 +130,9 @@ def set_lora_scale(model, lora_name: str, strength: float):
         raise BnbFluxError(f"{lora_name}: not applied to this model (applied by Apply Control LoRA upstream: "
                            f"{names}); pick one of those or add an Apply Control LoRA node for it")
     m = model.clone()
-    ids = entry["patch_ids"]
+    ids = entry.patch_ids
     for key, plist in m.patches.items():
         if any(id(p[1]) in ids for p in plist):
             m.patches[key] = [(strength,) + p[1:] if id(p[1]) in ids else p for p in plist]
     m.patches_uuid = uuid.uuid4()
-    record = applied.on_model_patcher_clone()
-    record.entries[lora_name]["strength"] = strength
-    m.set_attachments(APPLIED_LORAS, record)
     return m
