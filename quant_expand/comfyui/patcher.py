@@ -1,4 +1,12 @@
-"""BnbModelPatcher: ComfyUI's ModelPatcher for models whose Linear layers hold bitsandbytes bytes."""
+"""BnbModelPatcher: ComfyUI's ModelPatcher for models whose Linear layers hold bitsandbytes bytes.
+
+Overrides of ComfyUI 0.33's ``ModelPatcher``: ``patch_weight_to_device`` (never merges into quantized
+weights), ``add_patches`` and ``set_injections`` (refusals), ``load`` / ``partially_load`` /
+``partially_unload`` / ``unpatch_model`` (lazy deltas and streaming around ComfyUI's own placement).
+``swap_patches_in_place`` does what ``unpatch_model`` followed by ``load`` would do to a fully loaded
+model's ``backup`` and ``object_patches_backup`` (ComfyUI's own fields, read as 0.33 keeps them), where
+the model is instead of through the offload device. The memory side is in :mod:`.partial_load`.
+"""
 from __future__ import annotations
 
 import logging
