@@ -92,7 +92,7 @@ def diffusers_to_bfl(table: dict, aliases: dict) -> dict[str, tuple[str, Optiona
     return out
 
 
-def _block_count(keys: Iterable[str], root: str) -> int:
+def block_count(keys: Iterable[str], root: str) -> int:
     pattern = re.compile(rf"^{re.escape(root)}\.(\d+)\.")
     found = {int(m.group(1)) for k in keys if (m := pattern.match(k))}
     return max(found) + 1 if found else 0
@@ -104,12 +104,12 @@ def diffusers_layout(keys: Iterable[str]) -> tuple[dict[str, tuple[str, ...]], d
     keys = list(keys)
     linears = {bfl: (d,) for bfl, d in DIFFUSERS_TOP.items()}
     norms = {}
-    for i in range(_block_count(keys, "transformer_blocks")):
+    for i in range(block_count(keys, "transformer_blocks")):
         for bfl, ds in DIFFUSERS_DOUBLE.items():
             linears[f"double_blocks.{i}.{bfl}"] = tuple(f"transformer_blocks.{i}.{d}" for d in ds)
         for bfl, d in DIFFUSERS_NORMS_DOUBLE.items():
             norms[f"double_blocks.{i}.{bfl}.scale"] = f"transformer_blocks.{i}.{d}.weight"
-    for i in range(_block_count(keys, "single_transformer_blocks")):
+    for i in range(block_count(keys, "single_transformer_blocks")):
         for bfl, ds in DIFFUSERS_SINGLE.items():
             linears[f"single_blocks.{i}.{bfl}"] = tuple(f"single_transformer_blocks.{i}.{d}" for d in ds)
         for bfl, d in DIFFUSERS_NORMS_SINGLE.items():
@@ -126,6 +126,6 @@ def bfl_file_key(model_key: str) -> str:
 HEAD_DIM = 128
 
 
-def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+def swap_halves(t: torch.Tensor) -> torch.Tensor:
     first, second = t.chunk(2, dim=0)
     return torch.cat([second, first], dim=0)

@@ -22,16 +22,15 @@ import torch
 import torch.nn.functional as F
 
 from .backends import triton_dequant as kernels
-from .backends.bnb_cuda import _Cuda4bit, _dequantize_4bit
+from .backends.bnb_cuda import Cuda4bit, dequantize_4bit_unchecked
 from .params import (
     LogicalInt8Params,
     LogicalParams4bit,
-    _copy_param,
-    _target_device,
+    copy_param,
     quant_state_to,
+    target_device,
 )
 from .spec import QuantSpec
-
 from .tuning import TUNING
 
 
@@ -201,7 +200,7 @@ class QuantLinear:
             super()._apply(fn, recurse)
         finally:
             self._parameters["weight"] = weight
-        target = _target_device(fn, weight.data)
+        target = target_device(fn, weight.data)
         if target != weight.device:
             self._parameters["weight"] = self._weight_on(target, non_blocking=False)
         return self
@@ -298,7 +297,7 @@ class QLinear4bit(QuantLinear, bnb.nn.Linear4bit):
         if param.device != device or qs.dtype != kernel_dtype:
             qs = quant_state_to(qs, device, kernel_dtype)
         packed = param.data if param.device == device else param.data.to(device, non_blocking=True)
-        w = _dequantize_4bit(packed, qs)
+        w = dequantize_4bit_unchecked(packed, qs)
         return w if kernel_dtype == dtype else w.to(dtype)
 
     def _kernels(self, device, dtype):
@@ -323,17 +322,17 @@ class QLinear4bit(QuantLinear, bnb.nn.Linear4bit):
         return self._kernels_on(views[0], qs, device, dtype)
 
     def _kernels_on(self, packed, qs, device, dtype):
-        if device.type == "cuda" and _Cuda4bit.usable(qs):
-            cuda = _Cuda4bit(packed, qs)
+        if device.type == "cuda" and Cuda4bit.usable(qs):
+            cuda = Cuda4bit(packed, qs)
             # the fused LoRA epilogue runs tensor-core GEMMs: 16-bit compute dtypes only (epilogue_ok)
             merged = cuda.merged if cuda.fused is not None and \
                 kernels.Dequant4bit.epilogue_ok(dtype, device, qs.blocksize) else None
-            return cuda.dequantize, (cuda.matmul if _Cuda4bit.usable(qs, gemm=True) else None), merged
-        return (lambda: _dequantize_4bit(packed, qs)), None, None
+            return cuda.dequantize, (cuda.matmul if Cuda4bit.usable(qs, gemm=True) else None), merged
+        return (lambda: dequantize_4bit_unchecked(packed, qs)), None, None
 
     def _weight_on(self, device, non_blocking=False):
         param = self.weight
-        new = _copy_param(param, param.data.to(device, non_blocking=non_blocking))
+        new = copy_param(param, param.data.to(device, non_blocking=non_blocking))
         new.quant_state = quant_state_to(param.quant_state, device)
         new.module = self
         self.quant_state = new.quant_state
@@ -413,7 +412,7 @@ class QLinear8bit(QuantLinear, bnb.nn.Linear8bitLt):
     def _weight_on(self, device, non_blocking=False):
         param = self.weight
         data = param.data.to(device, non_blocking=non_blocking)
-        new = _copy_param(param, data)
+        new = copy_param(param, data)
         new.CB = data
         new.SCB = param.SCB.to(device, non_blocking=non_blocking)
         return new

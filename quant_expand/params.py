@@ -29,7 +29,7 @@ class LogicalInt8Params(LogicalShapeMixin, bnb.nn.Int8Params):
     pass
 
 
-def _copy_param(param: torch.nn.Parameter, data: torch.Tensor) -> torch.nn.Parameter:
+def copy_param(param: torch.nn.Parameter, data: torch.Tensor) -> torch.nn.Parameter:
     """Same parameter class and attributes (whatever this bnb version keeps on it), new storage."""
     new = torch.Tensor._make_subclass(type(param), data, False)
     new.__dict__.update(param.__dict__)
@@ -49,6 +49,6 @@ def quant_state_to(quant_state, device: torch.device, dtype: Optional[torch.dtyp
     return qs
 
 
-def _target_device(fn: Callable, like: torch.Tensor) -> torch.device:
+def target_device(fn: Callable, like: torch.Tensor) -> torch.device:
     # nn.Module._apply only hands us an opaque function: read where it sends an empty tensor.
     return fn(torch.empty(0, dtype=like.dtype, device=like.device)).device

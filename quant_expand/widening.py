@@ -7,7 +7,7 @@ import bitsandbytes as bnb
 import torch
 
 from .layers import QLinear4bit, QLinear8bit, QuantLinear
-from .params import LogicalInt8Params, LogicalParams4bit, _copy_param
+from .params import LogicalInt8Params, LogicalParams4bit, copy_param
 
 
 def as_quant_linear(layer):
@@ -59,7 +59,7 @@ def expand_in_features(layer, in_features: int):
     new._modules = dict(base._modules)
     new.in_features = in_features
     new.__dict__.pop("_run", None)
-    weight = _copy_param(base.weight, base.weight.data)  # same storage: the original bytes
+    weight = copy_param(base.weight, base.weight.data)  # same storage: the original bytes
     if isinstance(new, QLinear4bit):
         weight.module = new
     new._parameters["weight"] = weight

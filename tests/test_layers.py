@@ -228,13 +228,13 @@ def test_forward_dequantizes_like_bitsandbytes(spec):
     bit for bit (generic weights, so every code and nested absmax path is exercised)."""
     import bitsandbytes.functional as bnbf
 
-    from quant_expand.backends.bnb_cuda import _dequantize_4bit
+    from quant_expand.backends.bnb_cuda import dequantize_4bit_unchecked
 
     w = torch.randn(192, 128, generator=torch.Generator().manual_seed(3))
     layer = quantized_linear_from_float(w, None, spec)
     run = layer._run_state(torch.device("cpu"), torch.float32)
     if spec.is_4bit:
-        assert torch.equal(_dequantize_4bit(layer.weight.data, layer.weight.quant_state),
+        assert torch.equal(dequantize_4bit_unchecked(layer.weight.data, layer.weight.quant_state),
                            bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state))
     assert torch.equal(run.dequantize(), layer.dequantize_stored("cpu", torch.float32))
     x = torch.randn(4, 128)

@@ -16,7 +16,7 @@ _bnb_ops = torch.ops.bitsandbytes
 _KERNEL_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-class _Cuda4bit:
+class Cuda4bit:
     """bitsandbytes' own CUDA kernels for one 4-bit layer, called through its ctypes entry points.
 
     bnb's torch ops run each call through the dispatcher, a dynamo guard and Python argument checks:
@@ -67,7 +67,7 @@ class _Cuda4bit:
 
     def dequantize(self) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            return _dequantize_4bit(self.packed, self.qs)
+            return dequantize_4bit_unchecked(self.packed, self.qs)
         qs = self.qs
         with self._device():
             if self.fused is not None:
@@ -112,7 +112,7 @@ class _Cuda4bit:
             return self.fused.dequantize(width, down, up, scale)
 
 
-def _dequantize_4bit(packed: torch.Tensor, qs) -> torch.Tensor:
+def dequantize_4bit_unchecked(packed: torch.Tensor, qs) -> torch.Tensor:
     """``bitsandbytes.functional.dequantize_4bit(packed, qs)``: the same kernels in the same order (so the
     same bits), without its per-call argument checks (``qs`` was checked when the layer was made)."""
     absmax = qs.absmax

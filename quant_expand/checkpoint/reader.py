@@ -33,7 +33,7 @@ from .stored import (
     QS_TENSORS,
     StoredKind,
     StoredLinear,
-    _quant_state_value_ok,
+    quant_state_value_ok,
 )
 from .tensor_files import FLOAT_DTYPES, TensorSet, open_tensor_set
 
@@ -230,7 +230,7 @@ class FluxCheckpoint:
                                             else ""))
             value = state[field]
             expected = QS_JSON_FIELDS.get(field) or QS_NESTED_FIELDS[field]
-            if not _quant_state_value_ok(field, value):
+            if not quant_state_value_ok(field, value):
                 kind = "the string" if isinstance(value, str) else type(value).__name__
                 damaged(field, f"{kind} {shown_name(value)}; bitsandbytes writes {expected}")
         return state

@@ -48,7 +48,7 @@ def _whole(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _quant_state_value_ok(field: str, value) -> bool:
+def quant_state_value_ok(field: str, value) -> bool:
     if field == "quant_type":
         return value in ("nf4", "fp4")
     if field == "blocksize":

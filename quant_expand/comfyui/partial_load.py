@@ -16,7 +16,7 @@ import comfy.model_patcher
 from ..layers import is_quantized_linear
 from ..lora.delta import indexed_device
 from ..streaming import LayerStreamer, StreamedPlacement, StreamUnit, stream_unit_name
-from .patches import _plain_lora_term, build_lazy_delta
+from .patches import plain_lora_term, build_lazy_delta
 
 log = logging.getLogger("comfyui-bnb-flux")
 
@@ -45,7 +45,7 @@ class PartialLoad:
         itemsize = self._compute_dtype().itemsize
         total = 0
         for patch in self.patches.get(f"{name}.weight", []):
-            term = _plain_lora_term(patch, module, f"{name}.weight")
+            term = plain_lora_term(patch, module, f"{name}.weight")
             if term is not None:
                 total += term.rank * (module.in_features + module.out_features) * itemsize
         if f"{name}.bias" in self.patches:

@@ -71,7 +71,7 @@ def widened_linear(module: torch.nn.Linear, width: int, unpatched: Optional[dict
 _ADDITIVE_ADAPTERS = (weight_adapter.LoHaAdapter, weight_adapter.LoKrAdapter)
 
 
-def _plain_lora_term(patch, module, key) -> Optional[LoraTerm]:
+def plain_lora_term(patch, module, key) -> Optional[LoraTerm]:
     """A LoRA patch that is exactly ``strength * alpha/rank * up @ down`` (on optional qkv rows)."""
     strength, v, strength_model, offset, function = patch
     if strength_model != 1.0 or function is not None or not isinstance(v, weight_adapter.LoRAAdapter):
@@ -133,7 +133,7 @@ def lazy_bias_terms(patches: list, out_features: int):
 def build_lazy_delta(patches: list, module: QuantLinear, key: str, bias_terms=()) -> LazyLoraDelta:
     terms, others = [], []
     for p in patches:
-        term = _plain_lora_term(p, module, key)
+        term = plain_lora_term(p, module, key)
         if term is not None:
             terms.append(term)
         else:

@@ -9,7 +9,7 @@ import torch
 from ..errors import LoraFormatError
 from ..spec import FLOAT16_MAX
 from .canonical import LoraTarget
-from .naming import _preview
+from .naming import preview_keys
 
 # dtypes a LoRA's weights may have (what ComfyUI and trainers write); anything else is a damaged file or
 # not a LoRA: an int8/bool "lora_A" would be applied as if its codes were weights
@@ -115,7 +115,7 @@ def _check_inputs(name: str, what: str, module: str, width: int, modules: dict[s
 
 def _check_missing(name: str, missing: list[str]):
     if missing:
-        raise LoraFormatError(f"{name}: targets layers this model does not have: {_preview(missing, 5)}; "
+        raise LoraFormatError(f"{name}: targets layers this model does not have: {preview_keys(missing, 5)}; "
                               f"the LoRA was made for a larger or different FLUX model: use one made for this model")
 
 

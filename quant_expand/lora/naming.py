@@ -193,7 +193,7 @@ def _other_adapter(key: str) -> Optional[str]:
     return None
 
 
-def _preview(keys, n: int = 3) -> str:
+def preview_keys(keys, n: int = 3) -> str:
     keys = list(keys)
     more = f", ... ({len(keys)} in all)" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more
@@ -206,19 +206,19 @@ def detect_lora_format(name: str, keys) -> tuple[str, list[str]]:
     model_keys = [k for k in keys if not k.startswith(_TEXT_ENCODER_PREFIXES)]
     sd_keys = [k for k in model_keys if any(m in k for m in _SD_UNET_MARKERS)]
     if sd_keys:
-        raise LoraFormatError(f"{name}: not a FLUX LoRA (keys look like SDXL/SD1 UNet: {_preview(sd_keys)}); "
+        raise LoraFormatError(f"{name}: not a FLUX LoRA (keys look like SDXL/SD1 UNet: {preview_keys(sd_keys)}); "
                               f"use a LoRA made for FLUX.1")
     if any(k.startswith("lora_transformer_") for k in model_keys):
         raise LoraFormatError(f"{name}: OneTrainer key names (lora_transformer_...) are not supported; "
                               f"save the LoRA from OneTrainer in diffusers or kohya format")
     if not model_keys:
-        detail = f"only text-encoder keys: {_preview(te_keys)}" if te_keys else "the file has no tensors"
+        detail = f"only text-encoder keys: {preview_keys(te_keys)}" if te_keys else "the file has no tensors"
         raise LoraFormatError(f"{name}: no LoRA for the FLUX diffusion model ({detail}); "
                               f"this loader applies LoRAs to the diffusion model only")
     families = {k: _family_of(k) for k in model_keys}
     found = sorted({f for f in families.values() if f is not None})
     if not found:
-        raise LoraFormatError(f"{name}: not a FLUX LoRA (no key names a FLUX.1 layer: {_preview(model_keys)}); "
+        raise LoraFormatError(f"{name}: not a FLUX LoRA (no key names a FLUX.1 layer: {preview_keys(model_keys)}); "
                               f"use a LoRA made for FLUX.1")
     if len(found) > 1:
         examples = "; ".join(f"{f}: {next(k for k, g in families.items() if g == f)}" for f in found)
@@ -226,7 +226,7 @@ def detect_lora_format(name: str, keys) -> tuple[str, list[str]]:
                               f"re-save it in one format (BFL, diffusers or kohya)")
     strays = [k for k, f in families.items() if f is None]
     if strays:
-        raise LoraFormatError(f"{name}: keys that name no FLUX.1 layer: {_preview(strays)}; "
+        raise LoraFormatError(f"{name}: keys that name no FLUX.1 layer: {preview_keys(strays)}; "
                               f"the file may be damaged or made for another model")
     family = found[0]
     if family == "bfl" and any(k.endswith(_COMFY_ONLY) for k in model_keys):

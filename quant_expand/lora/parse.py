@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import LoraFormatError
-from ..flux import HEAD_DIM, _swap_halves
+from ..flux import HEAD_DIM, swap_halves
 from .canonical import LoraLayer, ParsedLora
 from .checks import (
     _check_inputs,
@@ -18,7 +18,7 @@ from .naming import (
     _module_and_role,
     _norm_key,
     _other_adapter,
-    _preview,
+    preview_keys,
     _targets_bfl,
     _targets_diffusers,
     _targets_kohya,
@@ -71,7 +71,7 @@ def parse_lora(tensors, name: str, modules: dict[str, tuple[int, int]]) -> Parse
     if unknown:
         kinds = sorted({k for k in map(_other_adapter, unknown) if k})
         what = f"{', '.join(kinds)} keys" if kinds else "keys this loader does not understand"
-        raise LoraFormatError(f"{name}: {what}: {_preview(unknown)}; this loader applies plain low-rank LoRAs "
+        raise LoraFormatError(f"{name}: {what}: {preview_keys(unknown)}; this loader applies plain low-rank LoRAs "
                               f"(lora_A/lora_B or lora_down/lora_up): use ComfyUI's LoraLoader for other adapters")
 
     if family == "kohya":
@@ -147,8 +147,8 @@ def parse_lora(tensors, name: str, modules: dict[str, tuple[int, int]]) -> Parse
         if target.swap_halves:
             # diffusers' norm_out.linear emits (scale, shift); BFL's adaLN_modulation.1 emits (shift, scale).
             # Only the output rows move: lora_A mixes inputs and stays as it is.
-            up = _swap_halves(up)
-            bias = None if bias is None else _swap_halves(bias)
+            up = swap_halves(up)
+            bias = None if bias is None else swap_halves(bias)
         layers.append(LoraLayer(module=target.module, down=down, up=up, alpha=alpha, row_offset=target.row_offset,
                                 bias=bias, source=source))
 

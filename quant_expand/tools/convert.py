@@ -9,7 +9,7 @@ from ..checkpoint.reader import open_flux_checkpoint
 from ..checkpoint.stored import StoredKind, StoredLinear, linear_tensors, quantize_weight
 from ..checkpoint.writer import file_metadata, save_flux_file
 from ..errors import BnbFluxError
-from ..flux import _block_count, bfl_file_key, default_should_quantize
+from ..flux import block_count, bfl_file_key, default_should_quantize
 from ..spec import QuantSpec
 
 
@@ -86,8 +86,8 @@ def inspect_file(path: str) -> str:
     lines.append(f"layout: {ckpt.describe_layout()}")
     shapes = {n: ckpt.linear_shape(n) for n in ckpt.linear_names()}
     img_in = shapes.get("img_in")
-    doubles = _block_count(shapes, "double_blocks")
-    singles = _block_count(shapes, "single_blocks")
+    doubles = block_count(shapes, "double_blocks")
+    singles = block_count(shapes, "single_blocks")
     variant = "dev (guidance_in)" if any(n.startswith("guidance_in.") for n in shapes) else "schnell (no guidance_in)"
     params = sum(o * i for o, i in shapes.values())
     if img_in:
