@@ -23,7 +23,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_gpu import MODEL_FILE, Bench, bench_parser, flux_width, scrub_paths, write_inputs  # noqa: E402
+from bench_gpu import bench_parser  # noqa: E402
+from harness import Bench, scrub_paths  # noqa: E402
+from inputs import MODEL_FILE, flux_width, write_inputs  # noqa: E402
 from quant_expand.testing.synthetic import TinyFluxConfig  # noqa: E402
 
 
