@@ -26,17 +26,15 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
 import time
 
 from compiling import attention_for_compile_on_cpu, compiled_per_block
-from harness import Bench, RssAnonPeak, cold_read_s, drop_page_cache, scrub_paths
-from inputs import FULL, GIB, MODEL_FILE, REPO_ROOT, SMALL, flux_width, write_inputs
+from harness import PhaseRun, RssAnonPeak, cold_read_s, drop_page_cache
+from inputs import GIB, MODEL_FILE
 from probes import gpu_profile, layer_bytes, quantized_digest, resident_breakdown
-from quant_expand.testing.synthetic import flux_shapes
 
 
 def pack_copy(path: str):
@@ -78,69 +76,13 @@ def paired_ratios(bench, base, models, log, rounds=3, prefix="paired"):
 def run(args):
     import torch
 
-    cfg = SMALL if args.small else FULL
-    if args.blocks:  # FLUX.1-dev width with fewer blocks (a quick run; ratios are not the full model's)
-        cfg = flux_width(*(int(v) for v in args.blocks.split(",")))
-    res = 64 if args.small else 1024
-    log_lines = []
-
-    def log(msg):
-        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        print(line, flush=True)
-        log_lines.append(line)
-
-    models = write_inputs(args.workdir, cfg, "cpu" if args.cpu else "cuda", log)
-    model_file = MODEL_FILE
-    model_path = os.path.join(models, "diffusion_models", model_file)
-
-    from quant_expand.testing.inprocess import ComfyHost
-
-    dynamic = (args.phase == "dynamic" or args.dynamic_vram) and not args.cpu
-    extra = ["--disable-dynamic-vram"] if not dynamic and not args.cpu else []
-    host = ComfyHost.start(args.comfyui, REPO_ROOT, models, cpu=args.cpu, dynamic_vram=dynamic, extra_args=extra)
-    host.cpu = args.cpu
+    bench_run = PhaseRun(args)
     import comfy.model_management as mm
     import nodes as comfy_nodes
 
-    bench = Bench(host, cfg, res, args.steps, log)
-    info = {"phase": args.phase, "device": torch.cuda.get_device_name(0) if not args.cpu else "cpu",
-            "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-            "bitsandbytes": __import__("bitsandbytes").__version__,
-            "comfyui": open(os.path.join(args.comfyui, "comfyui_version.py")).read().split('"')[1],
-            "dynamic_vram": bool(getattr(host, "dynamic_vram", False)), "res": res, "timed_steps": args.steps,
-            "params_billion": round(sum(__import__("math").prod(s) for s in flux_shapes(cfg).values()) / 1e9, 3)}
-    tuning = host.pack_module("quant_expand.tuning").TUNING
-    if args.tiles:  # tile shapes picked by bench/dequant_kernels.py on this machine
-        best = json.load(open(args.tiles))["best_tiles"]
-        tuning.plain_tile, tuning.lora_tile = tuple(best["plain"]), tuple(best["lora"])
-    info["triton_tiles"] = {"plain": list(tuning.plain_tile), "lora": list(tuning.lora_tile)}
-    def save():  # after every run: a command stopped at its time limit keeps what it measured
-        info["runs"] = bench.results
-        info["log"] = log_lines
-        with open(args.out, "w") as f:
-            f.write(scrub_paths(json.dumps(info, indent=1), args.comfyui, args.workdir))
-
-    bench.on_result = save
-    load_node = host.pack_module("nodes.load_bnb_flux").LoadBnbFlux
-    ctl_mod = host.pack_module("nodes.apply_control_lora")
-
-    def load_bnb(quant):
-        with torch.inference_mode():
-            return load_node.execute(model_file, quant, True, "auto").result[0]
-
-    def apply(model, name, strength):
-        with torch.inference_mode():
-            return ctl_mod.ApplyControlLora.execute(model, name, strength).result[0]
-
-    def bf16_model():
-        with torch.inference_mode():
-            return comfy_nodes.UNETLoader().load_unet(model_file, "default")[0]
-
-    def bf16_stock():
-        m = bf16_model()
-        bench.sample("bf16", m)
-        del m
-        bench.unload()
+    bench, host, info, log, save = bench_run.bench, bench_run.host, bench_run.info, bench_run.log, bench_run.save
+    load_bnb, apply, bf16_model, bf16_stock = bench_run.load_bnb, bench_run.apply, bench_run.bf16_model, bench_run.bf16_row
+    model_file, model_path, res, ctl_mod = MODEL_FILE, bench_run.model_path, bench.res, bench_run.lora_nodes
 
     if args.phase == "lowvram":  # a really smaller card (bench/lowvram_phase.py)
         from lowvram_phase import run_lowvram

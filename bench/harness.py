@@ -1,16 +1,19 @@
 """What every benchmark here measures with: the sampling harness (``Bench``: 1 + N euler steps through
-ComfyUI's sampler, per-step times, memory), the memory and collector samplers, the cold read, and the
-results' paths scrubbed."""
+ComfyUI's sampler, per-step times, memory), the memory and collector samplers, the cold read, and one
+command's set-up (``BenchRun``: ComfyUI started on the generated files, the log, the results JSON, the
+pack's nodes as calls)."""
 from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import statistics
 import threading
 import time
 
-from inputs import FULL, GIB, REPO_ROOT
+from inputs import FULL, GIB, MODEL_FILE, REPO_ROOT, SMALL, flux_width, write_inputs
+from quant_expand.testing.synthetic import flux_shapes
 
 
 def drop_page_cache(path):
@@ -187,3 +190,108 @@ def scrub_paths(text: str, comfyui: str, workdir: str) -> str:
         text = re.sub(re.escape(form) + r"(?![\w.-])", names[form], text)
     return text
 
+
+def start_host(comfyui, models, cpu, dynamic_vram=False):
+    """ComfyUI in this process on the models folder ``models``: the classic ModelPatcher unless
+    ``dynamic_vram`` (a CPU run has neither switch); ``host.cpu`` tells Bench where it samples."""
+    from quant_expand.testing.inprocess import ComfyHost
+
+    extra = ["--disable-dynamic-vram"] if not dynamic_vram and not cpu else []
+    host = ComfyHost.start(comfyui, REPO_ROOT, models, cpu=cpu, dynamic_vram=dynamic_vram, extra_args=extra)
+    host.cpu = cpu
+    return host
+
+
+def machine_info(cpu) -> dict:
+    """Where and with which versions a results JSON was measured."""
+    import torch
+
+    return {"device": torch.cuda.get_device_name(0) if not cpu else "cpu", "date": time.strftime("%Y-%m-%d"),
+            "torch": torch.__version__, "bitsandbytes": __import__("bitsandbytes").__version__}
+
+
+def comfyui_version(comfyui) -> str:
+    return open(os.path.join(comfyui, "comfyui_version.py")).read().split('"')[1]
+
+
+class BenchRun:
+    """One benchmark command: the generated files, ComfyUI started on them, the ``Bench`` that samples,
+    the log (kept for the results), the results (``info``, written by ``save``) and the pack's nodes as
+    calls. ``args`` carries --comfyui, --workdir, --out, --steps and --cpu."""
+
+    def __init__(self, args, cfg, res, dynamic_vram=False):
+        self.args, self.log_lines, self.info = args, [], {}
+        models = write_inputs(args.workdir, cfg, "cpu" if args.cpu else "cuda", self.log)
+        self.model_path = os.path.join(models, "diffusion_models", MODEL_FILE)
+        self.host = start_host(args.comfyui, models, args.cpu, dynamic_vram)
+        self.bench = Bench(self.host, cfg, res, args.steps, self.log)
+        self.load_node = self.host.pack_module("nodes.load_bnb_flux").LoadBnbFlux
+        self.lora_nodes = self.host.pack_module("nodes.apply_control_lora")
+
+    def log(self, msg):
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        self.log_lines.append(line)
+
+    def save(self):
+        self.info["log"] = self.log_lines
+        with open(self.args.out, "w") as f:
+            f.write(scrub_paths(json.dumps(self.info, indent=1), self.args.comfyui, self.args.workdir))
+
+    def load_bnb(self, quant):
+        import torch
+
+        with torch.inference_mode():
+            return self.load_node.execute(MODEL_FILE, quant, True, "auto").result[0]
+
+    def apply(self, model, name, strength):
+        import torch
+
+        with torch.inference_mode():
+            return self.lora_nodes.ApplyControlLora.execute(model, name, strength).result[0]
+
+    def with_styles(self, model):
+        """``model`` + the two rank-32 style LoRAs (0.8, 0.6): every "+2style" row."""
+        return self.apply(self.apply(model, "style1.safetensors", 0.8), "style2.safetensors", 0.6)
+
+    def bf16_model(self):
+        import nodes as comfy_nodes
+        import torch
+
+        with torch.inference_mode():
+            return comfy_nodes.UNETLoader().load_unet(MODEL_FILE, "default")[0]
+
+    def bf16_row(self):
+        """Stock bf16 (UNETLoader), the baseline of the rows' ratio_to_bf16, unloaded after."""
+        m = self.bf16_model()
+        self.bench.sample("bf16", m)
+        del m
+        self.bench.unload()
+
+
+class PhaseRun(BenchRun):
+    """The set-up every phase of bench_gpu.py shares: the model's shape (--small, --blocks), dynamic VRAM
+    (--phase dynamic, --dynamic-vram), the run's header and Triton tiles (--tiles) in ``info``, and every
+    row saved as it is measured."""
+
+    def __init__(self, args):
+        cfg = SMALL if args.small else FULL
+        if args.blocks:  # FLUX.1-dev width with fewer blocks (a quick run; ratios are not the full model's)
+            cfg = flux_width(*(int(v) for v in args.blocks.split(",")))
+        res = 64 if args.small else 1024
+        dynamic = (args.phase == "dynamic" or args.dynamic_vram) and not args.cpu
+        super().__init__(args, cfg, res, dynamic)
+        self.info = {"phase": args.phase, **machine_info(args.cpu), "comfyui": comfyui_version(args.comfyui),
+                     "dynamic_vram": bool(getattr(self.host, "dynamic_vram", False)), "res": res,
+                     "timed_steps": args.steps,
+                     "params_billion": round(sum(math.prod(s) for s in flux_shapes(cfg).values()) / 1e9, 3)}
+        tuning = self.host.pack_module("quant_expand.tuning").TUNING
+        if args.tiles:  # tile shapes picked by bench/dequant_kernels.py on this machine
+            best = json.load(open(args.tiles))["best_tiles"]
+            tuning.plain_tile, tuning.lora_tile = tuple(best["plain"]), tuple(best["lora"])
+        self.info["triton_tiles"] = {"plain": list(tuning.plain_tile), "lora": list(tuning.lora_tile)}
+        self.bench.on_result = self.save
+
+    def save(self):  # after every row: a command stopped at its time limit keeps what it measured
+        self.info["runs"] = self.bench.results
+        super().save()

@@ -8,8 +8,8 @@ import sys
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Bench  # noqa: E402
-from inputs import MODEL_FILE, REPO_ROOT, SMALL, flux_width, write_inputs  # noqa: E402
+from harness import Bench, start_host  # noqa: E402
+from inputs import MODEL_FILE, SMALL, flux_width, write_inputs  # noqa: E402
 
 
 def main():
@@ -21,10 +21,7 @@ def main():
     cfg = SMALL if cpu else flux_width(1, 2)
     res = 64 if cpu else 1024
     models = write_inputs(wd, cfg, "cpu" if cpu else "cuda", print, styles=False)
-    from quant_expand.testing.inprocess import ComfyHost
-
-    host = ComfyHost.start(comfy, REPO_ROOT, models, cpu=cpu, extra_args=[] if cpu else ["--disable-dynamic-vram"])
-    host.cpu = cpu
+    host = start_host(comfy, models, cpu)
     load = host.pack_module("nodes.load_bnb_flux").LoadBnbFlux
     ctl_mod = host.pack_module("nodes.apply_control_lora")
     with torch.inference_mode():

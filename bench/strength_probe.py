@@ -18,8 +18,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_gpu import bench_parser  # noqa: E402
-from harness import Bench, scrub_paths  # noqa: E402
-from inputs import FULL, MODEL_FILE, REPO_ROOT, flux_width, write_inputs  # noqa: E402
+from harness import Bench, comfyui_version, machine_info, scrub_paths, start_host  # noqa: E402
+from inputs import FULL, MODEL_FILE, flux_width, write_inputs  # noqa: E402
 from probes import profiled_kernels  # noqa: E402
 
 
@@ -36,11 +36,7 @@ def main():
         print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True)
 
     models = write_inputs(args.workdir, cfg, "cuda", log, styles=False)
-    from quant_expand.testing.inprocess import ComfyHost
-
-    host = ComfyHost.start(args.comfyui, REPO_ROOT, models, cpu=False, dynamic_vram=False,
-                           extra_args=["--disable-dynamic-vram"])
-    host.cpu = False
+    host = start_host(args.comfyui, models, cpu=False)
     b = Bench(host, cfg, 1024, 8, log)
     load = host.pack_module("nodes.load_bnb_flux").LoadBnbFlux
     nodes = host.pack_module("nodes.apply_control_lora")
@@ -62,9 +58,7 @@ def main():
         profiles[name + " totals"] = {"gpu_ms": round(sum(r["gpu_ms"] for r in rows), 1), "cpu_self_ms": cpu_ms,
                                       "gpu_events": sum(r["calls"] for r in rows)}
         log(f"{name} totals: {profiles[name + ' totals']}")
-    info = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-            "bitsandbytes": __import__("bitsandbytes").__version__,
-            "comfyui": open(os.path.join(args.comfyui, "comfyui_version.py")).read().split('"')[1],
+    info = {**machine_info(cpu=False), "comfyui": comfyui_version(args.comfyui),
             "model": "full" if args.full else "4+8 blocks", "res": 1024, "timed_steps": 8,
             "medians": medians, "profiles": profiles}
     with open(args.out, "w") as f:
