@@ -105,3 +105,11 @@ def gpu_profile(bench, load_bnb, apply, log):
     torch.cuda.synchronize()
     return out
 
+
+def resident_row(run, label, model, control=False):
+    """The row ``label`` of ``model``, with the GPU's resident memory by owner beside it (on a GPU)."""
+    bench = run.bench
+    bench.sample(label, model, control=control)
+    if bench.cuda:
+        bench.results[label]["resident_breakdown_gib"] = resident_breakdown(model, run.host)
+        run.log(f"{label} resident: {bench.results[label]['resident_breakdown_gib']}")
