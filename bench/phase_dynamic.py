@@ -22,13 +22,13 @@ def run_dynamic(run):
 
 
 def compiled_rows(run):
-    """The torch.compile rows, each on a fresh dynamo (compiled_row)."""
+    """The torch.compile rows, each on a fresh dynamo (compiled_row): each block one graph first
+    (``fullgraph=True`` raises on any break inside a block; all blocks of a kind share one graph), bf16
+    the same way (what compiling alone gains), then the whole model through ComfyUI's TorchCompileModel
+    node (one graph)."""
     m = run.apply(run.load_bnb("nf4"), "control.safetensors", 1.0)
     if run.args.cpu:
         attention_for_compile_on_cpu()
-    # Each block one graph first (fullgraph=True raises on any break inside a block; the 57 blocks
-    # share two graphs: ~15 s to compile on an H200), bf16 the same way (what compiling alone
-    # gains), then the whole model through ComfyUI's TorchCompileModel node (one graph: ~95 s)
     compiled_row(run, "nf4+control compiled per block fullgraph", lambda: compiled_per_block(m.clone()))
     compiled_row(run, "bf16 compiled per block fullgraph", lambda: compiled_per_block(run.bf16_model()),
                  control=False)

@@ -125,8 +125,7 @@ def set_lora_scale_row(run, nf4, ctl):
     changed = before != quantized_digest(nf4, run.host)
     r["quantized_bytes_unchanged"] = not changed
     r["bytes_requantized"] = sum(layer_bytes(nf4, run.host)) if changed else 0
-    # the change itself, apart from the first step's own spread: node + ComfyUI loading the clone
-    # (the in-place swap), against loading the unchanged model (a no-op)
+    # the change alone, apart from the first step's spread: node + loading the clone (the in-place swap)
     r["node_plus_load_s"] = round(node_s + r["load_before_sampling_s"], 4)
     r["unchanged_model_load_s"] = same["load_before_sampling_s"]
     swaps, current = [], rescaled
@@ -148,21 +147,19 @@ def set_lora_scale_row(run, nf4, ctl):
 
 
 def lowvram_row(run):
-    """NF4 + Control with ComfyUI's VRAM reserve set so that the model does not fit."""
+    """NF4 + Control with ComfyUI's --reserve-vram (EXTRA_RESERVED_VRAM) set so that ComfyUI budgets half
+    the model for the GPU: it loads it partially and streams the rest from the CPU. The memory stays
+    physically free (holding it back with an allocation left ComfyUI's own activation estimate short,
+    and it ran out of memory)."""
     import comfy.model_management as mm
     import torch
 
     bench, log = run.bench, run.log
-    # ComfyUI's --reserve-vram (EXTRA_RESERVED_VRAM), set so that ComfyUI budgets half the NF4 +
-    # Control model for the GPU: it loads it partially and streams the rest from the CPU. The memory
-    # stays physically free (holding it back with an allocation left ComfyUI's own activation
-    # estimate short and ran out of memory twice).
     m = run.apply(run.load_bnb("nf4"), "control.safetensors", 1.0)
     gc.collect()
     torch.cuda.empty_cache()
     free = mm.get_free_memory(mm.get_torch_device())
-    # load_models_gpu budgets at least (free - reserve) - minimum_inference_memory() for weights,
-    # and minimum_inference_memory() is 0.8 GiB + the reserve
+    # load_models_gpu gives weights (free - reserve) - minimum_inference_memory(), that is 0.8 GiB + reserve
     reserve = int(free - m.model_size() * 0.5 - 0.8 * GIB)
     saved = mm.EXTRA_RESERVED_VRAM
     mm.EXTRA_RESERVED_VRAM = reserve

@@ -29,8 +29,6 @@ from inputs import GIB
 
 BUDGETS_GIB = (8, 6, 4)
 
-# The ballast: a second process on the same GPU that takes all but N GiB, measured after its own CUDA
-# context exists, and holds it until its stdin closes.
 BALLAST = r"""
 import sys, torch
 keep = int(float(sys.argv[1]) * 2**30)
@@ -47,6 +45,9 @@ sys.stdin.read()
 
 
 class Ballast:
+    """A second process on the same GPU that takes all but ``free_gib`` (measured after its own CUDA
+    context exists) and holds it until ``close``."""
+
     def __init__(self, free_gib: float):
         self.proc = subprocess.Popen([sys.executable, "-c", BALLAST, str(free_gib)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)

@@ -33,10 +33,9 @@ def pack_copy(path: str):
 def paired_ratios(bench, base, models, log, rounds=3, prefix="paired"):
     """Ratios to the bf16 model ``base`` sampled again in every round, right before the quantized
     ``models`` (``(label, patcher, control)``), all kept loaded: on some GPU machines later rows of a
-    long run come out a few percent slower (four NF4 + Control models averaged 0.2125, 0.2166, 0.2189
-    s/step in three successive rounds on an H200, bench/strength_probe.py), which a ratio to a bf16
-    row measured minutes earlier takes for the model's cost. Ratio = median step / the same round's
-    bf16 median."""
+    long run come out a few percent slower (the same models, round after round: bench/strength_probe.py),
+    which a ratio to a bf16 row measured minutes earlier takes for the model's cost. Ratio = median
+    step / the same round's bf16 median."""
     per = {label: [] for label, _, _ in models}
     for r in range(rounds):
         bench.sample(f"{prefix} r{r} bf16", base)
