@@ -8,7 +8,8 @@ import sys
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_gpu as B  # noqa: E402
+from harness import Bench, start_host  # noqa: E402
+from inputs import MODEL_FILE, SMALL, flux_width, write_inputs  # noqa: E402
 
 
 def main():
@@ -17,19 +18,16 @@ def main():
 
     comfy, wd = sys.argv[1], sys.argv[2]
     cpu = "--cpu" in sys.argv
-    cfg = B.SMALL if cpu else B.flux_width(1, 2)
+    cfg = SMALL if cpu else flux_width(1, 2)
     res = 64 if cpu else 1024
-    models = B.write_inputs(wd, cfg, "cpu" if cpu else "cuda", print, styles=False)
-    from quant_expand.testing.inprocess import ComfyHost
-
-    host = ComfyHost.start(comfy, B.REPO_ROOT, models, cpu=cpu, extra_args=[] if cpu else ["--disable-dynamic-vram"])
-    host.cpu = cpu
+    models = write_inputs(wd, cfg, "cpu" if cpu else "cuda", print, styles=False)
+    host = start_host(comfy, models, cpu)
     load = host.pack_module("nodes.load_bnb_flux").LoadBnbFlux
     ctl_mod = host.pack_module("nodes.apply_control_lora")
     with torch.inference_mode():
-        nf4 = load.execute(B.MODEL_FILE, "nf4", True, "auto").result[0]
+        nf4 = load.execute(MODEL_FILE, "nf4", True, "auto").result[0]
         ctl = ctl_mod.ApplyControlLora.execute(nf4, "control.safetensors", 1.0).result[0]
-    bench = B.Bench(host, cfg, res, 1, print)
+    bench = Bench(host, cfg, res, 1, print)
 
     class Count(TorchDispatchMode):
         def __init__(self):

@@ -17,13 +17,14 @@ import json
 import os
 import pstats
 import sys
-import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_gpu import MODEL_FILE, Bench, bench_parser, flux_width, scrub_paths, write_inputs  # noqa: E402
+from bench_gpu import bench_parser  # noqa: E402
+from harness import BenchRun, machine_info  # noqa: E402
+from inputs import flux_width  # noqa: E402
 from quant_expand.testing.synthetic import TinyFluxConfig  # noqa: E402
 
 
@@ -37,57 +38,15 @@ def main():
     ap.add_argument("--cpu", action="store_true", help="dry run: width 256 on the CPU, 64x64 and 32x32")
     args = ap.parse_args()
 
-    import torch
-
     cfg = (TinyFluxConfig(hidden_size=256, depth=args.depth, depth_single_blocks=args.single) if args.cpu
            else flux_width(args.depth, args.single))
     sizes = (64, 32) if args.cpu else (1024, 256)
-    lines = []
-
-    def log(msg):
-        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        print(line, flush=True)
-        lines.append(line)
-
-    models = write_inputs(args.workdir, cfg, "cpu" if args.cpu else "cuda", log)
-    model_file = MODEL_FILE
-
-    from quant_expand.testing.inprocess import ComfyHost
-
-    host = ComfyHost.start(args.comfyui, REPO_ROOT, models, cpu=args.cpu, dynamic_vram=False,
-                           extra_args=[] if args.cpu else ["--disable-dynamic-vram"])
-    host.cpu = args.cpu
-    import nodes as comfy_nodes
-
-    info = {"device": "cpu" if args.cpu else torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-            "bitsandbytes": __import__("bitsandbytes").__version__, "depth": args.depth, "single": args.single,
-            "runs": {}}
-    bench = Bench(host, cfg, sizes[0], args.steps, log)  # 512 text tokens at FLUX width, as bench_gpu
-
-    def save():
-        info["log"] = lines
-        with open(args.out, "w") as f:
-            f.write(scrub_paths(json.dumps(info, indent=1), args.comfyui, args.workdir))
-
-    load_node = host.pack_module("nodes.load_bnb_flux").LoadBnbFlux
-    ctl_mod = host.pack_module("nodes.apply_control_lora")
-
-    def build(config):
-        with torch.inference_mode():
-            if config == "bf16":
-                return comfy_nodes.UNETLoader().load_unet(model_file, "default")[0], False
-            quant = config.split("+")[0]
-            m = load_node.execute(model_file, quant, True, "auto").result[0]
-            control = "control" in config
-            if control:
-                m = ctl_mod.ApplyControlLora.execute(m, "control.safetensors", 1.0).result[0]
-            if "2style" in config:
-                m = ctl_mod.ApplyControlLora.execute(m, "style1.safetensors", 0.8).result[0]
-                m = ctl_mod.ApplyControlLora.execute(m, "style2.safetensors", 0.6).result[0]
-            return m, control
+    run = BenchRun(args, cfg, sizes[0])  # 512 text tokens at FLUX width, as bench_gpu
+    bench, info = run.bench, run.info
+    info.update({**machine_info(args.cpu), "depth": args.depth, "single": args.single, "runs": {}})
 
     for config in args.configs.split(","):
-        m, control = build(config)
+        m, control = build(run, config)
         row = {}
         for res in sizes:
             bench.results.clear()
@@ -95,10 +54,10 @@ def main():
             row[str(res)] = bench.results[f"{config}@{res}"]
         info["runs"][config] = row
         if config == "nf4+control" and not args.no_trace:
-            info["profile"] = profile(bench, m, log, sizes)
+            info["profile"] = profile(bench, m, run.log, sizes)
         del m
         bench.unload()
-        save()
+        run.save()
     base = info["runs"].get("bf16")
     if base:
         for config, row in info["runs"].items():
@@ -106,8 +65,23 @@ def main():
                 r["ratio_to_bf16"] = round(r["median_step_s"] / base[res]["median_step_s"], 3)
     summary = {c: {res: (r["median_step_s"], r.get("ratio_to_bf16")) for res, r in row.items()}
                for c, row in info["runs"].items()}
-    log("summary (median s/step, ratio to bf16): " + json.dumps(summary))
-    save()
+    run.log("summary (median s/step, ratio to bf16): " + json.dumps(summary))
+    run.save()
+
+
+def build(run, config):
+    """The model a configuration names (``bf16``, ``QUANT``, ``QUANT+control``, ``QUANT+control+2style``)
+    and whether it takes a Control image."""
+    if config == "bf16":
+        return run.bf16_model(), False
+    quant = config.split("+")[0]
+    m = run.load_bnb(quant)
+    control = "control" in config
+    if control:
+        m = run.apply(m, "control.safetensors", 1.0)
+    if "2style" in config:
+        m = run.with_styles(m)
+    return m, control
 
 
 def profile(bench, m, log, sizes):

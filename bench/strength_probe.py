@@ -17,32 +17,31 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import bench_gpu as bg  # noqa: E402
+from bench_gpu import bench_parser  # noqa: E402
+from harness import Bench, comfyui_version, machine_info, scrub_paths, start_host  # noqa: E402
+from inputs import FULL, MODEL_FILE, flux_width, write_inputs  # noqa: E402
+from probes import profiled_kernels  # noqa: E402
 
 
 def main():
-    ap = bg.bench_parser()
+    ap = bench_parser()
     ap.add_argument("--full", action="store_true")
     args = ap.parse_args()
 
     import torch
 
-    cfg = bg.FULL if args.full else bg.flux_width(4, 8)
+    cfg = FULL if args.full else flux_width(4, 8)
 
     def log(m):
         print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True)
 
-    models = bg.write_inputs(args.workdir, cfg, "cuda", log, styles=False)
-    from quant_expand.testing.inprocess import ComfyHost
-
-    host = ComfyHost.start(args.comfyui, bg.REPO_ROOT, models, cpu=False, dynamic_vram=False,
-                           extra_args=["--disable-dynamic-vram"])
-    host.cpu = False
-    b = bg.Bench(host, cfg, 1024, 8, log)
+    models = write_inputs(args.workdir, cfg, "cuda", log, styles=False)
+    host = start_host(args.comfyui, models, cpu=False)
+    b = Bench(host, cfg, 1024, 8, log)
     load = host.pack_module("nodes.load_bnb_flux").LoadBnbFlux
     nodes = host.pack_module("nodes.apply_control_lora")
     with torch.inference_mode():
-        nf4 = load.execute(bg.MODEL_FILE, "nf4", True, "auto").result[0]
+        nf4 = load.execute(MODEL_FILE, "nf4", True, "auto").result[0]
         a10 = nodes.ApplyControlLora.execute(nf4, "control.safetensors", 1.0).result[0]
         a07 = nodes.ApplyControlLora.execute(nf4, "control.safetensors", 0.7).result[0]
         sw = nodes.SetLoraScale.execute(a10, "control.safetensors", 0.7).result[0]
@@ -54,18 +53,16 @@ def main():
             medians[f"{name} r{rnd}"] = b.results[f"{name} r{rnd}"]["median_step_s"]
     profiles = {}
     for name, m in (("apply 1.0", a10), ("set 1.0->0.7", sw), ("apply 0.7", a07)):
-        rows, cpu_ms = bg.profiled_kernels(b, name, m, True)
+        rows, cpu_ms = profiled_kernels(b, name, m, True)
         profiles[name] = rows[:14]
         profiles[name + " totals"] = {"gpu_ms": round(sum(r["gpu_ms"] for r in rows), 1), "cpu_self_ms": cpu_ms,
                                       "gpu_events": sum(r["calls"] for r in rows)}
         log(f"{name} totals: {profiles[name + ' totals']}")
-    info = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-            "bitsandbytes": __import__("bitsandbytes").__version__,
-            "comfyui": open(os.path.join(args.comfyui, "comfyui_version.py")).read().split('"')[1],
+    info = {**machine_info(cpu=False), "comfyui": comfyui_version(args.comfyui),
             "model": "full" if args.full else "4+8 blocks", "res": 1024, "timed_steps": 8,
             "medians": medians, "profiles": profiles}
     with open(args.out, "w") as f:
-        f.write(bg.scrub_paths(json.dumps(info, indent=1), args.comfyui, args.workdir))
+        f.write(scrub_paths(json.dumps(info, indent=1), args.comfyui, args.workdir))
     log(json.dumps(medians))
 
 

@@ -25,11 +25,10 @@ import sys
 import threading
 import time
 
-GIB = 2 ** 30
+from inputs import GIB
+
 BUDGETS_GIB = (8, 6, 4)
 
-# The ballast: a second process on the same GPU that takes all but N GiB, measured after its own CUDA
-# context exists, and holds it until its stdin closes.
 BALLAST = r"""
 import sys, torch
 keep = int(float(sys.argv[1]) * 2**30)
@@ -46,6 +45,9 @@ sys.stdin.read()
 
 
 class Ballast:
+    """A second process on the same GPU that takes all but ``free_gib`` (measured after its own CUDA
+    context exists) and holds it until ``close``."""
+
     def __init__(self, free_gib: float):
         self.proc = subprocess.Popen([sys.executable, "-c", BALLAST, str(free_gib)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
@@ -171,30 +173,52 @@ def pinned_bandwidth_gbps():
     return out
 
 
-def run_lowvram(args, bench, host, load_bnb, apply, bf16_model, info, save, log):
-    import torch
-    import comfy.model_management as mm
-    import nodes as comfy_nodes
+def run_lowvram(run):
+    """Uncapped rounds, then each budget under its ballast, the tables saved as they grow."""
+    phase = LowVramPhase(run)
+    phase.uncapped_rounds()
+    if getattr(run.args, "profile", False) and run.bench.cuda:
+        phase.profile("profiled uncapped nf4+control", "nf4+control", None)
+    budgets = tuple(int(b) for b in run.args.budgets.split(",")) if getattr(run.args, "budgets", None) else BUDGETS_GIB
+    for budget in budgets if run.bench.cuda else ():  # a CPU dry run stops here
+        phase.budget(budget)
+    run.info["table"] = phase.table
+    run.save()
 
-    adapter = host.pack_module("quant_expand.comfyui.partial_load")
-    info["host_to_device_GBps"] = pinned_bandwidth_gbps() if bench.cuda else {"pinned": 1.0, "pageable": 1.0}
-    bw = info["host_to_device_GBps"]["pinned"] * 1e9
-    log(f"host to device: {info['host_to_device_GBps']} GB/s")
-    steps_per_run = bench.steps + 1
-    rounds = max(2, getattr(args, "rounds", 2))
 
-    def stock_control():
-        with torch.inference_mode():
-            return comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(bf16_model(), "control.safetensors", 1.0)[0]
+class LowVramPhase:
+    """The phase's models (stock bf16 + Control, NF4 + Control, + 2 style) and what its rows share: the
+    uncapped latents each capped row is compared with, the ratio tables, the bf16 references."""
 
-    nf4 = load_bnb("nf4")
-    ctl = apply(nf4, "control.safetensors", 1.0)
-    s2 = apply(apply(ctl, "style1.safetensors", 0.8), "style2.safetensors", 0.6)
-    ours = {"nf4+control": ctl, "nf4+control+2style": s2}
-    latents, table = {}, {}
+    def __init__(self, run):
+        import torch
 
-    def row(label, key, model, budget):
+        self.run, self.bench, self.args, self.torch = run, run.bench, run.args, torch
+        bench, info = run.bench, run.info
+        self.adapter = run.host.pack_module("quant_expand.comfyui.partial_load")
+        info["host_to_device_GBps"] = pinned_bandwidth_gbps() if bench.cuda else {"pinned": 1.0, "pageable": 1.0}
+        self.bw = info["host_to_device_GBps"]["pinned"] * 1e9
+        run.log(f"host to device: {info['host_to_device_GBps']} GB/s")
+        self.steps_per_run = bench.steps + 1
+        self.rounds = max(2, getattr(self.args, "rounds", 2))
+        self.nf4 = run.load_bnb("nf4")
+        ctl = run.apply(self.nf4, "control.safetensors", 1.0)
+        self.ours = {"nf4+control": ctl, "nf4+control+2style": run.with_styles(ctl)}
+        self.latents, self.table = {}, {}
+        self.uncapped = {"bf16+control": [], "nf4+control": [], "nf4+control+2style": []}
+        self.bf = None
+
+    def stock_control(self):
+        import nodes as comfy_nodes
+
+        with self.torch.inference_mode():
+            return comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(
+                self.run.bf16_model(), "control.safetensors", 1.0)[0]
+
+    def row(self, label, key, model, budget):
         """One sampling run; returns the row's result dict (or its error)."""
+        bench, adapter = self.bench, self.adapter
+
         def streamer():
             return getattr(model.model, adapter.STREAMER_ATTR, None)
 
@@ -205,7 +229,7 @@ def run_lowvram(args, bench, host, load_bnb, apply, bf16_model, info, save, log)
                 out = bench.sample(label, model, control=True, preload=False)
         except Exception as e:  # an out-of-memory error is a result
             bench.results[label] = {"error": f"{type(e).__name__}: {e}"[:1500]}
-            log(f"{label} failed: {e}")
+            self.run.log(f"{label} failed: {e}")
             bench.unload()
             return bench.results[label]
         r = bench.results[label]
@@ -216,118 +240,125 @@ def run_lowvram(args, bench, host, load_bnb, apply, bf16_model, info, save, log)
         r["model_size_gib"] = round(model.model_size() / GIB, 3)
         if s is not None:
             copied = s.bytes_copied - (before_bytes if s is before else 0)
-            r["h2d_bytes_per_step_gib"] = round(copied / steps_per_run / GIB, 3)
+            r["h2d_bytes_per_step_gib"] = round(copied / self.steps_per_run / GIB, 3)
             r["streamed_units"] = len(s.units)
             r["slot_gib"] = round(s.device_bytes / GIB, 3)
             r["pageable_mib"] = round(s.pageable_bytes / 2**20, 1)
             r["streamer"] = type(s).__name__
         elif r["model_lowvram"]:  # stock: ComfyUI casts its offloaded weights every step
             r["h2d_bytes_per_step_gib"] = round((model.model_size() - model.model.model_loaded_weight_memory) / GIB, 3)
-        if key in ours:
-            ref = latents.get((key, None))
+        if key in self.ours:
+            ref = self.latents.get((key, None))
             if budget is None and ref is None:
-                latents[(key, None)] = out.clone()
+                self.latents[(key, None)] = out.clone()
             elif ref is not None:
-                r["bitwise_equal_to_uncapped"] = bool(torch.equal(out, ref))
+                r["bitwise_equal_to_uncapped"] = bool(self.torch.equal(out, ref))
         bench.on_result()
         return r
 
-    uncapped = {"bf16+control": [], "nf4+control": [], "nf4+control+2style": []}
-    bf = stock_control()
-    for rnd in range(rounds):
-        for key, model in (("bf16+control", bf), *ours.items()):
-            r = row(f"uncapped r{rnd} {key}", key, model, None)
-            if "median_step_s" in r:
-                uncapped[key].append(r["median_step_s"])
-    bench.unload()
-    base = statistics.median(uncapped["bf16+control"])
-    table["all"] = {k: round(statistics.median(v) / base, 3) for k, v in uncapped.items() if v}
-    compute = {k: statistics.median(v) for k, v in uncapped.items() if v}
-    info["uncapped_bf16_control_s"] = uncapped["bf16+control"]
-    log(f"uncapped ratios: {table['all']}")
-    save()
+    def uncapped_rounds(self):
+        """Every row uncapped, ``rounds`` times: the base of the ratios and the reference latents."""
+        run, uncapped = self.run, self.uncapped
+        self.bf = self.stock_control()
+        for rnd in range(self.rounds):
+            for key, model in (("bf16+control", self.bf), *self.ours.items()):
+                r = self.row(f"uncapped r{rnd} {key}", key, model, None)
+                if "median_step_s" in r:
+                    uncapped[key].append(r["median_step_s"])
+        self.bench.unload()
+        self.base = statistics.median(uncapped["bf16+control"])
+        self.table["all"] = {k: round(statistics.median(v) / self.base, 3) for k, v in uncapped.items() if v}
+        self.compute = {k: statistics.median(v) for k, v in uncapped.items() if v}
+        run.info["uncapped_bf16_control_s"] = uncapped["bf16+control"]
+        run.log(f"uncapped ratios: {self.table['all']}")
+        run.save()
+        self.paired_table = {"all": self.table["all"]}
+        self.reference = [self.base]  # uncapped bf16 + Control, measured again after each budget (paired)
 
-    def profile(label, key, budget):
+    def profile(self, label, key, budget):
         """One more run of a row under torch.profiler (its time is not a ratio: the profiler slows the host
         side); its trace summarised by timeline_summary, the gzipped trace kept beside the results JSON."""
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
         name = label.replace(" ", "-").replace("+", "_")
-        trace = os.path.join(os.path.dirname(os.path.abspath(args.out)), f"trace-{name}.json")
+        trace = os.path.join(os.path.dirname(os.path.abspath(self.args.out)), f"trace-{name}.json")
         with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            r = row(label, key, ours[key], budget)
+            r = self.row(label, key, self.ours[key], budget)
         prof.export_chrome_trace(trace)
         with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
             dst.write(src.read())
         os.remove(trace)
         summary = timeline_summary(trace + ".gz", r["median_step_s"]) if "median_step_s" in r else {}
-        info.setdefault("timelines", {})[label] = summary
-        log(f"{label} timeline: {summary}")
+        self.run.info.setdefault("timelines", {})[label] = summary
+        self.run.log(f"{label} timeline: {summary}")
 
-    if getattr(args, "profile", False) and bench.cuda:
-        profile("profiled uncapped nf4+control", "nf4+control", None)
-    budgets = tuple(int(b) for b in args.budgets.split(",")) if getattr(args, "budgets", None) else BUDGETS_GIB
-    paired_table = {"all": table["all"]}
-    reference = [base]  # uncapped bf16 + Control, measured again after each budget (paired below)
-
-    def uncapped_again(after):
+    def uncapped_again(self, after):
         """Uncapped bf16 + Control and NF4 + Control sampled right after a budget's ballast is gone: the
         budget's ratios are to the mean of the bf16 steps just before and just after it, so a GPU that
         runs a few percent slower minutes into the command does not show as a cost of streaming."""
-        nonlocal bf
         for key in ("bf16+control", "nf4+control"):
             for attempt in range(2):
-                model = bf if key == "bf16+control" else ours[key]
-                r = row(f"uncapped after {after} GiB {key}", key, model, None)
+                model = self.bf if key == "bf16+control" else self.ours[key]
+                r = self.row(f"uncapped after {after} GiB {key}", key, model, None)
                 if "median_step_s" in r or key != "bf16+control" or attempt:
                     break
                 # ComfyUI 0.33 cannot reload a partially loaded widened img_in: a fresh model
-                bf = None
-                bench.unload()
-                bf = stock_control()
+                self.bf = None
+                self.bench.unload()
+                self.bf = self.stock_control()
             if key == "bf16+control" and "median_step_s" in r:
-                reference.append(r["median_step_s"])
-        bench.unload()
+                self.reference.append(r["median_step_s"])
+        self.bench.unload()
 
-    for budget in budgets if bench.cuda else ():  # a CPU dry run stops here
+    def capped_rounds(self, budget):
+        """Every row ``rounds`` times with a ballast holding all but ``budget`` GiB; returns each row's
+        median steps."""
+        import comfy.model_management as mm
+
+        bench, torch = self.bench, self.torch
         bench.unload()
         mm.unload_all_models()
         gc.collect()
         torch.cuda.empty_cache()
         ballast = Ballast(budget)
-        log(f"{budget} GiB: ballast holds {ballast.held / GIB:.2f} GiB, {ballast.free / GIB:.2f} GiB free")
-        per = {k: [] for k in uncapped}
+        self.run.log(f"{budget} GiB: ballast holds {ballast.held / GIB:.2f} GiB, {ballast.free / GIB:.2f} GiB free")
+        per = {k: [] for k in self.uncapped}
         try:
-            for rnd in range(rounds):
-                for key, model in (("bf16+control", bf), *ours.items()):
-                    r = row(f"{budget} GiB r{rnd} {key}", key, model, budget)
+            for rnd in range(self.rounds):
+                for key, model in (("bf16+control", self.bf), *self.ours.items()):
+                    r = self.row(f"{budget} GiB r{rnd} {key}", key, model, budget)
                     r["free_gib_at_start"] = round(ballast.free / GIB, 2)
                     if "median_step_s" in r:
                         per[key].append(r["median_step_s"])
                         moved = r.get("h2d_bytes_per_step_gib", 0) * GIB
-                        r["ratio_to_uncapped_bf16"] = round(r["median_step_s"] / base, 3)
-                        r["floor_ratio"] = round(max(compute[key], moved / bw) / base, 3)
+                        r["ratio_to_uncapped_bf16"] = round(r["median_step_s"] / self.base, 3)
+                        r["floor_ratio"] = round(max(self.compute[key], moved / self.bw) / self.base, 3)
                 bench.unload()
-            if getattr(args, "profile", False):
-                profile(f"profiled {budget} GiB nf4+control", "nf4+control", budget)
+            if getattr(self.args, "profile", False):
+                self.profile(f"profiled {budget} GiB nf4+control", "nf4+control", budget)
                 bench.unload()
         finally:
             ballast.close()
-        measured = len(reference)
-        uncapped_again(budget)
-        ref = statistics.mean(reference[measured - 1:])  # bf16 just before the budget and, if it ran, after
-        for rnd in range(rounds):
+        return per
+
+    def budget(self, budget):
+        """One budget: its capped rounds, uncapped bf16 again, and its ratios (to the first uncapped bf16
+        and, paired, to the bf16 just before and after)."""
+        run, info, table, paired_table = self.run, self.run.info, self.table, self.paired_table
+        per = self.capped_rounds(budget)
+        measured = len(self.reference)
+        self.uncapped_again(budget)
+        ref = statistics.mean(self.reference[measured - 1:])  # bf16 just before the budget and, if it ran, after
+        for rnd in range(self.rounds):
             for key in per:
-                r = bench.results.get(f"{budget} GiB r{rnd} {key}", {})
+                r = self.bench.results.get(f"{budget} GiB r{rnd} {key}", {})
                 if "median_step_s" in r:
                     r["ratio_paired"] = round(r["median_step_s"] / ref, 3)
         paired_table[f"{budget} GiB"] = {k: (round(statistics.median(v) / ref, 3) if v else "error")
                                          for k, v in per.items()}
         info["paired_table"] = paired_table
-        info["bf16_references_s"] = reference
-        table[f"{budget} GiB"] = {k: (round(statistics.median(v) / base, 3) if v else "error") for k, v in per.items()}
-        log(f"{budget} GiB free: {table[f'{budget} GiB']}, paired: {paired_table[f'{budget} GiB']}")
+        info["bf16_references_s"] = self.reference
+        table[f"{budget} GiB"] = {k: (round(statistics.median(v) / self.base, 3) if v else "error") for k, v in per.items()}
+        run.log(f"{budget} GiB free: {table[f'{budget} GiB']}, paired: {paired_table[f'{budget} GiB']}")
         info["table"] = table
-        save()
-    info["table"] = table
-    save()
+        run.save()
