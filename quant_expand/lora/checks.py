@@ -23,7 +23,7 @@ NUMBER_DTYPES = WEIGHT_DTYPES + (torch.int8, torch.uint8, torch.int16, torch.int
 _F32_MAX = torch.finfo(torch.float32).max
 
 
-def _read(tensors: Any, key: str, name: str, numbers: bool = False) -> torch.Tensor:
+def read_tensor(tensors: Any, key: str, name: str, numbers: bool = False) -> torch.Tensor:
     """A tensor of the file, checked: a weight dtype (a number dtype for alpha/reshape when ``numbers``)
     and finite values."""
     t = tensors.get(key) if hasattr(tensors, "get") else tensors[key]
@@ -62,7 +62,7 @@ def _abs_max(t: torch.Tensor) -> float:
     return float(t.double().abs().max()) if t.numel() else 0.0
 
 
-def _check_magnitude(name: str, what: str, down: torch.Tensor, up: torch.Tensor, scale: float):
+def check_magnitude(name: str, what: str, down: torch.Tensor, up: torch.Tensor, scale: float):
     """Every entry of ``scale * up @ down`` is at most ``|scale| * rank * max|up| * max|down|``; past float32's
     range the update is inf/NaN in the model (ComfyUI computes LoRA weights in float32): a corrupted
     exponent or alpha, refused here instead of sampling black images."""
@@ -81,14 +81,14 @@ def _check_magnitude(name: str, what: str, down: torch.Tensor, up: torch.Tensor,
                               f"the file is damaged: use another copy of this LoRA")
 
 
-def _layer_name(target: LoraTarget, source: str) -> str:
+def layer_name(target: LoraTarget, source: str) -> str:
     where = target.module
     if target.rows is not None:
         where += f" rows {target.row_offset}:{target.row_offset + target.rows}"
     return where if source in ("", target.module) else f"{where} ({source})"
 
 
-def _check_inputs(name: str, what: str, module: str, width: int, modules: dict[str, tuple[int, int]]) -> Optional[int]:
+def check_inputs(name: str, what: str, module: str, width: int, modules: dict[str, tuple[int, int]]) -> Optional[int]:
     """Accept ``width`` inputs for ``module``; returns the width the module must be widened to, if any."""
     current = modules[module][1]
     if width == current:
@@ -113,13 +113,13 @@ def _check_inputs(name: str, what: str, module: str, width: int, modules: dict[s
                           f"use a LoRA made for this FLUX.1 model")
 
 
-def _check_missing(name: str, missing: list[str]):
+def check_missing(name: str, missing: list[str]):
     if missing:
         raise LoraFormatError(f"{name}: targets layers this model does not have: {preview_keys(missing, 5)}; "
                               f"the LoRA was made for a larger or different FLUX model: use one made for this model")
 
 
-def _check_vector(name: str, what: str, entry: tuple[str, torch.Tensor], rows: int):
+def check_vector(name: str, what: str, entry: tuple[str, torch.Tensor], rows: int):
     key, t = entry
     if tuple(t.shape) != (rows,):
         raise LoraFormatError(f"{name}: bias {key} for {what} has shape {tuple(t.shape)}, expected ({rows},); "

@@ -186,7 +186,7 @@ def _family_of(key: str) -> Optional[str]:
     return None
 
 
-def _other_adapter(key: str) -> Optional[str]:
+def other_adapter(key: str) -> Optional[str]:
     for pattern, kind in _OTHER_ADAPTERS:
         if re.search(pattern, key):
             return kind
@@ -234,7 +234,7 @@ def detect_lora_format(name: str, keys) -> tuple[str, list[str]]:
     return family, te_keys
 
 
-def _module_and_role(key: str, family: str) -> Optional[tuple[str, str]]:
+def module_and_role(key: str, family: str) -> Optional[tuple[str, str]]:
     """(module name in the file's own spelling, role) of one key; None if the suffix is not understood."""
     if family == "kohya":
         stem = key[len("lora_unet_"):]
@@ -251,16 +251,16 @@ def _module_and_role(key: str, family: str) -> Optional[tuple[str, str]]:
     return None
 
 
-def _targets_bfl(modules_in_file) -> dict[str, LoraTarget]:
+def targets_bfl(modules_in_file) -> dict[str, LoraTarget]:
     return {m: LoraTarget(m) for m in modules_in_file}
 
 
-def _targets_kohya(modules_in_file, modules) -> dict[str, LoraTarget]:
+def targets_kohya(modules_in_file, modules) -> dict[str, LoraTarget]:
     by_underscored = {m.replace(".", "_"): m for m in modules}
     return {m: LoraTarget(by_underscored.get(m, _kohya_guess(m))) for m in modules_in_file}
 
 
-def _targets_diffusers(modules_in_file, modules, name) -> dict[str, LoraTarget]:
+def targets_diffusers(modules_in_file, modules, name) -> dict[str, LoraTarget]:
     out = {}
     for m in modules_in_file:
         target = _diffusers_target(m, modules)
@@ -271,7 +271,7 @@ def _targets_diffusers(modules_in_file, modules, name) -> dict[str, LoraTarget]:
     return out
 
 
-def _norm_key(module: str, family: str, name: str) -> str:
+def norm_key(module: str, family: str, name: str) -> str:
     if family != "diffusers":
         return module
     key = _diffusers_norm_key(module)

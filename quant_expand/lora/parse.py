@@ -1,29 +1,31 @@
 """A LoRA file of any supported trainer to its canonical form."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..errors import LoraFormatError
 from ..flux import HEAD_DIM, swap_halves
 from .canonical import LoraLayer, ParsedLora
 from .checks import (
-    _check_inputs,
-    _check_magnitude,
-    _check_missing,
-    _check_vector,
-    _layer_name,
-    _read,
+    check_inputs,
+    check_magnitude,
+    check_missing,
+    check_vector,
+    layer_name,
+    read_tensor,
 )
 from .naming import (
-    _module_and_role,
-    _norm_key,
-    _other_adapter,
-    preview_keys,
-    _targets_bfl,
-    _targets_diffusers,
-    _targets_kohya,
     detect_lora_format,
+    module_and_role,
+    norm_key,
     norm_scale_keys,
+    other_adapter,
+    preview_keys,
+    targets_bfl,
+    targets_diffusers,
+    targets_kohya,
 )
 from .peft import ADAPTER_METADATA, peft_scaling
 
@@ -35,76 +37,124 @@ def parse_lora(tensors, name: str, modules: dict[str, tuple[int, int]]) -> Parse
     ``modules``: the model's Linears, BFL names -> (out_features, in_features) as the model is now
     (img_in may already be 128 wide after an earlier Control LoRA).
 
-    Long on purpose: one pass that groups the keys, then checks the groups in the order a user fixes a
-    file (format, targets, shapes, magnitudes, norms); the checks themselves live in ``checks.py``.
+    The file is checked in the order a user fixes it: format, targets, shapes, magnitudes, norms.
     """
     keys = list(tensors.keys())
     family, te_keys = detect_lora_format(name, keys)
-    te_set = set(te_keys)
-
-    groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
-    norm_values: dict[str, tuple[str, torch.Tensor]] = {}
-    reshapes: dict[str, tuple[str, torch.Tensor]] = {}
-    unknown = []
-    for key in keys:
-        if key in te_set:
-            continue
-        parsed = None if _other_adapter(key) else _module_and_role(key, family)
-        if parsed is None:
-            unknown.append(key)
-            continue
-        module, role = parsed
-        if role == "norm":
-            norm = _norm_key(module, family, name)
-            if norm in norm_values:
-                raise LoraFormatError(f"{name}: {norm_values[norm][0]} and {key} both set {norm}; "
-                                      f"re-save the LoRA in one format")
-            norm_values[norm] = (key, _read(tensors, key, name))
-        elif role == "reshape":
-            reshapes[module] = (key, _read(tensors, key, name, numbers=True))
-        else:
-            group = groups.setdefault(module, {})
-            if role in group:
-                raise LoraFormatError(f"{name}: {module} has two {role} tensors ({group[role][0]} and {key}); "
-                                      f"re-save the LoRA in one format")
-            group[role] = (key, _read(tensors, key, name, numbers=role == "alpha"))
-    if unknown:
-        kinds = sorted({k for k in map(_other_adapter, unknown) if k})
-        what = f"{', '.join(kinds)} keys" if kinds else "keys this loader does not understand"
-        raise LoraFormatError(f"{name}: {what}: {preview_keys(unknown)}; this loader applies plain low-rank LoRAs "
-                              f"(lora_A/lora_B or lora_down/lora_up): use ComfyUI's LoraLoader for other adapters")
-
+    groups = _KeyGroups.read(tensors, name, keys, family, set(te_keys))
     if family == "kohya":
-        targets = _targets_kohya(groups, modules)
+        targets = targets_kohya(groups.layers, modules)
     elif family == "diffusers":
-        targets = _targets_diffusers(groups, modules, name)
+        targets = targets_diffusers(groups.layers, modules, name)
     else:
-        targets = _targets_bfl(groups)
-    _check_missing(name, sorted({t.module for t in targets.values() if t.module not in modules}))
-    _check_missing(name, sorted(set(reshapes) - set(modules)))
-    norm_keys = set(norm_scale_keys(modules))
-    _check_missing(name, sorted(set(norm_values) - norm_keys))
+        targets = targets_bfl(groups.layers)
+    check_missing(name, sorted({t.module for t in targets.values() if t.module not in modules}))
+    check_missing(name, sorted(set(groups.reshapes) - set(modules)))
+    check_missing(name, sorted(set(groups.norms) - set(norm_scale_keys(modules))))
 
-    layers: list[LoraLayer] = []
-    bias_diffs: dict[str, torch.Tensor] = {}
-    widened: dict[str, int] = {}
-    config = peft_scaling(getattr(tensors, "metadata", None), name)
-    from_config = set()
-    for module, group in groups.items():
-        target = targets[module]
+    out = _Canonical(name, family, modules, peft_scaling(getattr(tensors, "metadata", None), name))
+    for module, group in groups.layers.items():
+        out.add_layer(module, group, targets[module])
+    for module, (key, value) in groups.reshapes.items():
+        out.add_reshape(module, key, value)
+    for key, (file_key, value) in groups.norms.items():
+        out.add_norm_set(key, file_key, value)
+    return out.result(te_keys)
+
+
+class _KeyGroups:
+    """A LoRA file's tensors grouped by what they are for, each read once: per module its roles (down, up,
+    alpha, bias) as ``(file key, tensor)``; norm scales by the model's norm key; reshape requests by module."""
+
+    def __init__(self):
+        self.layers: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+        self.norms: dict[str, tuple[str, torch.Tensor]] = {}
+        self.reshapes: dict[str, tuple[str, torch.Tensor]] = {}
+
+    @classmethod
+    def read(cls, tensors, name: str, keys: list[str], family: str, te_keys: set[str]) -> "_KeyGroups":
+        groups, unknown = cls(), []
+        for key in keys:
+            if key in te_keys:
+                continue
+            parsed = None if other_adapter(key) else module_and_role(key, family)
+            if parsed is None:
+                unknown.append(key)
+                continue
+            module, role = parsed
+            if role == "norm":
+                norm = norm_key(module, family, name)
+                if norm in groups.norms:
+                    raise LoraFormatError(f"{name}: {groups.norms[norm][0]} and {key} both set {norm}; "
+                                          f"re-save the LoRA in one format")
+                groups.norms[norm] = (key, read_tensor(tensors, key, name))
+            elif role == "reshape":
+                groups.reshapes[module] = (key, read_tensor(tensors, key, name, numbers=True))
+            else:
+                group = groups.layers.setdefault(module, {})
+                if role in group:
+                    raise LoraFormatError(f"{name}: {module} has two {role} tensors ({group[role][0]} and {key}); "
+                                          f"re-save the LoRA in one format")
+                group[role] = (key, read_tensor(tensors, key, name, numbers=role == "alpha"))
+        if unknown:
+            kinds = sorted({k for k in map(other_adapter, unknown) if k})
+            what = f"{', '.join(kinds)} keys" if kinds else "keys this loader does not understand"
+            raise LoraFormatError(f"{name}: {what}: {preview_keys(unknown)}; this loader applies plain low-rank "
+                                  f"LoRAs (lora_A/lora_B or lora_down/lora_up): use ComfyUI's LoraLoader for other "
+                                  f"adapters")
+        return groups
+
+
+class _Canonical:
+    """The canonical form of one file, built group by group, each checked against the model's ``modules``."""
+
+    def __init__(self, name: str, family: str, modules: dict[str, tuple[int, int]], config):
+        self.name, self.family, self.modules, self.config = name, family, modules, config
+        self.layers: list[LoraLayer] = []
+        self.bias_diffs: dict[str, torch.Tensor] = {}
+        self.widened: dict[str, int] = {}
+        self.norm_sets: dict[str, torch.Tensor] = {}
+        self.config_scales: set[float] = set()  # the scales taken from the file's PEFT config
+
+    def _widen(self, module: str, width: Optional[int]):
+        if width is not None:
+            self.widened[module] = max(width, self.widened.get(module, 0))
+
+    def add_layer(self, module: str, group: dict, target):
+        name, family = self.name, self.family
         source = "" if family in ("bfl", "comfy") else (module if family == "diffusers" else "lora_unet_" + module)
-        what = _layer_name(target, source)
-        out_features = modules[target.module][0]
-        rows = out_features if target.rows is None else target.rows
+        what = layer_name(target, source)
+        rows = self.modules[target.module][0] if target.rows is None else target.rows
         if "down" not in group and "up" not in group:
             if family == "comfy" and set(group) == {"bias"}:
-                layer_bias = group["bias"]
-                _check_vector(name, what, layer_bias, rows)
-                bias_diffs[target.module] = layer_bias[1]
-                continue
+                check_vector(name, what, group["bias"], rows)
+                self.bias_diffs[target.module] = group["bias"][1]
+                return
             present = ", ".join(k for k, _ in group.values())
             raise LoraFormatError(f"{name}: {what} has {present} but no lora_A/lora_B (lora_down/lora_up) pair; "
                                   f"the file is incomplete: download it again")
+        down, up = self._factors(what, group, rows)
+        self._widen(target.module, check_inputs(name, what, target.module, down.shape[1], self.modules))
+        alpha = self._alpha(module, group, down.shape[0])
+        scale = 1.0 if alpha is None else alpha / down.shape[0]
+        check_magnitude(name, what, down, up, scale)
+        bias = None
+        if "bias" in group:
+            check_vector(name, what, group["bias"], rows)
+            bias_key, bias = group["bias"]
+            if not bias_key.endswith(".diff_b") and scale != 1.0:
+                bias = bias * scale  # PEFT: lora_B's output, its bias included, times alpha / r
+        if target.swap_halves:
+            # diffusers' norm_out.linear emits (scale, shift); BFL's adaLN_modulation.1 emits (shift, scale).
+            # Only the output rows move: lora_A mixes inputs and stays as it is.
+            up = swap_halves(up)
+            bias = None if bias is None else swap_halves(bias)
+        self.layers.append(LoraLayer(module=target.module, down=down, up=up, alpha=alpha,
+                                     row_offset=target.row_offset, bias=bias, source=source))
+
+    def _factors(self, what: str, group: dict, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's lora_A (down) and lora_B (up), checked against each other and the layer's rows."""
+        name = self.name
         for role, partner in (("down", "up"), ("up", "down")):
             if role not in group:
                 have = group[partner][0]
@@ -124,35 +174,23 @@ def parse_lora(tensors, name: str, modules: dict[str, tuple[int, int]]) -> Parse
         if up.shape[0] != rows:
             raise LoraFormatError(f"{name}: lora for {what} has {up.shape[0]} outputs, model has {rows}; "
                                   f"use a LoRA made for this FLUX.1 model")
-        new_width = _check_inputs(name, what, target.module, down.shape[1], modules)
-        if new_width is not None:
-            widened[target.module] = max(new_width, widened.get(target.module, 0))
-        alpha = None
+        return down, up
+
+    def _alpha(self, module: str, group: dict, rank: int) -> Optional[float]:
+        """The layer's alpha: its own alpha tensor, else the file's PEFT config, else None (scale 1)."""
         if "alpha" in group:
             alpha_key, alpha_t = group["alpha"]
             if alpha_t.numel() != 1:
-                raise LoraFormatError(f"{name}: {alpha_key} has {alpha_t.numel()} values, expected one number")
-            alpha = float(alpha_t.reshape(()).item())
-        elif config is not None:  # as an alpha over this rank: LoraLayer.scale is alpha / rank
-            alpha = config.scale(module, down.shape[0]) * down.shape[0]
-            from_config.add(alpha / down.shape[0])
-        scale = 1.0 if alpha is None else alpha / down.shape[0]
-        _check_magnitude(name, what, down, up, scale)
-        bias = None
-        if "bias" in group:
-            _check_vector(name, what, group["bias"], rows)
-            bias_key, bias = group["bias"]
-            if not bias_key.endswith(".diff_b") and scale != 1.0:
-                bias = bias * scale  # PEFT: lora_B's output, its bias included, times alpha / r
-        if target.swap_halves:
-            # diffusers' norm_out.linear emits (scale, shift); BFL's adaLN_modulation.1 emits (shift, scale).
-            # Only the output rows move: lora_A mixes inputs and stays as it is.
-            up = swap_halves(up)
-            bias = None if bias is None else swap_halves(bias)
-        layers.append(LoraLayer(module=target.module, down=down, up=up, alpha=alpha, row_offset=target.row_offset,
-                                bias=bias, source=source))
+                raise LoraFormatError(f"{self.name}: {alpha_key} has {alpha_t.numel()} values, expected one number")
+            return float(alpha_t.reshape(()).item())
+        if self.config is None:
+            return None
+        alpha = self.config.scale(module, rank) * rank  # as an alpha over this rank: LoraLayer.scale is alpha / rank
+        self.config_scales.add(alpha / rank)
+        return alpha
 
-    for module, (key, value) in reshapes.items():
+    def add_reshape(self, module: str, key: str, value: torch.Tensor):
+        name = self.name
         if module != "img_in":
             raise LoraFormatError(f"{name}: {key} reshapes {module}; only img_in is widened by a FLUX Control LoRA")
         values = value.flatten().double()
@@ -161,31 +199,31 @@ def parse_lora(tensors, name: str, modules: dict[str, tuple[int, int]]) -> Parse
             raise LoraFormatError(f"{name}: {key} holds [{shown}], not a shape of whole numbers; "
                                   f"the file is damaged: use another copy of this Control LoRA")
         shape = [int(v) for v in values.tolist()]
-        if len(shape) != 2 or shape[0] != modules["img_in"][0]:
+        if len(shape) != 2 or shape[0] != self.modules["img_in"][0]:
             raise LoraFormatError(f"{name}: {key} asks for img_in shape {shape}, model's img_in has "
-                                  f"{modules['img_in'][0]} outputs; use a Control LoRA made for this FLUX.1 model")
-        new_width = _check_inputs(name, "img_in (reshape_weight)", "img_in", shape[1], modules)
-        if new_width is not None:
-            widened["img_in"] = max(new_width, widened.get("img_in", 0))
+                                  f"{self.modules['img_in'][0]} outputs; use a Control LoRA made for this FLUX.1 model")
+        self._widen("img_in", check_inputs(name, "img_in (reshape_weight)", "img_in", shape[1], self.modules))
 
-    norm_sets = {}
-    for key, (file_key, value) in norm_values.items():
+    def add_norm_set(self, key: str, file_key: str, value: torch.Tensor):
         if tuple(value.shape) != (HEAD_DIM,):
-            raise LoraFormatError(f"{name}: norm scale {file_key} has shape {tuple(value.shape)}, model's {key} "
+            raise LoraFormatError(f"{self.name}: norm scale {file_key} has shape {tuple(value.shape)}, model's {key} "
                                   f"has ({HEAD_DIM},); use a Control LoRA made for FLUX.1")
-        norm_sets[key] = value
+        self.norm_sets[key] = value
 
-    order = {m: i for i, m in enumerate(modules)}
-    layers.sort(key=lambda l: (order[l.module], l.row_offset))
-    alpha_note = ""
-    if from_config:
-        scales = ", ".join(f"{v:.4g}" for v in sorted(from_config))
-        alpha_note = (f"alpha {config.lora_alpha:g} from the file's {ADAPTER_METADATA}"
-                      f"{' (rsLoRA)' if config.use_rslora else ''}{' with alpha_pattern' if config.alpha_pattern else ''}: "
-                      f"scale {scales}")
-    return ParsedLora(name=name, source_format=family, layers=layers,
-                      norm_sets={k: norm_sets[k] for k in sorted(norm_sets, key=_norm_order(modules))},
-                      widened=widened, bias_diffs=bias_diffs, text_encoder_keys=te_keys, alpha_note=alpha_note)
+    def result(self, te_keys: list[str]) -> ParsedLora:
+        order = {m: i for i, m in enumerate(self.modules)}
+        self.layers.sort(key=lambda l: (order[l.module], l.row_offset))
+        alpha_note = ""
+        if self.config_scales:
+            config = self.config
+            scales = ", ".join(f"{v:.4g}" for v in sorted(self.config_scales))
+            alpha_note = (f"alpha {config.lora_alpha:g} from the file's {ADAPTER_METADATA}"
+                          f"{' (rsLoRA)' if config.use_rslora else ''}"
+                          f"{' with alpha_pattern' if config.alpha_pattern else ''}: scale {scales}")
+        norm_sets = {k: self.norm_sets[k] for k in sorted(self.norm_sets, key=_norm_order(self.modules))}
+        return ParsedLora(name=self.name, source_format=self.family, layers=self.layers, norm_sets=norm_sets,
+                          widened=self.widened, bias_diffs=self.bias_diffs, text_encoder_keys=te_keys,
+                          alpha_note=alpha_note)
 
 
 def _norm_order(modules):
