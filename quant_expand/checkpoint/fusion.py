@@ -66,12 +66,6 @@ class RowMethod(str, enum.Enum):
     CONCAT_DENEST = "concat-denest"  # 4-bit bytes concatenated, double-quantized absmax de-nested
     REQUANTIZE = "requantize"        # dequantized, concatenated, quantized again: not exact
 
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
-
 
 @dataclass
 class RowPlan:

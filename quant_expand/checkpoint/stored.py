@@ -72,17 +72,11 @@ QS_TENSORS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
 
 class StoredKind(str, enum.Enum):
-    """How a file stores one Linear. A ``str`` whose value is the word that plans and summaries print."""
+    """How a file stores one Linear (a ``str``: equal to its value; print ``.value``)."""
 
     FLOAT = "float"
     FOUR_BIT = "4bit"
     INT8 = "int8"
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
 
 
 @dataclass
