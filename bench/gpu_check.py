@@ -39,7 +39,8 @@ def main():
     save_safetensors(make_control_lora(cfg, seed=2, rank=32), os.path.join(models, "loras", "control.safetensors"))
     save_safetensors(make_lora(cfg, kind="lora", seed=7, rank=16), os.path.join(models, "loras", "style.safetensors"))
 
-    from quant_expand.testing.inprocess import ComfyHost, sampling_graph
+    from quant_expand.testing.inprocess import ComfyHost
+    from quant_expand.testing.prompts import sampling_graph
 
     host = ComfyHost.start(args.comfyui, REPO_ROOT, models, cpu=args.cpu, dynamic_vram=args.dynamic_vram,
                            extra_args=["--fp32-unet", "--force-fp32"])

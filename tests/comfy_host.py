@@ -1,5 +1,5 @@
 """Helpers shared by the ComfyUI tests (the in-process host is the pack's own, also behind the demo)."""
-from quant_expand.testing.inprocess import CAPTURED, ComfyHost, TEST_NODES, sample_direct, sampling_graph  # noqa: F401
+from quant_expand.testing.inprocess import CAPTURED, ComfyHost, TEST_NODES, sample_direct  # noqa: F401
 
 
 def denoise_once(patcher, context_dim=64, vec_dim=64, size=16, seed=5, control=False):

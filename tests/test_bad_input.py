@@ -30,9 +30,10 @@ import pickle
 import pytest
 import torch
 
-from comfy_host import quantized_hash, sampling_graph
+from comfy_host import quantized_hash
 from model_files import write_flux_with_loras
 from prequantized_files import diffusers_state_dict, forge_state_dict, save_sharded
+from quant_expand.testing.prompts import sampling_graph
 from quant_expand.testing.synthetic import TinyFluxConfig, make_control_lora, make_lora, make_tiny_flux, save_safetensors
 
 CFG = TinyFluxConfig()

@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from comfy_host import sampling_graph
 from prequantized_files import diffusers_state_dict, forge_state_dict, save_sharded
+from quant_expand.testing.prompts import sampling_graph
 from quant_expand.testing.synthetic import TinyFluxConfig, make_control_lora, make_tiny_flux, save_safetensors
 
 CFG = TinyFluxConfig()

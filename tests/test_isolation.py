@@ -22,8 +22,8 @@ import time
 import pytest
 import torch
 
-from comfy_host import sampling_graph
 from model_files import write_flux_with_loras
+from quant_expand.testing.prompts import sampling_graph
 from quant_expand.testing.synthetic import TinyFluxConfig
 from server_host import running_server
 

@@ -5,7 +5,8 @@ import os
 import tempfile
 import time
 
-from ..testing.inprocess import ComfyHost, sampling_graph
+from ..testing.inprocess import ComfyHost
+from ..testing.prompts import sampling_graph
 from ..testing.synthetic import (
     TinyFluxConfig,
     make_control_lora,
