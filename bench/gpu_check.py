@@ -40,7 +40,7 @@ def main():
     save_safetensors(make_lora(cfg, kind="lora", seed=7, rank=16), os.path.join(models, "loras", "style.safetensors"))
 
     from quant_expand.testing.inprocess import ComfyHost
-    from quant_expand.testing.prompts import sampling_graph
+    from quant_expand.testing.prompts import rel_err, sampling_graph
 
     host = ComfyHost.start(args.comfyui, REPO_ROOT, models, cpu=args.cpu, dynamic_vram=args.dynamic_vram,
                            extra_args=["--fp32-unet", "--force-fp32"])
@@ -74,9 +74,6 @@ def main():
     g = sampling_graph(g, ["qs4", 0], key="bnb_applied_at_0.4", prefix="e", **dims)
     out = host.run(g)
 
-    def rel(a, b):
-        return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
     ours, stock = host.node_output("q"), host.node_output("r")
     dm = ours.model.diffusion_model
     report = {
@@ -89,11 +86,11 @@ def main():
         "bnb_compute_dtype": host.pack_module("quant_expand.comfyui.report").load_report(ours).compute_dtype,
         "bnb_weights_device_after_sampling": str(dm.double_blocks[0].img_attn.qkv.weight.device),
         "loaded_models": [type(m.model).__name__ for m in mm.current_loaded_models],
-        "rel_err_bnb_control_style_vs_stock_full_precision": rel(out["bnb"], out["full"]),
-        "rel_effect_of_loras": rel(out["bnb_plain"], out["full"]),
+        "rel_err_bnb_control_style_vs_stock_full_precision": rel_err(out["bnb"], out["full"]),
+        "rel_effect_of_loras": rel_err(out["bnb_plain"], out["full"]),
         "finite": bool(torch.isfinite(out["bnb"]).all()),
         "set_lora_scale_equals_applying_at_that_strength": bool(torch.equal(out["bnb_rescaled"], out["bnb_applied_at_0.4"])),
-        "rel_err_rescaled_vs_applied": rel(out["bnb_rescaled"], out["bnb_applied_at_0.4"]),
+        "rel_err_rescaled_vs_applied": rel_err(out["bnb_rescaled"], out["bnb_applied_at_0.4"]),
     }
     print(json.dumps(report, indent=1))
     if args.out:

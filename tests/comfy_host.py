@@ -17,11 +17,6 @@ def denoise_once(patcher, context_dim=64, vec_dim=64, size=16, seed=5, control=F
                                          guidance=torch.tensor([3.5]), **extra)
 
 
-def rel_err(a, b) -> float:
-    """Relative L2 error of whole tensors, in float64."""
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 def quantized_hash(host, patcher) -> str:
     """Digest of every quantized byte of a loaded model, through the pack's module as ComfyUI loaded it."""
     return host.pack_module("quant_expand.layer_state").quantized_digest(patcher.model.diffusion_model)

@@ -33,7 +33,7 @@ import torch
 from comfy_host import quantized_hash
 from model_files import write_flux_with_loras
 from prequantized_files import diffusers_state_dict, forge_state_dict, save_sharded
-from quant_expand.testing.prompts import sampling_graph
+from quant_expand.testing.prompts import rel_err, sampling_graph
 from quant_expand.testing.synthetic import TinyFluxConfig, make_control_lora, make_lora, make_tiny_flux, save_safetensors
 
 CFG = TinyFluxConfig()
@@ -218,12 +218,8 @@ def files(host, tmp_path_factory):
 def reference(host, files):
     """The good prompt's latents, computed once; every case must give them back bit for bit."""
     out = host.run(good_graph())
-    assert rel_change(out["control_style"], out["plain"]) > 1e-3  # the LoRAs really act
+    assert rel_err(out["control_style"], out["plain"]) > 1e-3  # the LoRAs really act
     return out
-
-
-def rel_change(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 # ---------------------------------------------------------------- the matrix

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import pytest
 
-from comfy_host import rel_err
-from quant_expand.testing.prompts import sampling_graph
+from quant_expand.testing.prompts import rel_err, sampling_graph
 from quant_expand.testing.synthetic import TinyFluxConfig, default_lora_targets, make_control_lora, make_lora, make_tiny_flux, save_safetensors
 
 CFG = TinyFluxConfig()

@@ -15,8 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_host import quantized_hash, rel_err, sample_direct
-from quant_expand.testing.prompts import sampling_graph
+from comfy_host import quantized_hash, sample_direct
+from quant_expand.testing.prompts import rel_err, sampling_graph
 from quant_expand.testing.synthetic import TinyFluxConfig, bfl_lora_to_diffusers, make_control_lora, make_lora, make_tiny_flux, save_safetensors
 
 CFG = TinyFluxConfig()

@@ -14,8 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_host import denoise_once, quantized_hash, rel_err, sample_direct
-from quant_expand.testing.prompts import sampling_graph
+from comfy_host import denoise_once, quantized_hash, sample_direct
+from quant_expand.testing.prompts import rel_err, sampling_graph
 from quant_expand.testing.synthetic import TinyFluxConfig, make_lora, make_tiny_flux, save_safetensors
 
 CFG = TinyFluxConfig()

@@ -18,15 +18,11 @@ import torch
 from safetensors import safe_open
 
 from prequantized_files import diffusers_state_dict, forge_state_dict, save_sharded
-from quant_expand.testing.prompts import sampling_graph
+from quant_expand.testing.prompts import rel_err, sampling_graph
 from quant_expand.testing.synthetic import TinyFluxConfig, make_control_lora, make_tiny_flux, save_safetensors
 
 CFG = TinyFluxConfig()
 CONTROL = "pq_control_lora.safetensors"
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def loader(file, quant="nf4", dq=True):

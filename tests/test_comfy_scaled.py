@@ -15,8 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_host import rel_err
-from quant_expand.testing.prompts import sampling_graph
+from quant_expand.testing.prompts import rel_err, sampling_graph
 from quant_expand.testing.synthetic import TinyFluxConfig, make_control_lora, make_lora, save_safetensors
 from scaled_files import comfy_quant_flux, scaled_fp8_flux
 

@@ -22,6 +22,7 @@ import time
 import pytest
 import torch
 
+from quant_expand.testing.prompts import rel_err
 from quant_expand.testing.synthetic import TinyFluxConfig, make_lora, make_tiny_flux, save_safetensors
 from server_host import PACK_DIR_NAME, REPO_ROOT, running_server
 
@@ -30,10 +31,6 @@ MODEL = "tiny_exact_nf4.safetensors"
 LORA = "tiny_lora.safetensors"
 NOT_FLUX = "sdxl_like_unet.safetensors"
 SEED = 42
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def write_files(dirs):

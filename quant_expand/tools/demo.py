@@ -6,7 +6,7 @@ import tempfile
 import time
 
 from ..testing.inprocess import ComfyHost
-from ..testing.prompts import sampling_graph
+from ..testing.prompts import rel_err, sampling_graph
 from ..testing.synthetic import (
     TinyFluxConfig,
     make_control_lora,
@@ -35,10 +35,6 @@ def find_comfyui(explicit: str | None) -> str:
 def _rename(node: dict, prefix: str) -> dict:
     inputs = {k: ([prefix + v[0], v[1]] if isinstance(v, list) else v) for k, v in node["inputs"].items()}
     return {"class_type": node["class_type"], "inputs": inputs}
-
-
-def _rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def canny_graph(unet, lora, clip_l, t5, vae, image, prompt, *, quant="nf4", double_quant=True, strength=0.85,
@@ -151,8 +147,8 @@ def demo(args) -> int:
               f"quantized, compute {info.compute_dtype}, model {info.size_bytes / 2**20:.2f} MiB "
               f"(float32: {n_params * 4 / 2**20:.2f} MiB)")
     print(f"executed 3 sampling branches in {elapsed:.1f} s")
-    err = _rel(out["bnb"], out["full"])
-    ctl = _rel(out["bnb_other_control"], out["bnb"])
+    err = rel_err(out["bnb"], out["full"])
+    ctl = rel_err(out["bnb_other_control"], out["bnb"])
     print(f"relative error, quantized vs ComfyUI full precision: {err:.2e}")
     print(f"output change when the control latent changes: {ctl:.2e} (the control image reaches the model)")
     if args.exact and args.quant != "int8" and not args.double_quant and err > 1e-4:
