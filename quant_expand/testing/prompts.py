@@ -47,6 +47,11 @@ def set_lora_scale(model_ref, lora_name: str, strength: float) -> dict:
     return node("SetLoraScale", model=model_ref, lora_name=lora_name, strength=strength)
 
 
+def save_bnb_flux(model_ref, filename_prefix: str) -> dict:
+    """Save BnB Flux: the loaded model's quantized weights to a file under ComfyUI's output directory."""
+    return node("SaveBnbFlux", model=model_ref, filename_prefix=filename_prefix)
+
+
 # --- ComfyUI's stock nodes
 
 def unet_loader(unet_name: str, weight_dtype: str = "default") -> dict:
