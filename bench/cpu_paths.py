@@ -23,6 +23,7 @@ import bitsandbytes as bnb  # noqa: E402
 
 from quant_expand import LazyLoraDelta, LoraTerm, QuantSpec  # noqa: E402
 from quant_expand.layers import quantized_linear_from_float  # noqa: E402
+from quant_expand.testing.prompts import rel_err  # noqa: E402
 
 
 def timeit(fn, repeat=5):
@@ -33,10 +34,6 @@ def timeit(fn, repeat=5):
         fn()
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def int8_paths(out_f=3072, in_f=3072, tokens=(16, 256)):
@@ -53,7 +50,7 @@ def int8_paths(out_f=3072, in_f=3072, tokens=(16, 256)):
             y_ours, y_bnb = ours(x), theirs(x)
         rows.append({"tokens": t, "shape": [out_f, in_f],
                      "weight_only_s": timeit(lambda: ours(x)), "bnb_int8_matmul_s": timeit(lambda: theirs(x)),
-                     "weight_only_rel_err": rel(y_ours, exact), "bnb_int8_matmul_rel_err": rel(y_bnb, exact)})
+                     "weight_only_rel_err": rel_err(y_ours, exact), "bnb_int8_matmul_rel_err": rel_err(y_bnb, exact)})
     return rows
 
 
@@ -79,7 +76,7 @@ def delta_paths(shapes=((3072, 3072), (12288, 3072)), rank=128, tokens=(64, 512,
             rows.append({"shape": [out_f, in_f], "rank": rank, "tokens": t, "merged_s": tm, "unmerged_s": tu,
                          "faster": "merged" if tm < tu else "unmerged",
                          "cost_model_picks": "merged" if delta.prefer_merged(t) else "unmerged",
-                         "rel_diff": rel(merged(), unmerged())})
+                         "rel_diff": rel_err(merged(), unmerged())})
     return rows
 
 

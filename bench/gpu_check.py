@@ -39,7 +39,9 @@ def main():
     save_safetensors(make_control_lora(cfg, seed=2, rank=32), os.path.join(models, "loras", "control.safetensors"))
     save_safetensors(make_lora(cfg, kind="lora", seed=7, rank=16), os.path.join(models, "loras", "style.safetensors"))
 
-    from quant_expand.testing.inprocess import ComfyHost, sampling_graph
+    from quant_expand.testing.inprocess import ComfyHost
+    from quant_expand.testing.prompts import (apply_lora, load_bnb_flux, rel_err, sampling_graph, set_lora_scale,
+                                              stock_lora, unet_loader)
 
     host = ComfyHost.start(args.comfyui, REPO_ROOT, models, cpu=args.cpu, dynamic_vram=args.dynamic_vram,
                            extra_args=["--fp32-unet", "--force-fp32"])
@@ -51,30 +53,23 @@ def main():
     # (--force-fp32 above does the same for every other float16 choice ComfyUI makes)
     mm.LORA_COMPUTE_DTYPES[mm.get_torch_device()] = torch.float32
 
-    def n(cls, **inputs):
-        return {"class_type": cls, "inputs": inputs}
-
-    g = {"q": n("LoadBnbFlux", unet_name="m.safetensors", quant_type="nf4", double_quant=False, compute_dtype="auto",
-                quantize_img_in=True),
-         "qc": n("ApplyControlLora", model=["q", 0], lora_name="control.safetensors", strength=0.85),
-         "qs": n("ApplyControlLora", model=["qc", 0], lora_name="style.safetensors", strength=0.6),
-         "r": n("UNETLoader", unet_name="m.safetensors", weight_dtype="default"),
-         "rc": n("LoraLoaderModelOnly", model=["r", 0], lora_name="control.safetensors", strength_model=0.85),
-         "rs": n("LoraLoaderModelOnly", model=["rc", 0], lora_name="style.safetensors", strength_model=0.6)}
+    g = {"q": load_bnb_flux("m.safetensors", "nf4", False, "auto", quantize_img_in=True),
+         "qc": apply_lora(["q", 0], "control.safetensors", 0.85),
+         "qs": apply_lora(["qc", 0], "style.safetensors", 0.6),
+         "r": unet_loader("m.safetensors"),
+         "rc": stock_lora(["r", 0], "control.safetensors", 0.85),
+         "rs": stock_lora(["rc", 0], "style.safetensors", 0.6)}
     dims = dict(context_dim=cfg.context_in_dim, pooled_dim=cfg.vec_in_dim, size=64, steps=3, control_seed=42)
     g = sampling_graph(g, ["qs", 0], key="bnb", prefix="a", **dims)
     g = sampling_graph(g, ["rs", 0], key="full", prefix="b", **dims)
     g = sampling_graph(g, ["q", 0], key="bnb_plain", prefix="c", **dims)
     # Set LoRA Scale on the loaded model (patches swapped in place) vs the chain applied at that strength
-    g["sc"] = n("SetLoraScale", model=["qs", 0], lora_name="control.safetensors", strength=0.4)
-    g["qc4"] = n("ApplyControlLora", model=["q", 0], lora_name="control.safetensors", strength=0.4)
-    g["qs4"] = n("ApplyControlLora", model=["qc4", 0], lora_name="style.safetensors", strength=0.6)
+    g["sc"] = set_lora_scale(["qs", 0], "control.safetensors", 0.4)
+    g["qc4"] = apply_lora(["q", 0], "control.safetensors", 0.4)
+    g["qs4"] = apply_lora(["qc4", 0], "style.safetensors", 0.6)
     g = sampling_graph(g, ["sc", 0], key="bnb_rescaled", prefix="d", **dims)
     g = sampling_graph(g, ["qs4", 0], key="bnb_applied_at_0.4", prefix="e", **dims)
     out = host.run(g)
-
-    def rel(a, b):
-        return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
     ours, stock = host.node_output("q"), host.node_output("r")
     dm = ours.model.diffusion_model
@@ -88,11 +83,11 @@ def main():
         "bnb_compute_dtype": host.pack_module("quant_expand.comfyui.report").load_report(ours).compute_dtype,
         "bnb_weights_device_after_sampling": str(dm.double_blocks[0].img_attn.qkv.weight.device),
         "loaded_models": [type(m.model).__name__ for m in mm.current_loaded_models],
-        "rel_err_bnb_control_style_vs_stock_full_precision": rel(out["bnb"], out["full"]),
-        "rel_effect_of_loras": rel(out["bnb_plain"], out["full"]),
+        "rel_err_bnb_control_style_vs_stock_full_precision": rel_err(out["bnb"], out["full"]),
+        "rel_effect_of_loras": rel_err(out["bnb_plain"], out["full"]),
         "finite": bool(torch.isfinite(out["bnb"]).all()),
         "set_lora_scale_equals_applying_at_that_strength": bool(torch.equal(out["bnb_rescaled"], out["bnb_applied_at_0.4"])),
-        "rel_err_rescaled_vs_applied": rel(out["bnb_rescaled"], out["bnb_applied_at_0.4"]),
+        "rel_err_rescaled_vs_applied": rel_err(out["bnb_rescaled"], out["bnb_applied_at_0.4"]),
     }
     print(json.dumps(report, indent=1))
     if args.out:

@@ -1,5 +1,5 @@
 """Helpers shared by the ComfyUI tests (the in-process host is the pack's own, also behind the demo)."""
-from quant_expand.testing.inprocess import CAPTURED, ComfyHost, TEST_NODES, sample_direct, sampling_graph  # noqa: F401
+from quant_expand.testing.inprocess import CAPTURED, ComfyHost, TEST_NODES, sample_direct  # noqa: F401
 
 
 def denoise_once(patcher, context_dim=64, vec_dim=64, size=16, seed=5, control=False):
@@ -15,11 +15,6 @@ def denoise_once(patcher, context_dim=64, vec_dim=64, size=16, seed=5, control=F
     with torch.inference_mode():
         return patcher.model.apply_model(x, torch.tensor([0.7]), c_crossattn=ctx, y=pooled,
                                          guidance=torch.tensor([3.5]), **extra)
-
-
-def rel_err(a, b) -> float:
-    """Relative L2 error of whole tensors, in float64."""
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def quantized_hash(host, patcher) -> str:

@@ -30,9 +30,11 @@ import pickle
 import pytest
 import torch
 
-from comfy_host import quantized_hash, sampling_graph
+from comfy_host import quantized_hash
 from model_files import write_flux_with_loras
 from prequantized_files import diffusers_state_dict, forge_state_dict, save_sharded
+from quant_expand.testing.prompts import (apply_lora, linked_value, load_bnb_flux, rel_err, sampling_graph,
+                                          set_lora_scale, stock_lora)
 from quant_expand.testing.synthetic import TinyFluxConfig, make_control_lora, make_lora, make_tiny_flux, save_safetensors
 
 CFG = TinyFluxConfig()
@@ -53,25 +55,16 @@ class Touch:
 
 
 def loader(name=MODEL):
-    return {"class_type": "LoadBnbFlux", "inputs": {"unet_name": name, "quant_type": "nf4", "double_quant": True,
-                                                    "compute_dtype": "float32", "quantize_img_in": True}}
-
-
-def apply(model_ref, name, strength):
-    return {"class_type": "ApplyControlLora", "inputs": {"model": model_ref, "lora_name": name, "strength": strength}}
-
-
-def set_scale(model_ref, name, strength):
-    return {"class_type": "SetLoraScale", "inputs": {"model": model_ref, "lora_name": name, "strength": strength}}
+    return load_bnb_flux(name, quantize_img_in=True)
 
 
 def shared_nodes():
     """The nodes the good and the bad prompts share: ComfyUI's cache gives both the same model objects."""
-    return {"q": loader(), "c": apply(["q", 0], CONTROL, 0.85)}
+    return {"q": loader(), "c": apply_lora(["q", 0], CONTROL, 0.85)}
 
 
 def good_graph():
-    g = dict(shared_nodes(), s=apply(["c", 0], STYLE, 0.6))
+    g = dict(shared_nodes(), s=apply_lora(["c", 0], STYLE, 0.6))
     g = sampling_graph(g, ["s", 0], key="control_style", steps=1, control_seed=42, prefix="a")
     return sampling_graph(g, ["q", 0], key="plain", steps=1, prefix="p")
 
@@ -217,12 +210,8 @@ def files(host, tmp_path_factory):
 def reference(host, files):
     """The good prompt's latents, computed once; every case must give them back bit for bit."""
     out = host.run(good_graph())
-    assert rel_change(out["control_style"], out["plain"]) > 1e-3  # the LoRAs really act
+    assert rel_err(out["control_style"], out["plain"]) > 1e-3  # the LoRAs really act
     return out
-
-
-def rel_change(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 # ---------------------------------------------------------------- the matrix
@@ -250,18 +239,17 @@ LORA_ERRORS = [
 ]
 
 NODE_ERRORS = [
-    ("nan_strength_apply", {"x": apply(["c", 0], STYLE, float("nan"))}, ["bad_style.safetensors", "strength is nan"]),
-    ("nan_strength_set_scale", {"x": set_scale(["c", 0], CONTROL, float("nan"))}, ["bad_canny.safetensors", "strength is nan"]),
-    ("set_scale_not_applied", {"x": set_scale(["c", 0], STYLE, 0.5)}, ["bad_style.safetensors", "not applied",
-                                                                        "bad_canny.safetensors"]),
-    ("same_lora_twice", {"x": apply(["c", 0], CONTROL, 0.5)}, ["bad_canny.safetensors", "already applied", "Set LoRA Scale"]),
-    ("two_control_loras", {"x": apply(["c", 0], DEPTH, 1.0)}, ["bad_depth.safetensors", "a Control LoRA (bad_canny.safetensors)",
-                                                               "already applied"]),
-    ("stock_loader_after_control_lora", {"x": {"class_type": "LoraLoaderModelOnly", "inputs": {
-        "model": ["c", 0], "lora_name": DEPTH, "strength_model": 1.0}}},
+    ("nan_strength_apply", {"x": apply_lora(["c", 0], STYLE, float("nan"))}, ["bad_style.safetensors", "strength is nan"]),
+    ("nan_strength_set_scale", {"x": set_lora_scale(["c", 0], CONTROL, float("nan"))}, ["bad_canny.safetensors", "strength is nan"]),
+    ("set_scale_not_applied", {"x": set_lora_scale(["c", 0], STYLE, 0.5)}, ["bad_style.safetensors", "not applied",
+                                                                             "bad_canny.safetensors"]),
+    ("same_lora_twice", {"x": apply_lora(["c", 0], CONTROL, 0.5)}, ["bad_canny.safetensors", "already applied", "Set LoRA Scale"]),
+    ("two_control_loras", {"x": apply_lora(["c", 0], DEPTH, 1.0)}, ["bad_depth.safetensors",
+                                                                    "a Control LoRA (bad_canny.safetensors)",
+                                                                    "already applied"]),
+    ("stock_loader_after_control_lora", {"x": stock_lora(["c", 0], DEPTH, 1.0)},
      ["already has a Control LoRA", "use one per model"]),
-    ("control_lora_after_stock_loader", {"s": {"class_type": "LoraLoaderModelOnly", "inputs": {
-        "model": ["q", 0], "lora_name": CONTROL, "strength_model": 1.0}}, "x": apply(["s", 0], DEPTH, 1.0)},
+    ("control_lora_after_stock_loader", {"s": stock_lora(["q", 0], CONTROL, 1.0), "x": apply_lora(["s", 0], DEPTH, 1.0)},
      ["bad_depth.safetensors", "already has a Control LoRA (applied by a LoRA loader node upstream)"]),
 ]
 
@@ -332,9 +320,9 @@ def run_case(host, files, reference, bad_nodes, model_ref, node_id, node_type, p
 
 @pytest.mark.parametrize("case,lora_name,phrases", LORA_ERRORS, ids=[c[0] for c in LORA_ERRORS])
 def test_bad_lora_file(host, files, reference, case, lora_name, phrases):
-    run_case(host, files, reference, {"x": apply(["c", 0], lora_name, 0.7)}, ["x", 0], "x", "ApplyControlLora", phrases)
+    run_case(host, files, reference, {"x": apply_lora(["c", 0], lora_name, 0.7)}, ["x", 0], "x", "ApplyControlLora", phrases)
     if case == "flooding_key_name":  # what reaches /history, the websocket and the log: one bounded line
-        err = host.run(bad_graph({"x": apply(["c", 0], lora_name, 0.7)}, ["x", 0]), expect_error=True)["errors"][0]
+        err = host.run(bad_graph({"x": apply_lora(["c", 0], lora_name, 0.7)}, ["x", 0]), expect_error=True)["errors"][0]
         msg = err["exception_message"].rstrip("\n")  # ComfyUI ends the message with a newline of its own
         assert len(msg) <= 2000 and "\n" not in msg and "\x1b" not in msg, len(msg)
 
@@ -359,14 +347,9 @@ def test_pickle_payload_is_live(tmp_path):
 
 def test_out_of_range_strength_is_refused_by_validator(host, files):
     """Out-of-range numbers never reach the node (ComfyUI's validator); NaN does (covered above)."""
-    res = host.run(sampling_graph({"q": loader(), "x": apply(["q", 0], CONTROL, 11.0)}, ["x", 0], key="x"),
+    res = host.run(sampling_graph({"q": loader(), "x": apply_lora(["q", 0], CONTROL, 11.0)}, ["x", 0], key="x"),
                    expect_error=True)
     assert "validation" in res, res
-
-
-def linked(value):
-    """A value reaching an input through a link: ComfyUI checks only widget values against the schema."""
-    return {"class_type": "BnbFluxTestValue", "inputs": {"value": json.dumps(value)}}
 
 
 LINKED_ERRORS = [
@@ -384,9 +367,9 @@ LINKED_ERRORS = [
 @pytest.mark.parametrize("case,node_type,field,value,phrases", LINKED_ERRORS, ids=[c[0] for c in LINKED_ERRORS])
 def test_a_linked_value_outside_the_schema_fails_the_node(host, files, reference, case, node_type, field, value, phrases):
     lora = STYLE if node_type == "ApplyControlLora" else CONTROL
-    node = (apply if node_type == "ApplyControlLora" else set_scale)(["c", 0], lora, 0.5)
+    node = (apply_lora if node_type == "ApplyControlLora" else set_lora_scale)(["c", 0], lora, 0.5)
     node["inputs"][field] = ["v", 0]
-    run_case(host, files, reference, {"v": linked(value), "x": node}, ["x", 0], "x", node_type, phrases)
+    run_case(host, files, reference, {"v": linked_value(value), "x": node}, ["x", 0], "x", node_type, phrases)
 
 
 def test_a_tensor_no_flux_layer_has_is_ignored_with_a_warning_as_stock_does(host, files, caplog):

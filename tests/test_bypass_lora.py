@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import pytest
 
-from comfy_host import rel_err, sampling_graph
+from quant_expand.testing.prompts import (linked_value, load_bnb_flux, node, rel_err, sampling_graph, stock_lora,
+                                          unet_loader)
 from quant_expand.testing.synthetic import TinyFluxConfig, default_lora_targets, make_control_lora, make_lora, make_tiny_flux, save_safetensors
 
 CFG = TinyFluxConfig()
@@ -34,25 +35,15 @@ def files(host):
     save_safetensors(make_control_lora(CFG, seed=2), host.model_path("loras", CONTROL))
 
 
-def load_bnb():
-    return {"class_type": "LoadBnbFlux", "inputs": {"unet_name": MODEL, "quant_type": "nf4", "double_quant": True,
-                                                    "compute_dtype": "float32", "quantize_img_in": False}}
-
-
-def bypass_nodes(node, model_ref, lora, strength):
-    """``node`` on ``model_ref``; LoraLoaderBypass's CLIP input gets None (these tiny FLUX graphs have no text
-    encoder; the stock node skips a None CLIP) through the test value node, as a link would feed it."""
-    inputs = {"model": model_ref, "lora_name": lora, "strength_model": strength}
-    g = {}
-    if node == "LoraLoaderBypass":
-        g["none"] = {"class_type": "BnbFluxTestValue", "inputs": {"value": "null"}}
-        inputs.update(clip=["none", 0], strength_clip=0.0)
-    g["bp"] = {"class_type": node, "inputs": inputs}
+def bypass_nodes(class_type, model_ref, lora, strength):
+    """``class_type`` on ``model_ref``; LoraLoaderBypass's CLIP input gets None (these tiny FLUX graphs have no
+    text encoder; the stock node skips a None CLIP) through the test value node, as a link would feed it."""
+    g, clip = {}, {}
+    if class_type == "LoraLoaderBypass":
+        g["none"] = linked_value(None)
+        clip = {"clip": ["none", 0], "strength_clip": 0.0}
+    g["bp"] = node(class_type, model=model_ref, lora_name=lora, strength_model=strength, **clip)
     return g
-
-
-def stock_lora(model_ref, lora, strength):
-    return {"class_type": "LoraLoaderModelOnly", "inputs": {"model": model_ref, "lora_name": lora, "strength_model": strength}}
 
 
 @pytest.mark.parametrize("node", BYPASS_NODES)
@@ -60,10 +51,11 @@ def stock_lora(model_ref, lora, strength):
 def test_bypass_node_on_bnb_model_fails_at_the_node_and_next_prompt_runs(host, files, node, lora, control):
     ctl = 42 if control else None
     # the next prompt: the style LoRA by the stock loader on the same cached Load BnB Flux model
-    follow = sampling_graph({"q": load_bnb(), "s": stock_lora(["q", 0], STYLE, 0.6)}, ["s", 0], key="next")
+    follow = sampling_graph({"q": load_bnb_flux(MODEL, quantize_img_in=False), "s": stock_lora(["q", 0], STYLE, 0.6)},
+                            ["s", 0], key="next")
     before = host.run(follow)["next"]
 
-    g = {"q": load_bnb(), **bypass_nodes(node, ["q", 0], lora, 0.6)}
+    g = {"q": load_bnb_flux(MODEL, quantize_img_in=False), **bypass_nodes(node, ["q", 0], lora, 0.6)}
     result = host.run(sampling_graph(g, ["bp", 0], key="bypass", control_seed=ctl), expect_error=True)
     assert result["captured"] == {}
     assert len(result["errors"]) == 1, result["errors"]
@@ -82,8 +74,7 @@ def test_bypass_node_on_bnb_model_fails_at_the_node_and_next_prompt_runs(host, f
 
 @pytest.mark.parametrize("node", BYPASS_NODES)
 def test_bypass_node_on_comfyui_loader_model_stays_stock(host, files, node):
-    g = {"r": {"class_type": "UNETLoader", "inputs": {"unet_name": MODEL, "weight_dtype": "default"}},
-         **bypass_nodes(node, ["r", 0], STYLE, 0.6), "s": stock_lora(["r", 0], STYLE, 0.6)}
+    g = {"r": unet_loader(MODEL), **bypass_nodes(node, ["r", 0], STYLE, 0.6), "s": stock_lora(["r", 0], STYLE, 0.6)}
     g = sampling_graph(g, ["bp", 0], key="bypass", prefix="a")
     g = sampling_graph(g, ["s", 0], key="stock", prefix="b")
     g = sampling_graph(g, ["r", 0], key="base", prefix="c")

@@ -15,7 +15,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_host import quantized_hash, rel_err, sample_direct, sampling_graph
+from comfy_host import quantized_hash, sample_direct
+from quant_expand.testing.prompts import (apply_lora, load_bnb_flux, rel_err, sampling_graph, set_lora_scale, stock_lora,
+                                          unet_loader)
 from quant_expand.testing.synthetic import TinyFluxConfig, bfl_lora_to_diffusers, make_control_lora, make_lora, make_tiny_flux, save_safetensors
 
 CFG = TinyFluxConfig()
@@ -47,20 +49,7 @@ def files(host):
 
 
 def loader(file, quant, dq=False, img_in=False):
-    return {"class_type": "LoadBnbFlux", "inputs": {"unet_name": file, "quant_type": quant, "double_quant": dq,
-                                                    "compute_dtype": "float32", "quantize_img_in": img_in}}
-
-
-def apply(model_ref, name, strength):
-    return {"class_type": "ApplyControlLora", "inputs": {"model": model_ref, "lora_name": name, "strength": strength}}
-
-
-def set_scale(model_ref, name, strength):
-    return {"class_type": "SetLoraScale", "inputs": {"model": model_ref, "lora_name": name, "strength": strength}}
-
-
-def stock_lora(model_ref, name, strength):
-    return {"class_type": "LoraLoaderModelOnly", "inputs": {"model": model_ref, "lora_name": name, "strength_model": strength}}
+    return load_bnb_flux(file, quant, dq, quantize_img_in=img_in)
 
 
 def dequantized_file(host, file, quant, dq, img_in, name):
@@ -81,9 +70,9 @@ class TestApplyControlLora:
     @pytest.mark.parametrize("size", [16, 64])
     def test_control_and_style_match_stock_loras_on_full_precision(self, host, files, quant, dq, img_in, size):
         deq, _ = dequantized_file(host, files[quant], quant, dq, img_in, f"ctl_deq_{quant}_{dq}_{img_in}.safetensors")
-        g = {"q": loader(files[quant], quant, dq, img_in), "qc": apply(["q", 0], CONTROL, 0.85),
-             "qs": apply(["qc", 0], STYLE, 0.6),
-             "r": {"class_type": "UNETLoader", "inputs": {"unet_name": deq, "weight_dtype": "default"}},
+        g = {"q": loader(files[quant], quant, dq, img_in), "qc": apply_lora(["q", 0], CONTROL, 0.85),
+             "qs": apply_lora(["qc", 0], STYLE, 0.6),
+             "r": unet_loader(deq),
              "rc": stock_lora(["r", 0], CONTROL, 0.85), "rs": stock_lora(["rc", 0], STYLE, 0.6)}
         g = sampling_graph(g, ["qs", 0], key="q", size=size, steps=1, control_seed=42, prefix="a")
         g = sampling_graph(g, ["rs", 0], key="ref", size=size, steps=1, control_seed=42, prefix="b")
@@ -96,9 +85,9 @@ class TestApplyControlLora:
     @pytest.mark.parametrize("quant,img_in", [("nf4", True), ("int8", True), ("fp4", False)])
     def test_old_width_lora_on_widened_img_in_is_zero_padded(self, host, files, quant, img_in):
         deq, _ = dequantized_file(host, files[quant], quant, False, img_in, f"ctl_deq_pad_{quant}_{img_in}.safetensors")
-        g = {"q": loader(files[quant], quant, False, img_in), "qc": apply(["q", 0], CONTROL, 0.85),
-             "qs": apply(["qc", 0], STYLE_IMG_IN, 0.6),
-             "r": {"class_type": "UNETLoader", "inputs": {"unet_name": deq, "weight_dtype": "default"}},
+        g = {"q": loader(files[quant], quant, False, img_in), "qc": apply_lora(["q", 0], CONTROL, 0.85),
+             "qs": apply_lora(["qc", 0], STYLE_IMG_IN, 0.6),
+             "r": unet_loader(deq),
              "rc": stock_lora(["r", 0], CONTROL, 0.85), "rs": stock_lora(["rc", 0], STYLE_IMG_IN_PADDED, 0.6)}
         g = sampling_graph(g, ["qs", 0], key="q", control_seed=42, prefix="a")
         g = sampling_graph(g, ["rs", 0], key="ref", control_seed=42, prefix="b")
@@ -112,8 +101,8 @@ class TestApplyControlLora:
         file's result (ComfyUI's own loader drops its img_in widening, biases and norms); a kohya style
         LoRA matches ComfyUI's loader."""
         q = loader(files["nf4"], "nf4", True, True)
-        g = {"q": q, "b": apply(["q", 0], CONTROL, 0.85), "d": apply(["q", 0], CONTROL_DIFFUSERS, 0.85),
-             "bk": apply(["b", 0], STYLE_KOHYA, 0.7), "sk": stock_lora(["b", 0], STYLE_KOHYA, 0.7)}
+        g = {"q": q, "b": apply_lora(["q", 0], CONTROL, 0.85), "d": apply_lora(["q", 0], CONTROL_DIFFUSERS, 0.85),
+             "bk": apply_lora(["b", 0], STYLE_KOHYA, 0.7), "sk": stock_lora(["b", 0], STYLE_KOHYA, 0.7)}
         g = sampling_graph(g, ["b", 0], key="bfl", control_seed=42, prefix="a")
         g = sampling_graph(g, ["d", 0], key="diffusers", control_seed=42, prefix="b")
         g = sampling_graph(g, ["bk", 0], key="kohya_ours", control_seed=42, prefix="c")
@@ -126,7 +115,7 @@ class TestApplyControlLora:
     def test_stock_lora_loader_on_quantized_img_in_goes_through_expansion(self, host, files):
         deq, _ = dequantized_file(host, files["nf4"], "nf4", False, True, "ctl_deq_stock.safetensors")
         g = {"q": loader(files["nf4"], "nf4", False, True), "qc": stock_lora(["q", 0], CONTROL, 0.85),
-             "r": {"class_type": "UNETLoader", "inputs": {"unet_name": deq, "weight_dtype": "default"}},
+             "r": unet_loader(deq),
              "rc": stock_lora(["r", 0], CONTROL, 0.85)}
         g = sampling_graph(g, ["qc", 0], key="q", control_seed=42, prefix="a")
         g = sampling_graph(g, ["rc", 0], key="ref", control_seed=42, prefix="b")
@@ -134,8 +123,8 @@ class TestApplyControlLora:
         assert rel_err(out["q"], out["ref"]) < 1e-5
 
     def test_full_precision_model_from_comfy_loader(self, host, files):
-        g = {"r": {"class_type": "UNETLoader", "inputs": {"unet_name": files["fp4"], "weight_dtype": "default"}},
-             "a": apply(["r", 0], CONTROL, 0.85), "s": stock_lora(["r", 0], CONTROL, 0.85)}
+        g = {"r": unet_loader(files["fp4"]),
+             "a": apply_lora(["r", 0], CONTROL, 0.85), "s": stock_lora(["r", 0], CONTROL, 0.85)}
         g = sampling_graph(g, ["a", 0], key="ours", control_seed=42, prefix="a")
         g = sampling_graph(g, ["s", 0], key="stock", control_seed=42, prefix="b")
         out = host.run(g)
@@ -167,10 +156,10 @@ class TestApplyControlLora:
 class TestSetLoraScale:
     def test_set_scale_equals_applying_at_that_strength(self, host, files):
         q = loader(files["nf4"], "nf4", True, True)
-        g = {"q": q, "c1": apply(["q", 0], CONTROL, 1.0), "s1": apply(["c1", 0], STYLE, 0.3),
-             "set": set_scale(["s1", 0], CONTROL, 0.6), "set0": set_scale(["s1", 0], CONTROL, 0.0),
-             "c2": apply(["q", 0], CONTROL, 0.6), "s2": apply(["c2", 0], STYLE, 0.3),
-             "c0": apply(["q", 0], CONTROL, 0.0), "s0": apply(["c0", 0], STYLE, 0.3)}
+        g = {"q": q, "c1": apply_lora(["q", 0], CONTROL, 1.0), "s1": apply_lora(["c1", 0], STYLE, 0.3),
+             "set": set_lora_scale(["s1", 0], CONTROL, 0.6), "set0": set_lora_scale(["s1", 0], CONTROL, 0.0),
+             "c2": apply_lora(["q", 0], CONTROL, 0.6), "s2": apply_lora(["c2", 0], STYLE, 0.3),
+             "c0": apply_lora(["q", 0], CONTROL, 0.0), "s0": apply_lora(["c0", 0], STYLE, 0.3)}
         g = sampling_graph(g, ["set", 0], key="set", control_seed=42, prefix="a")
         g = sampling_graph(g, ["s2", 0], key="applied", control_seed=42, prefix="b")
         g = sampling_graph(g, ["set0", 0], key="set0", control_seed=42, prefix="c")
@@ -184,7 +173,7 @@ class TestSetLoraScale:
     def test_strength_zero_keeps_widening_and_norm_sets(self, host, files):
         """At 0 the LoRA deltas vanish but the widening and the QK-norm scales stay (ComfyUI's LoraLoader
         would skip the file): the result differs from the plain model through the replaced norm scales."""
-        g = {"q": loader(files["fp4"], "fp4", False, True), "c0": apply(["q", 0], CONTROL, 0.0)}
+        g = {"q": loader(files["fp4"], "fp4", False, True), "c0": apply_lora(["q", 0], CONTROL, 0.0)}
         g = sampling_graph(g, ["c0", 0], key="zero", control_seed=42, prefix="a")
         g = sampling_graph(g, ["q", 0], key="plain", control_seed=42, prefix="b")
         out = host.run(g)
@@ -312,9 +301,10 @@ def test_a_control_lora_applied_after_another_clone_merged_into_img_in_widens_th
     control_copy = "tiny_canny_lora_copy.safetensors"  # another file name: its node runs anew, not cached
     save_safetensors(make_control_lora(CFG, seed=2), host.model_path("loras", control_copy))
     q = loader(files["nf4"], "nf4")
-    first = host.run(sampling_graph({"q": q, "c": apply(["q", 0], CONTROL, 1.0)}, ["c", 0], key="x", control_seed=42))["x"]
-    host.run(sampling_graph({"q": q, "s": apply(["q", 0], STYLE_IMG_IN, 1.0)}, ["s", 0], key="style"))
+    first = host.run(sampling_graph({"q": q, "c": apply_lora(["q", 0], CONTROL, 1.0)}, ["c", 0], key="x",
+                                    control_seed=42))["x"]
+    host.run(sampling_graph({"q": q, "s": apply_lora(["q", 0], STYLE_IMG_IN, 1.0)}, ["s", 0], key="style"))
     assert host.node_output("q").backup, "the style clone's merge into img_in is what this test is about"
-    later = host.run(sampling_graph({"q": q, "c": apply(["q", 0], control_copy, 1.0)}, ["c", 0], key="x",
+    later = host.run(sampling_graph({"q": q, "c": apply_lora(["q", 0], control_copy, 1.0)}, ["c", 0], key="x",
                                     control_seed=42))["x"]
     assert torch.equal(later, first), rel_err(later, first)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_host import denoise_once, quantized_hash, rel_err, sample_direct, sampling_graph
+from comfy_host import denoise_once, quantized_hash, sample_direct
+from quant_expand.testing.prompts import load_bnb_flux, rel_err, sampling_graph, stock_lora, unet_loader
 from quant_expand.testing.synthetic import TinyFluxConfig, make_lora, make_tiny_flux, save_safetensors
 
 CFG = TinyFluxConfig()
@@ -36,11 +37,6 @@ def files(host):
     save_safetensors({k: v.to(torch.bfloat16) for k, v in sd.items()}, host.model_path("diffusion_models", name))
     out["prefixed_bf16"] = name
     return out
-
-
-def load_node(file, quant, dq, dtype="float32"):
-    return {"class_type": "LoadBnbFlux", "inputs": {"unet_name": file, "quant_type": quant,
-                                                    "double_quant": dq, "compute_dtype": dtype}}
 
 
 def load_direct(host, file, quant, dq, dtype="float32"):
@@ -86,15 +82,14 @@ class TestLoadBnbFlux:
             orig, back = load_file(host.model_path("diffusion_models", files[quant])), \
                 load_file(host.model_path("diffusion_models", deq))
             assert all(torch.equal(orig[k], back[k.replace("_norm.scale", "_norm.weight")]) for k in orig)
-        g = sampling_graph({"q": load_node(files[quant], quant, dq)}, ["q", 0], key="q", prefix="a")
-        g = sampling_graph({**g, "ref": {"class_type": "UNETLoader", "inputs": {"unet_name": deq, "weight_dtype": "default"}}},
-                           ["ref", 0], key="ref", prefix="b")
+        g = sampling_graph({"q": load_bnb_flux(files[quant], quant, dq)}, ["q", 0], key="q", prefix="a")
+        g = sampling_graph({**g, "ref": unet_loader(deq)}, ["ref", 0], key="ref", prefix="b")
         out = host.run(g)
         assert torch.isfinite(out["q"]).all() and out["q"].abs().max() > 0
         assert rel_err(out["q"], out["ref"]) < 1e-6
 
     def test_prefixed_bf16_file_loads(self, host, files):
-        out = host.run(sampling_graph({"q": load_node(files["prefixed_bf16"], "fp4", True, "auto")}, ["q", 0], key="q"))
+        out = host.run(sampling_graph({"q": load_bnb_flux(files["prefixed_bf16"], "fp4", True, "auto")}, ["q", 0], key="q"))
         assert torch.isfinite(out["q"]).all()
 
 
@@ -111,10 +106,6 @@ def lora_files(host):
     return out
 
 
-def lora_node(model_ref, name, strength):
-    return {"class_type": "LoraLoaderModelOnly", "inputs": {"model": model_ref, "lora_name": name, "strength_model": strength}}
-
-
 class TestStockLoraNodes:
     """Stock LoRA nodes on the quantized model equal the same LoRAs on full precision, applied lazily."""
 
@@ -123,10 +114,10 @@ class TestStockLoraNodes:
     def test_lora_matches_full_precision(self, host, files, lora_files, kind, size):
         patcher = load_direct(host, files["nf4"], "nf4", False)
         deq = write_dequantized(host, patcher, "deq_nf4_False.safetensors")
-        g = {"q": load_node(files["nf4"], "nf4", False),
-             "ql": lora_node(["q", 0], lora_files[kind], 0.8),
-             "r": {"class_type": "UNETLoader", "inputs": {"unet_name": deq, "weight_dtype": "default"}},
-             "rl": lora_node(["r", 0], lora_files[kind], 0.8)}
+        g = {"q": load_bnb_flux(files["nf4"], "nf4", False),
+             "ql": stock_lora(["q", 0], lora_files[kind], 0.8),
+             "r": unet_loader(deq),
+             "rl": stock_lora(["r", 0], lora_files[kind], 0.8)}
         g = sampling_graph(g, ["ql", 0], key="q", size=size, steps=1, prefix="a")
         g = sampling_graph(g, ["rl", 0], key="ref", size=size, steps=1, prefix="b")
         g = sampling_graph(g, ["q", 0], key="base", size=size, steps=1, prefix="c")
@@ -136,9 +127,9 @@ class TestStockLoraNodes:
         assert rel_err(out["base"], out["ref"]) > 1e-3
 
     def test_other_branch_unaffected(self, host, files, lora_files):
-        alone = host.run(sampling_graph({"q": load_node(files["fp4"], "fp4", True)}, ["q", 0], key="alone"))["alone"]
-        g = {"q": load_node(files["fp4"], "fp4", True), "ql": lora_node(["q", 0], lora_files["lora"], 1.0),
-             "ql2": lora_node(["ql", 0], lora_files["loha"], 0.5)}
+        alone = host.run(sampling_graph({"q": load_bnb_flux(files["fp4"], "fp4", True)}, ["q", 0], key="alone"))["alone"]
+        g = {"q": load_bnb_flux(files["fp4"], "fp4", True), "ql": stock_lora(["q", 0], lora_files["lora"], 1.0),
+             "ql2": stock_lora(["ql", 0], lora_files["loha"], 0.5)}
         g = sampling_graph(g, ["ql2", 0], key="lora", prefix="a")
         g = sampling_graph(g, ["q", 0], key="plain", prefix="b")
         out = host.run(g)

@@ -17,21 +17,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from comfy_host import sampling_graph
 from prequantized_files import diffusers_state_dict, forge_state_dict, save_sharded
+from quant_expand.testing.prompts import (apply_lora, load_bnb_flux, node, rel_err, sampling_graph, save_bnb_flux,
+                                          unet_loader)
 from quant_expand.testing.synthetic import TinyFluxConfig, make_control_lora, make_tiny_flux, save_safetensors
 
 CFG = TinyFluxConfig()
 CONTROL = "pq_control_lora.safetensors"
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def loader(file, quant="nf4", dq=True):
-    return {"class_type": "LoadBnbFlux", "inputs": {"unet_name": file, "quant_type": quant, "double_quant": dq,
-                                                    "compute_dtype": "float32"}}
 
 
 def load_direct(host, file, quant="nf4", dq=True):
@@ -42,10 +34,6 @@ def load_direct(host, file, quant="nf4", dq=True):
 
 def report_of(host, patcher):
     return host.pack_module("quant_expand.comfyui.report").load_report(patcher)
-
-
-def saver(model_ref, prefix):
-    return {"class_type": "SaveBnbFlux", "inputs": {"model": model_ref, "filename_prefix": prefix}}
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +100,7 @@ class TestSaveLoadRoundTrip:
     @pytest.mark.parametrize("quant,dq", [("nf4", True), ("fp4", False), ("int8", False)])
     def test_save_then_load_gives_identical_bytes_and_outputs(self, host, exact, outdir, quant, dq):
         prefix = f"diffusion_models/rt_{quant}_{dq}"
-        host.run({"q": loader(exact[quant], quant, dq), "save": saver(["q", 0], prefix)})
+        host.run({"q": load_bnb_flux(exact[quant], quant, dq), "save": save_bnb_flux(["q", 0], prefix)})
         path = saved_file(outdir, prefix)
         with safe_open(path, "pt") as f:
             meta = f.metadata()
@@ -120,8 +108,8 @@ class TestSaveLoadRoundTrip:
         name = install(host, path, f"rt_{quant}_{dq}.safetensors")
         # the reload asks for another scheme: the file's own quantization wins
         other = "int8" if quant != "int8" else "nf4"
-        g = sampling_graph({"q": loader(exact[quant], quant, dq)}, ["q", 0], key="orig", prefix="a")
-        g = sampling_graph({**g, "r": loader(name, other, not dq)}, ["r", 0], key="reloaded", prefix="b")
+        g = sampling_graph({"q": load_bnb_flux(exact[quant], quant, dq)}, ["q", 0], key="orig", prefix="a")
+        g = sampling_graph({**g, "r": load_bnb_flux(name, other, not dq)}, ["r", 0], key="reloaded", prefix="b")
         out = host.run(g)
         original, reloaded = host.node_output("q"), host.node_output("r")
         assert report_of(host, reloaded).prequantized and not report_of(host, original).prequantized
@@ -132,9 +120,9 @@ class TestSaveLoadRoundTrip:
         assert reloaded.model.model_config.unet_config == original.model.model_config.unet_config
 
     def test_save_refuses_a_model_with_loras(self, host, exact, outdir):
-        g = {"q": loader(exact["nf4"]),
-             "l": {"class_type": "ApplyControlLora", "inputs": {"model": ["q", 0], "lora_name": CONTROL, "strength": 1.0}},
-             "save": saver(["l", 0], "diffusion_models/with_lora")}
+        g = {"q": load_bnb_flux(exact["nf4"]),
+             "l": apply_lora(["q", 0], CONTROL, 1.0),
+             "save": save_bnb_flux(["l", 0], "diffusion_models/with_lora")}
         errors = host.run(g, expect_error=True)["errors"]
         assert len(errors) == 1 and errors[0]["node_type"] == "SaveBnbFlux"
         assert "LoRA patches" in errors[0]["exception_message"] and "straight to Load BnB Flux" in errors[0]["exception_message"]
@@ -153,9 +141,9 @@ class TestSaveLoadRoundTrip:
             rescaled = lora_nodes.SetLoraScale.execute(applied, CONTROL, 0.5).result[0]
         assert report_of(host, applied) is report and report_of(host, rescaled) is report
         prefix = "diffusion_models/from_a_clone"
-        host.run({"q": loader(exact["nf4"]),
-                  "c": {"class_type": "RescaleCFG", "inputs": {"model": ["q", 0], "multiplier": 0.7}},
-                  "save": saver(["c", 0], prefix)})
+        host.run({"q": load_bnb_flux(exact["nf4"]),
+                  "c": node("RescaleCFG", model=["q", 0], multiplier=0.7),
+                  "save": save_bnb_flux(["c", 0], prefix)})
         clone = host.node_output("c")
         assert clone is not host.node_output("q") and not clone.patches and not clone.object_patches
         with safe_open(saved_file(outdir, prefix), "pt") as f:
@@ -164,7 +152,8 @@ class TestSaveLoadRoundTrip:
     @pytest.mark.parametrize("prefix", ["diffusion_models/a\x00b", "diffusion_models/two\nlines", ""])
     def test_save_refuses_a_prefix_with_control_characters_naming_it(self, host, exact, outdir, prefix):
         """The OS said only "Invalid argument (os error 22)" for a NUL; a newline would end up in a file name."""
-        errors = host.run({"q": loader(exact["nf4"]), "save": saver(["q", 0], prefix)}, expect_error=True)["errors"]
+        errors = host.run({"q": load_bnb_flux(exact["nf4"]), "save": save_bnb_flux(["q", 0], prefix)},
+                          expect_error=True)["errors"]
         assert len(errors) == 1 and errors[0]["node_type"] == "SaveBnbFlux", errors
         msg = errors[0]["exception_message"]
         assert msg.startswith(f"filename_prefix {prefix!r} is not a usable path") and "without control characters" in msg
@@ -174,16 +163,15 @@ class TestSaveLoadRoundTrip:
         module tree; the base model's file must not contain them."""
         import comfy.model_management as mm
 
-        base_g = {"q": loader(exact["fp4"], "fp4", False),
-                  "l": {"class_type": "ApplyControlLora", "inputs": {"model": ["q", 0], "lora_name": CONTROL,
-                                                                     "strength": 1.0}}}
+        base_g = {"q": load_bnb_flux(exact["fp4"], "fp4", False),
+                  "l": apply_lora(["q", 0], CONTROL, 1.0)}
         host.run(sampling_graph(base_g, ["l", 0], key="ctl", control_seed=3))
         base, clone = host.node_output("q"), host.node_output("l")
         mm.load_models_gpu([clone])  # make sure the clone is the one patched into the shared modules now
         dm = base.model.diffusion_model
         assert dm.img_in.in_features == 128, "the Control LoRA clone should be patched in"
         prefix = "diffusion_models/base_while_patched"
-        host.run({**base_g, "save": saver(["q", 0], prefix)})
+        host.run({**base_g, "save": save_bnb_flux(["q", 0], prefix)})
         name = install(host, saved_file(outdir, prefix), "base_while_patched.safetensors")
         mm.unload_all_models()
         assert_same_storage(stored_tensors(host, load_direct(host, exact["fp4"], "fp4", False)),
@@ -216,8 +204,9 @@ class TestForeignFiles:
                          host.model_path("checkpoints", "pq_forge_aio.safetensors"))
         node = host.nodes.NODE_CLASS_MAPPINGS["LoadBnbFlux"]
         assert "pq_forge_aio.safetensors" in node.INPUT_TYPES()["required"]["unet_name"][1]["options"]
-        g = sampling_graph({"f": loader("pq_forge_aio.safetensors", "int8", True)}, ["f", 0], key="forge", prefix="a")
-        g = sampling_graph({**g, "q": loader(exact["nf4"], "nf4", False)}, ["q", 0], key="on_load", prefix="b")
+        g = sampling_graph({"f": load_bnb_flux("pq_forge_aio.safetensors", "int8", True)}, ["f", 0], key="forge",
+                           prefix="a")
+        g = sampling_graph({**g, "q": load_bnb_flux(exact["nf4"], "nf4", False)}, ["q", 0], key="on_load", prefix="b")
         out = host.run(g)
         assert_same_storage(stored_tensors(host, host.node_output("f")), stored_tensors(host, host.node_output("q")))
         assert torch.equal(out["forge"], out["on_load"])
@@ -245,9 +234,8 @@ class TestForeignFiles:
         assert patcher.model.model_config.unet_config["in_channels"] == 16
         assert patcher.model.model_config.unet_config["hidden_size"] == CFG.hidden_size
         ref = write_dequantized(host, patcher, f"pq_forge_v1_{quant}_deq.safetensors")
-        g = sampling_graph({"f": loader(name, "int8", False)}, ["f", 0], key="forge", prefix="a")
-        g = sampling_graph({**g, "r": {"class_type": "UNETLoader", "inputs": {"unet_name": ref, "weight_dtype": "default"}}},
-                           ["r", 0], key="ref", prefix="b")
+        g = sampling_graph({"f": load_bnb_flux(name, "int8", False)}, ["f", 0], key="forge", prefix="a")
+        g = sampling_graph({**g, "r": unet_loader(ref)}, ["r", 0], key="ref", prefix="b")
         out = host.run(g)
         assert torch.isfinite(out["forge"]).all() and rel_err(out["forge"], out["ref"]) < 1e-6
 
@@ -264,9 +252,8 @@ class TestForeignFiles:
         qkv = patcher.model.diffusion_model.double_blocks[0].img_attn.qkv
         assert qkv.weight.shape == (3 * CFG.hidden_size, CFG.hidden_size) and not qkv.weight.quant_state.nested
         ref = write_dequantized(host, patcher, "pq_diffusers_nf4_deq.safetensors")
-        g = sampling_graph({"d": loader(shard, "fp4", False)}, ["d", 0], key="diffusers", prefix="a")
-        g = sampling_graph({**g, "r": {"class_type": "UNETLoader", "inputs": {"unet_name": ref, "weight_dtype": "default"}}},
-                           ["r", 0], key="ref", prefix="b")
+        g = sampling_graph({"d": load_bnb_flux(shard, "fp4", False)}, ["d", 0], key="diffusers", prefix="a")
+        g = sampling_graph({**g, "r": unet_loader(ref)}, ["r", 0], key="ref", prefix="b")
         out = host.run(g)
         assert rel_err(out["diffusers"], out["ref"]) < 1e-6
         # the file kept proj_out in full precision: so does the loaded model
@@ -275,10 +262,8 @@ class TestForeignFiles:
     def test_llm_int8_diffusers_file(self, host, exact):
         sd = make_tiny_flux(CFG, seed=0, exact_for="int8")
         save_safetensors(diffusers_state_dict(sd, CFG, "int8"), host.model_path("diffusion_models", "pq_int8.safetensors"))
-        g = sampling_graph({"i": loader("pq_int8.safetensors", "nf4", True)}, ["i", 0], key="int8", prefix="a")
-        g = sampling_graph({**g, "r": {"class_type": "UNETLoader", "inputs": {"unet_name": exact["int8"],
-                                                                            "weight_dtype": "default"}}},
-                           ["r", 0], key="ref", prefix="b")
+        g = sampling_graph({"i": load_bnb_flux("pq_int8.safetensors", "nf4", True)}, ["i", 0], key="int8", prefix="a")
+        g = sampling_graph({**g, "r": unet_loader(exact["int8"])}, ["r", 0], key="ref", prefix="b")
         out = host.run(g)
         patcher = host.node_output("i")
         info = report_of(host, patcher)

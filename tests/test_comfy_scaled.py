@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_host import rel_err, sampling_graph
+from quant_expand.testing.prompts import apply_lora, load_bnb_flux, rel_err, sampling_graph, stock_lora, unet_loader
 from quant_expand.testing.synthetic import TinyFluxConfig, make_control_lora, make_lora, save_safetensors
 from scaled_files import comfy_quant_flux, scaled_fp8_flux
 
@@ -37,15 +37,6 @@ def files(host):
     save_safetensors(make_control_lora(CFG, seed=2), host.model_path("loras", "scaled_control.safetensors"))
     save_safetensors(make_lora(CFG, kind="lora", seed=7), host.model_path("loras", "scaled_style.safetensors"))
     return out
-
-
-def load_node(file, quant="nf4"):
-    return {"class_type": "LoadBnbFlux", "inputs": {"unet_name": file, "quant_type": quant, "double_quant": False,
-                                                    "compute_dtype": "float32"}}
-
-
-def unet_node(file):
-    return {"class_type": "UNETLoader", "inputs": {"unet_name": file, "weight_dtype": "default"}}
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -81,8 +72,8 @@ def test_load_bnb_flux_samples_like_unetloader(host, files, fmt):
         plain.update({f"{m}.weight": w for m, w in expected.items()})
         reference = "tiny_int8_tensorwise_dequantized.safetensors"
         save_safetensors(plain, host.model_path("diffusion_models", reference))
-    g = sampling_graph({"q": load_node(name)}, ["q", 0], key="q", prefix="a")
-    g = sampling_graph({**g, "ref": unet_node(reference)}, ["ref", 0], key="ref", prefix="b")
+    g = sampling_graph({"q": load_bnb_flux(name, double_quant=False)}, ["q", 0], key="q", prefix="a")
+    g = sampling_graph({**g, "ref": unet_loader(reference)}, ["ref", 0], key="ref", prefix="b")
     out = host.run(g)
     assert torch.isfinite(out["q"]).all() and out["q"].abs().max() > 0
     assert rel_err(out["q"], out["ref"]) < 1e-6
@@ -105,20 +96,16 @@ def test_node_text_and_inspect_say_what_the_file_is(host, files):
 def test_apply_control_lora_on_unetloaders_model_equals_stock_lora_nodes(host, files, fmt):
     """UNETLoader builds these files with comfy.ops.mixed_precision_ops, whose Linear is no nn.Linear."""
     name, _ = files[fmt]
-    ours = {"m": unet_node(name),
-            "c": {"class_type": "ApplyControlLora", "inputs": {"model": ["m", 0], "lora_name": "scaled_control.safetensors",
-                                                               "strength": 0.85}},
-            "s": {"class_type": "ApplyControlLora", "inputs": {"model": ["c", 0], "lora_name": "scaled_style.safetensors",
-                                                               "strength": 0.6}}}
-    stock = {"m2": unet_node(name),
-             "c2": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["m2", 0], "lora_name": "scaled_control.safetensors",
-                                                                    "strength_model": 0.85}},
-             "s2": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["c2", 0], "lora_name": "scaled_style.safetensors",
-                                                                    "strength_model": 0.6}}}
+    ours = {"m": unet_loader(name),
+            "c": apply_lora(["m", 0], "scaled_control.safetensors", 0.85),
+            "s": apply_lora(["c", 0], "scaled_style.safetensors", 0.6)}
+    stock = {"m2": unet_loader(name),
+             "c2": stock_lora(["m2", 0], "scaled_control.safetensors", 0.85),
+             "s2": stock_lora(["c2", 0], "scaled_style.safetensors", 0.6)}
     g = sampling_graph(ours, ["s", 0], key="ours", prefix="a", control_seed=5)
     g = sampling_graph({**g, **stock}, ["s2", 0], key="stock", prefix="b", control_seed=5)
     out = host.run(g)
     assert torch.isfinite(out["ours"]).all()
     assert rel_err(out["ours"], out["stock"]) < 1e-6
-    plain = host.run(sampling_graph({"m": unet_node(name)}, ["m", 0], key="plain", control_seed=5))
+    plain = host.run(sampling_graph({"m": unet_loader(name)}, ["m", 0], key="plain", control_seed=5))
     assert rel_err(out["ours"], plain["plain"]) > 1e-2  # the LoRAs did something

@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_host import rel_err, sample_direct
+from comfy_host import sample_direct
+from quant_expand.testing.prompts import rel_err
 from quant_expand.testing.synthetic import TinyFluxConfig, make_control_lora, make_lora, make_tiny_flux, save_safetensors
 
 CFG = TinyFluxConfig()

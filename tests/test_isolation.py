@@ -22,8 +22,9 @@ import time
 import pytest
 import torch
 
-from comfy_host import sampling_graph
 from model_files import write_flux_with_loras
+from quant_expand.testing.prompts import (apply_lora, ksampler, load_bnb_flux, node, sampling_graph, set_lora_scale,
+                                          stock_lora)
 from quant_expand.testing.synthetic import TinyFluxConfig
 from server_host import running_server
 
@@ -31,35 +32,21 @@ CFG = TinyFluxConfig(hidden_size=128)  # the smallest FLUX ComfyUI builds: 20+ p
 MODEL, CONTROL, STYLE = "iso_base.safetensors", "iso_canny.safetensors", "iso_style.safetensors"
 
 
-def loader():
-    return {"class_type": "LoadBnbFlux", "inputs": {"unet_name": MODEL, "quant_type": "nf4", "double_quant": True,
-                                                    "compute_dtype": "float32", "quantize_img_in": True}}
-
-
-def apply(model_ref, name, strength):
-    return {"class_type": "ApplyControlLora", "inputs": {"model": model_ref, "lora_name": name, "strength": strength}}
-
-
-def set_scale(model_ref, name, strength):
-    return {"class_type": "SetLoraScale", "inputs": {"model": model_ref, "lora_name": name, "strength": strength}}
-
-
 # ---------------------------------------------------------------- branches of one graph (in-process)
 
 BRANCHES = {
     # branch -> (nodes it needs besides the loader "q", model it samples, control latent?)
     "plain": ({}, ["q", 0], False),
-    "control": ({"c": apply(["q", 0], CONTROL, 0.85)}, ["c", 0], True),
-    "control_style": ({"c": apply(["q", 0], CONTROL, 0.85), "s": apply(["c", 0], STYLE, 0.6)}, ["s", 0], True),
-    "control_style_rescaled": ({"c": apply(["q", 0], CONTROL, 0.85), "s": apply(["c", 0], STYLE, 0.6),
-                                "r": set_scale(["s", 0], CONTROL, -0.4)}, ["r", 0], True),
-    "stock_lora": ({"k": {"class_type": "LoraLoaderModelOnly",
-                          "inputs": {"model": ["q", 0], "lora_name": STYLE, "strength_model": 0.6}}}, ["k", 0], False),
+    "control": ({"c": apply_lora(["q", 0], CONTROL, 0.85)}, ["c", 0], True),
+    "control_style": ({"c": apply_lora(["q", 0], CONTROL, 0.85), "s": apply_lora(["c", 0], STYLE, 0.6)}, ["s", 0], True),
+    "control_style_rescaled": ({"c": apply_lora(["q", 0], CONTROL, 0.85), "s": apply_lora(["c", 0], STYLE, 0.6),
+                                "r": set_lora_scale(["s", 0], CONTROL, -0.4)}, ["r", 0], True),
+    "stock_lora": ({"k": stock_lora(["q", 0], STYLE, 0.6)}, ["k", 0], False),
 }
 
 
 def branch_graph(names):
-    g = {"q": loader()}
+    g = {"q": load_bnb_flux(MODEL, quantize_img_in=True)}
     for name in names:
         nodes, model_ref, control = BRANCHES[name]
         g.update(nodes)
@@ -124,16 +111,15 @@ COND = {"tokens": 8, "context_dim": CFG.context_in_dim, "pooled_dim": CFG.vec_in
 
 def strength_prompt(tag, style, scale):
     """Load BnB Flux -> Control LoRA 1.0 -> style LoRA at ``style`` [-> Set LoRA Scale (control) to ``scale``]."""
-    g = {"r": set_scale(["s", 0], CONTROL, scale)} if scale is not None else {}
-    return {**g, "q": loader(), "c": apply(["q", 0], CONTROL, 1.0), "s": apply(["c", 0], STYLE, style),
-            "ctl": {"class_type": "BnbFluxServerTestLatent", "inputs": {"seed": 42, "size": 16, "scale": 1.0}},
-            "lat": {"class_type": "BnbFluxServerTestLatent", "inputs": {"seed": 0, "size": 16, "scale": 0.0}},
-            "pos": {"class_type": "BnbFluxServerTestConditioning", "inputs": dict(COND, seed=1, control=["ctl", 0])},
-            "neg": {"class_type": "BnbFluxServerTestConditioning", "inputs": dict(COND, seed=1001, control=["ctl", 0])},
-            "ks": {"class_type": "KSampler", "inputs": {
-                "model": ["r" if scale is not None else "s", 0], "seed": 3, "steps": 1, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
-                "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["lat", 0], "denoise": 1.0}},
-            "save": {"class_type": "SaveLatent", "inputs": {"samples": ["ks", 0], "filename_prefix": f"iso/{tag}"}}}
+    g = {"r": set_lora_scale(["s", 0], CONTROL, scale)} if scale is not None else {}
+    return {**g, "q": load_bnb_flux(MODEL, quantize_img_in=True), "c": apply_lora(["q", 0], CONTROL, 1.0),
+            "s": apply_lora(["c", 0], STYLE, style),
+            "ctl": node("BnbFluxServerTestLatent", seed=42, size=16, scale=1.0),
+            "lat": node("BnbFluxServerTestLatent", seed=0, size=16, scale=0.0),
+            "pos": node("BnbFluxServerTestConditioning", **COND, seed=1, control=["ctl", 0]),
+            "neg": node("BnbFluxServerTestConditioning", **COND, seed=1001, control=["ctl", 0]),
+            "ks": ksampler(["r" if scale is not None else "s", 0], ["pos", 0], ["neg", 0], ["lat", 0], seed=3, steps=1),
+            "save": node("SaveLatent", samples=["ks", 0], filename_prefix=f"iso/{tag}")}
 
 
 def latent_of(server, entry) -> torch.Tensor:
@@ -152,8 +138,8 @@ def run_alone(server, prompt) -> torch.Tensor:
     assert status == 200
     # the worker applies /free's flags after the prompt it is running (or on waking): once a prompt
     # posted after /free has finished, the next one starts from a reset cache
-    barrier = {"b": {"class_type": "BnbFluxServerTestLatent", "inputs": {"seed": 9, "size": 16, "scale": 0.0}},
-               "bs": {"class_type": "SaveLatent", "inputs": {"samples": ["b", 0], "filename_prefix": "iso/barrier"}}}
+    barrier = {"b": node("BnbFluxServerTestLatent", seed=9, size=16, scale=0.0),
+               "bs": node("SaveLatent", samples=["b", 0], filename_prefix="iso/barrier")}
     assert server.run_prompt(barrier)["status"]["status_str"] == "success"
     return latent_of(server, server.run_prompt(prompt))
 

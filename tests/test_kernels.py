@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfy_host import rel_err
+from quant_expand.testing.prompts import rel_err
 
 ROOT = Path(__file__).resolve().parent.parent
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton, bnb's CUDA kernels)")
@@ -102,6 +102,7 @@ def test_kernel_logic_in_the_triton_interpreter(tmp_path):
         import copy, sys, torch, bitsandbytes.functional as bnbf
         import triton, triton.language as tl
         from quant_expand.backends.triton_dequant import Dequant4bit
+        from quant_expand.testing.prompts import rel_err
 
         @triton.jit
         def probe(x_ptr, n, B: tl.constexpr):
@@ -138,7 +139,7 @@ def test_kernel_logic_in_the_triton_interpreter(tmp_path):
                             got = k.dequantize(384, down, up, scale).double()
                             s_up = up.double() * (scale.double() if torch.is_tensor(scale) else scale)
                             exact = torch.nn.functional.pad(ref.double(), (0, 64)) + s_up @ down.double()
-                            assert ((got - exact).norm() / exact.norm()).item() < 2e-3, (qt, nested)
+                            assert rel_err(got, exact) < 2e-3, (qt, nested)
         assert Dequant4bit.epilogue_ok(torch.float16, torch.device("cpu"), 64)
         assert Dequant4bit.epilogue_ok(torch.float16, torch.device("cpu"), 512)
         # a quantization block wider than a plain tile's column budget: one block per tile row

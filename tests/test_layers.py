@@ -17,6 +17,7 @@ from quant_expand import LazyLoraDelta, LoraTerm, QLinear4bit, QLinear8bit, Quan
 from quant_expand.layer_state import dequantized_state_dict, quantized_bytes
 from quant_expand.tuning import TUNING
 from quant_expand.layers import quantized_linear_from_float
+from quant_expand.testing.prompts import rel_err
 from quant_expand.testing.synthetic import exact_4bit, exact_int8
 
 SPECS = [QuantSpec("nf4", False), QuantSpec("nf4", True), QuantSpec("fp4", False), QuantSpec("fp4", True),
@@ -26,10 +27,6 @@ SPECS = [QuantSpec("nf4", False), QuantSpec("nf4", True), QuantSpec("fp4", False
 def exact_weight(spec, out_f=192, in_f=128, seed=0):
     w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed)) / in_f ** 0.5
     return exact_int8(w) if spec.quant_type == "int8" else exact_4bit(w, spec.quant_type)
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)
@@ -54,7 +51,7 @@ def test_dequantize_is_exact_for_exact_weights(spec):
     layer = quantized_linear_from_float(w, None, spec)
     deq = layer.dequantize(dtype=torch.float32)
     if spec.double_quant:  # absmax itself is 8-bit quantized: close, not exact
-        assert 0 < rel(deq, w) < 2e-2
+        assert 0 < rel_err(deq, w) < 2e-2
     else:
         assert torch.equal(deq, w)
 
@@ -82,7 +79,7 @@ def test_bf16_forward_close_to_float32(spec):
     layer = quantized_linear_from_float(exact_weight(spec), None, spec.with_compute_dtype(torch.bfloat16))
     x = torch.randn(4, 128)
     ref = F.linear(x, layer.dequantize(dtype=torch.float32))
-    assert rel(layer(x.bfloat16()).float(), ref) < 1e-2  # bf16 has 8 mantissa bits (~4e-3 per rounding)
+    assert rel_err(layer(x.bfloat16()).float(), ref) < 1e-2  # bf16 has 8 mantissa bits (~4e-3 per rounding)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)
@@ -152,7 +149,7 @@ def test_lazy_delta_matches_merged_weight(spec, tokens):
     x = torch.randn(1, tokens, 128)
     y = layer(x)
     ref = F.linear(x.double(), merged_reference(layer, terms), layer.bias.double())
-    assert rel(y.double(), ref) < 1e-6  # float32 vs float64: only rounding differs
+    assert rel_err(y.double(), ref) < 1e-6  # float32 vs float64: only rounding differs
     assert all(torch.equal(before[k], v) for k, v in quantized_bytes(layer).items())
     layer.lora_delta = None
     assert torch.equal(layer(x), F.linear(x, layer.dequantize(dtype=torch.float32), layer.bias))
@@ -199,7 +196,7 @@ def test_lazy_delta_bias_and_weight_fn():
     layer.lora_delta = LazyLoraDelta(192, 128, make_terms(), weight_fn=lambda w: w + extra, bias=bias)
     x = torch.randn(5, 128)
     ref = F.linear(x.double(), merged_reference(layer, make_terms()) + extra.double(), bias.double())
-    assert rel(layer(x).double(), ref) < 1e-6
+    assert rel_err(layer(x).double(), ref) < 1e-6
 
 
 @pytest.mark.parametrize("tokens", [3, 4096])
@@ -216,10 +213,10 @@ def test_lazy_delta_uniform_and_per_term_scales(tokens):
         scale = layer.lora_delta.stacked(torch.device("cpu"), torch.float32)[2]
         assert isinstance(scale, float) == (scales[0] == scales[1])
         ref = F.linear(x.double(), merged_reference(layer, terms), (layer.bias + bias_delta).double())
-        assert rel(layer(x).double(), ref) < 1e-6
+        assert rel_err(layer(x).double(), ref) < 1e-6
         layer.bias = torch.nn.Parameter(layer.bias.detach() * 2, requires_grad=False)  # a merged bias patch
         ref = F.linear(x.double(), merged_reference(layer, terms), (layer.bias + bias_delta).double())
-        assert rel(layer(x).double(), ref) < 1e-6
+        assert rel_err(layer(x).double(), ref) < 1e-6
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)
@@ -290,7 +287,7 @@ def test_cuda_kernels_called_directly_match_bitsandbytes(spec, dtype):
     for tokens in (1, _SMALL_M, _SMALL_M + 1, 300):
         x = torch.randn(1, tokens, 1024, device="cuda", dtype=dtype)
         ref = F.linear(x.float(), ref_w.float(), bias.float())
-        assert rel(layer(x).float(), ref) < tol, tokens
+        assert rel_err(layer(x).float(), ref) < tol, tokens
     terms = [LoraTerm(torch.randn(16, 1024) * 0.05, torch.randn(3072, 16) * 0.05, 0.8)]
     layer.lora_delta = LazyLoraDelta(3072, 1024, terms)
     full = ref_w.float() + 0.8 * (terms[0].up.cuda() @ terms[0].down.cuda())
@@ -298,7 +295,7 @@ def test_cuda_kernels_called_directly_match_bitsandbytes(spec, dtype):
     assert (run.merged is not None) == (dtype == torch.bfloat16)
     for tokens in (1, 300, 2048):
         x = torch.randn(1, tokens, 1024, device="cuda", dtype=dtype)
-        assert rel(layer(x).float(), F.linear(x.float(), full, bias.float())) < tol, tokens
+        assert rel_err(layer(x).float(), F.linear(x.float(), full, bias.float())) < tol, tokens
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -21,6 +21,7 @@ from quant_expand.checkpoint.tensor_files import TensorFile
 from quant_expand.errors import LoraFormatError
 from quant_expand.lora.canonical import ParsedLora
 from quant_expand.lora.parse import parse_lora
+from quant_expand.testing.prompts import rel_err
 
 CFG = S.TinyFluxConfig()  # hidden 256, 1 double + 1 single block, img_in 64 -> 256
 DEV = S.TinyFluxConfig(hidden_size=3072, depth=19, depth_single_blocks=38, context_in_dim=4096, vec_in_dim=768)
@@ -35,10 +36,6 @@ def modules_of(cfg: S.TinyFluxConfig, img_in_width: int | None = None) -> dict[s
 
 MODS = modules_of(CFG)
 MODS_WIDE = modules_of(CFG, img_in_width=128)  # after a Control LoRA widened img_in
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
 
 
 # ---------------------------------------------------------------- reference and converters

@@ -18,6 +18,7 @@ import torch
 from quant_expand.testing import synthetic as S
 from quant_expand.checkpoint.tensor_files import TensorFile
 from quant_expand.lora.parse import parse_lora
+from quant_expand.testing.prompts import rel_err
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
@@ -83,7 +84,7 @@ def check_against_peft(model, path, name):
         got = parsed_delta(by_source[module], x)
         if module == "norm_out.linear":  # parsed in BFL row order: (shift, scale) halves swapped back
             got = torch.cat(got.chunk(2, dim=-1)[::-1], dim=-1)
-        err = ((got.double() - want.double()).norm() / want.double().norm()).item()
+        err = rel_err(got, want)
         assert err < 1e-6, (module, err)
     return parsed
 

@@ -22,6 +22,8 @@ import time
 import pytest
 import torch
 
+from quant_expand.testing.prompts import (apply_lora, ksampler, load_bnb_flux, node, rel_err, set_lora_scale,
+                                          stock_lora, unet_loader)
 from quant_expand.testing.synthetic import TinyFluxConfig, make_lora, make_tiny_flux, save_safetensors
 from server_host import PACK_DIR_NAME, REPO_ROOT, running_server
 
@@ -30,10 +32,6 @@ MODEL = "tiny_exact_nf4.safetensors"
 LORA = "tiny_lora.safetensors"
 NOT_FLUX = "sdxl_like_unet.safetensors"
 SEED = 42
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def write_files(dirs):
@@ -56,29 +54,23 @@ def server(tmp_path_factory):
 # --- graph pieces (API format, as the frontend submits) ------------------------------------------
 
 def loader(name=MODEL, quant="nf4", dq=False, dtype="float32"):
-    return {"class_type": "LoadBnbFlux", "inputs": {"unet_name": name, "quant_type": quant,
-                                                    "double_quant": dq, "compute_dtype": dtype}}
+    return load_bnb_flux(name, quant, dq, dtype)
 
 
 def lora(model_ref, strength=0.75):
-    return {"class_type": "LoraLoaderModelOnly",
-            "inputs": {"model": model_ref, "lora_name": LORA, "strength_model": strength}}
+    return stock_lora(model_ref, LORA, strength)
 
 
 def conditioning_nodes():
     cond = {"tokens": 8, "context_dim": CFG.context_in_dim, "pooled_dim": CFG.vec_in_dim, "guidance": 3.5}
-    return {"pos": {"class_type": "BnbFluxServerTestConditioning", "inputs": dict(cond, seed=1)},
-            "neg": {"class_type": "BnbFluxServerTestConditioning", "inputs": dict(cond, seed=1001)},
-            "lat": {"class_type": "BnbFluxServerTestLatent", "inputs": {"seed": 0, "size": 16, "scale": 0.0}}}
+    return {"pos": node("BnbFluxServerTestConditioning", **cond, seed=1),
+            "neg": node("BnbFluxServerTestConditioning", **cond, seed=1001),
+            "lat": node("BnbFluxServerTestLatent", seed=0, size=16, scale=0.0)}
 
 
 def sample_and_save(prefix, model_ref):
-    return {f"{prefix}_ks": {"class_type": "KSampler", "inputs": {
-                "model": model_ref, "seed": SEED, "steps": 2, "cfg": 1.0, "sampler_name": "euler",
-                "scheduler": "simple", "positive": ["pos", 0], "negative": ["neg", 0],
-                "latent_image": ["lat", 0], "denoise": 1.0}},
-            f"{prefix}_save": {"class_type": "SaveLatent",
-                               "inputs": {"samples": [f"{prefix}_ks", 0], "filename_prefix": f"latents/{prefix}"}}}
+    return {f"{prefix}_ks": ksampler(model_ref, ["pos", 0], ["neg", 0], ["lat", 0], seed=SEED, steps=2),
+            f"{prefix}_save": node("SaveLatent", samples=[f"{prefix}_ks", 0], filename_prefix=f"latents/{prefix}")}
 
 
 def saved_latent(server, entry, prefix) -> torch.Tensor:
@@ -128,8 +120,7 @@ def test_web_directory_is_served(server):
 
 def test_lora_prompt_matches_full_precision(server):
     g = {"q": loader(), "ql": lora(["q", 0]),
-         "r": {"class_type": "UNETLoader", "inputs": {"unet_name": MODEL, "weight_dtype": "default"}},
-         "rl": lora(["r", 0]), **conditioning_nodes(),
+         "r": unet_loader(MODEL), "rl": lora(["r", 0]), **conditioning_nodes(),
          **sample_and_save("q_lora", ["ql", 0]), **sample_and_save("ref_lora", ["rl", 0]),
          **sample_and_save("q_plain", ["q", 0])}
     t0 = time.monotonic()
@@ -192,17 +183,11 @@ def test_apply_control_lora_set_scale_and_chains_match_full_precision(server):
     save_safetensors(make_control_lora(CFG, seed=2), os.path.join(server.dirs["models/loras"], control))
 
     def graph(scale):
-        def stock(ref, name, s):
-            return {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ref, "lora_name": name, "strength_model": s}}
-
-        def ours(cls, ref, name, s):
-            return {"class_type": cls, "inputs": {"model": ref, "lora_name": name, "strength": s}}
-
-        return {"q": loader(), "qc": ours("ApplyControlLora", ["q", 0], control, 1.0),
-                "qs": ours("ApplyControlLora", ["qc", 0], LORA, 0.5),
-                "qx": ours("SetLoraScale", ["qs", 0], control, scale),
-                "r": {"class_type": "UNETLoader", "inputs": {"unet_name": MODEL, "weight_dtype": "default"}},
-                "rc": stock(["r", 0], control, scale), "rs": stock(["rc", 0], LORA, 0.5),
+        return {"q": loader(), "qc": apply_lora(["q", 0], control, 1.0),
+                "qs": apply_lora(["qc", 0], LORA, 0.5),
+                "qx": set_lora_scale(["qs", 0], control, scale),
+                "r": unet_loader(MODEL),
+                "rc": stock_lora(["r", 0], control, scale), "rs": stock_lora(["rc", 0], LORA, 0.5),
                 **conditioning_nodes(), **sample_and_save(f"q_ctl_{scale}", ["qx", 0]),
                 **sample_and_save(f"ref_ctl_{scale}", ["rs", 0])}
 

@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from quant_expand.testing.prompts import apply_lora, ksampler, load_bnb_flux, node
 from quant_expand.testing.synthetic import TinyFluxConfig, make_control_lora, make_lora, make_tiny_flux, save_safetensors
 from server_host import running_server
 
@@ -35,18 +36,14 @@ def server(tmp_path_factory):
 def graph(control_strength=1.0, steps=2):
     cond = {"tokens": 8, "context_dim": CFG.context_in_dim, "pooled_dim": CFG.vec_in_dim, "guidance": 3.5}
     return {
-        "1": {"class_type": "LoadBnbFlux", "inputs": {"unet_name": MODEL, "quant_type": "nf4",
-                                                      "double_quant": True, "compute_dtype": "float32"}},
-        "2": {"class_type": "ApplyControlLora", "inputs": {"model": ["1", 0], "lora_name": CONTROL,
-                                                           "strength": control_strength}},
-        "3": {"class_type": "ApplyControlLora", "inputs": {"model": ["2", 0], "lora_name": STYLE, "strength": 0.6}},
-        "4": {"class_type": "BnbFluxServerTestConditioning", "inputs": dict(cond, seed=1)},
-        "5": {"class_type": "BnbFluxServerTestConditioning", "inputs": dict(cond, seed=2)},
-        "6": {"class_type": "BnbFluxServerTestLatent", "inputs": {"seed": 0, "size": 16, "scale": 0.0}},
-        "7": {"class_type": "KSampler", "inputs": {
-            "model": ["3", 0], "seed": 3, "steps": steps, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
-            "positive": ["4", 0], "negative": ["5", 0], "latent_image": ["6", 0], "denoise": 1.0}},
-        "8": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "latents/cli"}},
+        "1": load_bnb_flux(MODEL),
+        "2": apply_lora(["1", 0], CONTROL, control_strength),
+        "3": apply_lora(["2", 0], STYLE, 0.6),
+        "4": node("BnbFluxServerTestConditioning", **cond, seed=1),
+        "5": node("BnbFluxServerTestConditioning", **cond, seed=2),
+        "6": node("BnbFluxServerTestLatent", seed=0, size=16, scale=0.0),
+        "7": ksampler(["3", 0], ["4", 0], ["5", 0], ["6", 0], seed=3, steps=steps),
+        "8": node("SaveLatent", samples=["7", 0], filename_prefix="latents/cli"),
     }
 
 

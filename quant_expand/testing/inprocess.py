@@ -3,7 +3,8 @@
 A tiny FLUX cannot use ComfyUI's text encoders (FLUX's T5 is fixed at T5-XXL), so the process that
 starts the host (a test run, the demo) registers helper nodes of its own — never part of the pack's
 node list: a conditioning node that makes ``[[tokens, {pooled_output, guidance, concat_latent_image}]]``
-from a seed, a latent node, and a capture node that hands sampled latents back to Python.
+from a seed, a latent node, and a capture node that hands sampled latents back to Python. Prompts that
+use them: ``quant_expand.testing.prompts.sampling_graph``.
 """
 from __future__ import annotations
 
@@ -237,25 +238,6 @@ class ComfyHost:
         if errors or not self.executor.success:
             raise AssertionError(f"prompt failed: {errors}")
         return dict(CAPTURED)
-
-
-def sampling_graph(model_nodes: dict, model_ref, *, seed=0, steps=2, size=16, cfg=1.0, key="out",
-                   control_seed=None, cond_seed=1, context_dim=64, pooled_dim=64, prefix="s"):
-    """Nodes for: conditioning (+ optional control latent) -> KSampler on ``model_ref`` -> capture."""
-    g = dict(model_nodes)
-    g[f"{prefix}_lat"] = {"class_type": "BnbFluxTestLatent", "inputs": {"seed": seed, "size": size, "scale": 0.0}}
-    cond_inputs = {"seed": cond_seed, "tokens": 8, "context_dim": context_dim, "pooled_dim": pooled_dim, "guidance": 3.5}
-    if control_seed is not None:
-        g[f"{prefix}_ctl"] = {"class_type": "BnbFluxTestLatent", "inputs": {"seed": control_seed, "size": size, "scale": 1.0}}
-        cond_inputs["control"] = [f"{prefix}_ctl", 0]
-    g[f"{prefix}_pos"] = {"class_type": "BnbFluxTestConditioning", "inputs": cond_inputs}
-    g[f"{prefix}_neg"] = {"class_type": "BnbFluxTestConditioning", "inputs": dict(cond_inputs, seed=cond_seed + 1000)}
-    g[f"{prefix}_ks"] = {"class_type": "KSampler", "inputs": {
-        "model": model_ref, "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler",
-        "scheduler": "simple", "positive": [f"{prefix}_pos", 0], "negative": [f"{prefix}_neg", 0],
-        "latent_image": [f"{prefix}_lat", 0], "denoise": 1.0}}
-    g[f"{prefix}_cap"] = {"class_type": "BnbFluxTestCapture", "inputs": {"samples": [f"{prefix}_ks", 0], "key": key}}
-    return g
 
 
 def sample_direct(patcher, *, seed=0, steps=2, size=16, cond_seed=1, control=None, context_dim=64, pooled_dim=64):

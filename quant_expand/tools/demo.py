@@ -5,7 +5,9 @@ import os
 import tempfile
 import time
 
-from ..testing.inprocess import ComfyHost, sampling_graph
+from ..testing.inprocess import ComfyHost
+from ..testing.prompts import (apply_lora, ksampler, load_bnb_flux, node, rel_err, sampling_graph, set_lora_scale,
+                               stock_lora, unet_loader)
 from ..testing.synthetic import (
     TinyFluxConfig,
     make_control_lora,
@@ -31,25 +33,18 @@ def find_comfyui(explicit: str | None) -> str:
                      f"or clone this pack into ComfyUI/custom_nodes/.")
 
 
-def _rename(node: dict, prefix: str) -> dict:
-    inputs = {k: ([prefix + v[0], v[1]] if isinstance(v, list) else v) for k, v in node["inputs"].items()}
-    return {"class_type": node["class_type"], "inputs": inputs}
-
-
-def _rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+def _rename(entry: dict, prefix: str) -> dict:
+    inputs = {k: ([prefix + v[0], v[1]] if isinstance(v, list) else v) for k, v in entry["inputs"].items()}
+    return node(entry["class_type"], **inputs)
 
 
 def canny_graph(unet, lora, clip_l, t5, vae, image, prompt, *, quant="nf4", double_quant=True, strength=0.85,
                 steps=20, seed=0, guidance=30.0, width_height=None, prefix="bnb_flux_canny"):
     """The real-files main job (API format): Load BnB Flux -> Apply Control LoRA -> KSampler with
     Canny edges of ``image`` through InstructPixToPixConditioning; text from CLIP-L + T5; VAE decode."""
-    def node(cls, **inputs):
-        return {"class_type": cls, "inputs": inputs}
-
     return {
-        "unet": node("LoadBnbFlux", unet_name=unet, quant_type=quant, double_quant=double_quant, compute_dtype="auto"),
-        "lora": node("ApplyControlLora", model=["unet", 0], lora_name=lora, strength=strength),
+        "unet": load_bnb_flux(unet, quant, double_quant, "auto"),
+        "lora": apply_lora(["unet", 0], lora, strength),
         "clip": node("DualCLIPLoader", clip_name1=clip_l, clip_name2=t5, type="flux", device="default"),
         "pos": node("CLIPTextEncode", text=prompt, clip=["clip", 0]),
         "neg": node("CLIPTextEncode", text="", clip=["clip", 0]),
@@ -59,9 +54,7 @@ def canny_graph(unet, lora, clip_l, t5, vae, image, prompt, *, quant="nf4", doub
         "canny": node("Canny", image=["img", 0], low_threshold=0.15, high_threshold=0.3),
         "ip2p": node("InstructPixToPixConditioning", positive=["guid", 0], negative=["neg", 0], vae=["vae", 0],
                      pixels=["canny", 0]),
-        "ks": node("KSampler", model=["lora", 0], seed=seed, steps=steps, cfg=1.0, sampler_name="euler",
-                   scheduler="simple", positive=["ip2p", 0], negative=["ip2p", 1], latent_image=["ip2p", 2],
-                   denoise=1.0),
+        "ks": ksampler(["lora", 0], ["ip2p", 0], ["ip2p", 1], ["ip2p", 2], seed=seed, steps=steps),
         "dec": node("VAEDecode", samples=["ks", 0], vae=["vae", 0]),
         "save": node("SaveImage", images=["dec", 0], filename_prefix=prefix),
     }
@@ -107,11 +100,11 @@ def demo(args) -> int:
 
     cfg = TinyFluxConfig()
     exact = None if args.quant == "int8" else args.quant
-    unet = "tiny_flux_dev.safetensors"
+    unet, control, style = "tiny_flux_dev.safetensors", "tiny_control_lora.safetensors", "tiny_style_lora.safetensors"
     sd = make_tiny_flux(cfg, seed=0, exact_for=args.quant if args.exact else None)
     save_safetensors(sd, os.path.join(models, "diffusion_models", unet))
-    save_safetensors(make_control_lora(cfg, seed=2), os.path.join(models, "loras", "tiny_control_lora.safetensors"))
-    save_safetensors(make_lora(cfg, kind="lora", seed=7), os.path.join(models, "loras", "tiny_style_lora.safetensors"))
+    save_safetensors(make_control_lora(cfg, seed=2), os.path.join(models, "loras", control))
+    save_safetensors(make_lora(cfg, kind="lora", seed=7), os.path.join(models, "loras", style))
     n_params = sum(t.numel() for t in sd.values())
     print(f"generated a tiny FLUX.1-dev ({n_params / 1e6:.1f} M parameters, hidden {cfg.hidden_size}, "
           f"{cfg.depth}+{cfg.depth_single_blocks} blocks{', weights exact for ' + exact if exact and args.exact else ''}), "
@@ -121,17 +114,13 @@ def demo(args) -> int:
     host = ComfyHost.start(comfy_path, REPO_ROOT, models, cpu=not args.gpu)
     print(f"started ComfyUI in-process with the pack loaded ({time.perf_counter() - t0:.1f} s)")
 
-    def node(cls, **inputs):
-        return {"class_type": cls, "inputs": inputs}
-
-    bnb = {"m": node("LoadBnbFlux", unet_name=unet, quant_type=args.quant, double_quant=args.double_quant,
-                     compute_dtype="auto", quantize_img_in=args.quantize_img_in),
-           "ctl": node("ApplyControlLora", model=["m", 0], lora_name="tiny_control_lora.safetensors", strength=1.0),
-           "sty": node("ApplyControlLora", model=["ctl", 0], lora_name="tiny_style_lora.safetensors", strength=0.6),
-           "scale": node("SetLoraScale", model=["sty", 0], lora_name="tiny_control_lora.safetensors", strength=0.85)}
-    ref = {"m": node("UNETLoader", unet_name=unet, weight_dtype="default"),
-           "ctl": node("LoraLoaderModelOnly", model=["m", 0], lora_name="tiny_control_lora.safetensors", strength_model=0.85),
-           "sty": node("LoraLoaderModelOnly", model=["ctl", 0], lora_name="tiny_style_lora.safetensors", strength_model=0.6)}
+    bnb = {"m": load_bnb_flux(unet, args.quant, args.double_quant, "auto", quantize_img_in=args.quantize_img_in),
+           "ctl": apply_lora(["m", 0], control, 1.0),
+           "sty": apply_lora(["ctl", 0], style, 0.6),
+           "scale": set_lora_scale(["sty", 0], control, 0.85)}
+    ref = {"m": unet_loader(unet),
+           "ctl": stock_lora(["m", 0], control, 0.85),
+           "sty": stock_lora(["ctl", 0], style, 0.6)}
     size = 32
     g = sampling_graph({f"q_{k}": _rename(v, "q_") for k, v in bnb.items()}, ["q_scale", 0], key="bnb",
                        size=size, steps=args.steps, control_seed=42, prefix="a")
@@ -150,8 +139,8 @@ def demo(args) -> int:
               f"quantized, compute {info.compute_dtype}, model {info.size_bytes / 2**20:.2f} MiB "
               f"(float32: {n_params * 4 / 2**20:.2f} MiB)")
     print(f"executed 3 sampling branches in {elapsed:.1f} s")
-    err = _rel(out["bnb"], out["full"])
-    ctl = _rel(out["bnb_other_control"], out["bnb"])
+    err = rel_err(out["bnb"], out["full"])
+    ctl = rel_err(out["bnb_other_control"], out["bnb"])
     print(f"relative error, quantized vs ComfyUI full precision: {err:.2e}")
     print(f"output change when the control latent changes: {ctl:.2e} (the control image reaches the model)")
     if args.exact and args.quant != "int8" and not args.double_quant and err > 1e-4:
