@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bitsandbytes.functional as bnbf  # noqa: E402
 
 from quant_expand.backends import triton_dequant as kernels  # noqa: E402
+from quant_expand.testing.prompts import rel_err  # noqa: E402
 from quant_expand.tuning import TUNING  # noqa: E402
 
 # (rows, cols, layers of this shape in FLUX.1-dev that dequantize at 1024x1024)
@@ -103,7 +104,7 @@ def main():
         for tile in LORA_TILES:
             TUNING.lora_tile = tile
             m = fused.dequantize(cols, down, up, 0.8)
-            row[f"lora{tile}_rel_err"] = ((m.float() - exact).norm() / exact.norm()).item()
+            row[f"lora{tile}_rel_err"] = rel_err(m, exact)
             row[f"lora{tile}_s"] = timeit(lambda: fused.dequantize(cols, down, up, 0.8))
             row[f"lora{tile}_gpu_s"] = gpu_time(lambda: fused.dequantize(cols, down, up, 0.8))
         wb = ref.clone()
