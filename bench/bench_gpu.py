@@ -16,13 +16,12 @@ This file is the command line; each phase is a module:
     lowvram  bench/phase_lowvram.py  a really smaller card (a ballast process), one command per memory mode
 
 What they share: bench/inputs.py (the model and LoRA files), bench/harness.py (sampling, the run's
-set-up), bench/probes.py (memory and kernels), bench/compiling.py (torch.compile per block).
+set-up, the options every script takes), bench/probes.py (memory and kernels), bench/compiling.py
+(torch.compile per block).
 """
 from __future__ import annotations
 
-import argparse
-
-from harness import PhaseRun
+from harness import PhaseRun, bench_parser
 from phase_dynamic import run_dynamic
 from phase_legacy import run_legacy
 from phase_lowvram import run_lowvram
@@ -36,16 +35,6 @@ def run(args):
     bench_run = PhaseRun(args)
     PHASES[args.phase](bench_run)
     bench_run.log(f"wrote {args.out}")
-
-
-def bench_parser() -> argparse.ArgumentParser:
-    """The options every full-pipeline GPU script here takes: ComfyUI, a folder for the model files
-    it writes (kept between runs), and the JSON to write."""
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--comfyui", required=True, help="a ComfyUI tree (the kit's)")
-    ap.add_argument("--workdir", required=True, help="models/ folder for the generated files")
-    ap.add_argument("--out", required=True, help="results JSON")
-    return ap
 
 
 def main():

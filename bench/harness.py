@@ -1,9 +1,10 @@
 """What every benchmark here measures with: the sampling harness (``Bench``: 1 + N euler steps through
 ComfyUI's sampler, per-step times, memory), the memory and collector samplers, the cold read, and one
 command's set-up (``BenchRun``: ComfyUI started on the generated files, the log, the results JSON, the
-pack's nodes as calls)."""
+pack's nodes as calls) with the options every full-pipeline script takes (``bench_parser``)."""
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import math
@@ -189,6 +190,16 @@ def scrub_paths(text: str, comfyui: str, workdir: str) -> str:
     for form in sorted(names, key=len, reverse=True):  # a whole path only, not a prefix of a longer name
         text = re.sub(re.escape(form) + r"(?![\w.-])", names[form], text)
     return text
+
+
+def bench_parser() -> argparse.ArgumentParser:
+    """The options every full-pipeline GPU script here takes: ComfyUI, a folder for the model files
+    it writes (kept between runs), and the JSON to write."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--comfyui", required=True, help="a ComfyUI tree (the kit's)")
+    ap.add_argument("--workdir", required=True, help="models/ folder for the generated files")
+    ap.add_argument("--out", required=True, help="results JSON")
+    return ap
 
 
 def start_host(comfyui, models, cpu, dynamic_vram=False):

@@ -22,8 +22,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_gpu import bench_parser  # noqa: E402
-from harness import BenchRun, machine_info  # noqa: E402
+from harness import BenchRun, bench_parser, machine_info  # noqa: E402
 from inputs import flux_width  # noqa: E402
 from quant_expand.testing.synthetic import TinyFluxConfig  # noqa: E402
 

@@ -17,8 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_gpu import bench_parser  # noqa: E402
-from harness import Bench, comfyui_version, machine_info, scrub_paths, start_host  # noqa: E402
+from harness import Bench, bench_parser, comfyui_version, machine_info, scrub_paths, start_host  # noqa: E402
 from inputs import FULL, MODEL_FILE, flux_width, write_inputs  # noqa: E402
 from probes import profiled_kernels  # noqa: E402
 
