@@ -52,7 +52,7 @@ def test_model_size_counts_the_lora_factors(host, files):
     expected = 0
     for name, module in styled._quantized_modules():
         for patch in styled.patches.get(f"{name}.weight", []):
-            up, down = patch[1].weights[0], patch[1].weights[1]
+            down = patch[1].weights[1]  # LoRAAdapter weights: (up, down, alpha, ...)
             expected += down.shape[0] * (module.in_features + module.out_features) * 4  # float32 compute
         expected += module.out_features * 4 if f"{name}.bias" in styled.patches else 0
     assert expected > 0 and styled.lora_bytes() == expected
