@@ -53,11 +53,11 @@ def run_paired(run):
     args, info = run.args, run.info
     nf4 = run.load_bnb("nf4")
     ctl = run.apply(nf4, "control.safetensors", 1.0)
-    s2 = run.with_styles(ctl)
-    models = [("nf4", nf4, False), ("nf4+control", ctl, True), ("nf4+control+2style", s2, True),
-              ("fp4", run.load_bnb("fp4"), False), ("int8", run.load_bnb("int8"), False)]
     if args.before:  # the same rows from an earlier checkout, in the same rounds: before / after
         models = before_and_after(run, nf4, ctl)
+    else:
+        models = [("nf4", nf4, False), ("nf4+control", ctl, True), ("nf4+control+2style", run.with_styles(ctl), True),
+                  ("fp4", run.load_bnb("fp4"), False), ("int8", run.load_bnb("int8"), False)]
     bf = run.bf16_model()
     info["paired"] = paired_ratios(run.bench, bf, models, run.log, rounds=args.rounds)
     run.save()
