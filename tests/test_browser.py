@@ -12,119 +12,19 @@ Skipped, with the reason printed, without COMFYUI_PATH, without Chromium or with
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
-import shutil
 
 import pytest
 
-from quant_expand.testing.synthetic import TinyFluxConfig, make_control_lora, make_lora, make_tiny_flux, save_safetensors
-from server_host import ComfyServer, make_base_directory
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLES = sorted(glob.glob(os.path.join(REPO_ROOT, "example_workflows", "*.json")))
-CFG = TinyFluxConfig()
-MODEL = "tiny_exact_nf4.safetensors"
-CONTROL = "tiny_canny_lora.safetensors"
-STYLE = "tiny_style_lora.safetensors"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-def skip(msg):
-    print(msg)
-    pytest.skip(msg)
-
-
-def chromium_path():
-    for p in (os.environ.get("BNB_FLUX_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
-              shutil.which("chromium-browser")):
-        if p and os.path.isfile(p):
-            return p
-    return None
+from browser_host import CFG, CONTROL, EXAMPLES, MODEL, STYLE, browser_session, close_dialogs, load_workflow, \
+    missing_dialog_text, UNKNOWN_NODES
 
 
 @pytest.fixture(scope="module")
 def browser_server(tmp_path_factory):
-    comfy = os.environ.get("COMFYUI_PATH")
-    if not comfy:
-        skip("COMFYUI_PATH not set: the browser test needs a ComfyUI checkout (see README, Testing)")
-    chromium = chromium_path()
-    if chromium is None:
-        skip("no Chromium at /usr/bin/chromium (apt-get install chromium): browser test skipped")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        skip("the playwright Python package is not installed (pip install playwright; no browser download "
-             "needed): browser test skipped")
-    base = str(tmp_path_factory.mktemp("comfy-browser-base"))
-    dirs = make_base_directory(base, REPO_ROOT)
-    save_safetensors(make_tiny_flux(CFG, seed=0, exact_for="nf4"), os.path.join(dirs["models/diffusion_models"], MODEL))
-    save_safetensors(make_control_lora(CFG, seed=2), os.path.join(dirs["models/loras"], CONTROL))
-    save_safetensors(make_lora(CFG, kind="lora", seed=11), os.path.join(dirs["models/loras"], STYLE))
-    # every file the example workflows name, so the editor shows them as a user with the files sees them
-    # (empty placeholders: nothing here runs them)
-    from PIL import Image
-
-    for kind, name in (("diffusion_models", "flux1-dev.safetensors"), ("loras", "flux1-canny-dev-lora.safetensors"),
-                       ("loras", "flux1-depth-dev-lora.safetensors"), ("loras", "flux_style_lora.safetensors"),
-                       ("text_encoders", "clip_l.safetensors"), ("text_encoders", "t5xxl_fp8_e4m3fn.safetensors"),
-                       ("vae", "ae.safetensors")):
-        os.makedirs(os.path.join(base, "models", kind), exist_ok=True)
-        open(os.path.join(base, "models", kind, name), "wb").close()
-    Image.new("RGB", (64, 64), (128, 128, 128)).save(os.path.join(dirs["input"], "example.png"))
-    Image.new("RGB", (64, 64), (40, 40, 40)).save(os.path.join(dirs["input"], "depth_map.png"))
-    # a returning user: no first-run templates dialog over the canvas
-    os.makedirs(os.path.join(dirs["user"], "default"), exist_ok=True)
-    with open(os.path.join(dirs["user"], "default", "comfy.settings.json"), "w") as f:
-        json.dump({"Comfy.TutorialCompleted": True}, f)
-    srv = ComfyServer(comfy, base, os.path.join(str(tmp_path_factory.mktemp("comfy-browser-log")), "comfyui.log"))
-    shots = os.environ.get("BNB_FLUX_SCREENSHOTS") or str(tmp_path_factory.mktemp("screenshots"))
-    os.makedirs(shots, exist_ok=True)
-    print(f"\nscreenshots: {shots}")
-    try:
-        srv.start()
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
-            try:
-                page = browser.new_page(viewport={"width": 1400, "height": 900})
-                page.goto(srv.url + "/", wait_until="domcontentloaded", timeout=120_000)
-                page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph", timeout=120_000)
-                page.wait_for_timeout(1500)
-                page.keyboard.press("Escape")
-                yield srv, page, shots
-            finally:
-                browser.close()
-    finally:
-        srv.stop()
-
-
-def missing_dialog_text(page) -> str:
-    """What the editor says about missing nodes: a dialog (older frontends) or a "Missing node: X" toast."""
-    texts = page.locator(".p-dialog").all_inner_texts()
-    lines = [t for t in texts if "missing" in t.lower()]
-    body = page.evaluate("() => document.body.innerText")
-    lines += [line for line in body.splitlines() if "missing node" in line.lower()]
-    return "\n".join(lines)
-
-
-UNKNOWN_NODES = """() => window.app.graph._nodes
-    .filter((n) => !window.LiteGraph.registered_node_types[n.type] || n.has_errors)
-    .map((n) => n.type)"""
-
-
-def close_dialogs(page):
-    for _ in range(3):
-        if not page.locator(".p-dialog").count():
-            return
-        page.keyboard.press("Escape")
-        page.wait_for_timeout(300)
-
-
-def load_workflow(page, workflow: dict):
-    page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", workflow)
-    page.wait_for_timeout(800)
+    with browser_session(tmp_path_factory) as session:
+        yield session
 
 
 def test_extension_is_loaded(browser_server):
@@ -163,6 +63,8 @@ def test_unknown_node_raises_missing_nodes_dialog(browser_server):
     assert page.evaluate(UNKNOWN_NODES) == ["NoSuchBnbFluxNode"]
     assert "NoSuchBnbFluxNode" in missing_dialog_text(page)  # and the user is told
     close_dialogs(page)
+
+
 
 
 BUILD_GRAPH = """
