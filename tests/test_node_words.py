@@ -122,6 +122,17 @@ def test_translated_docs_describe_every_input(infos):
                 f"web/docs/{node_id}/{lang}.md: a line break inside a CJK sentence renders as a space"
 
 
+def test_docs_fit_the_node_info_panel():
+    """The panel is about 26 monospace characters wide and a code span breaks only at spaces and hyphens:
+    a longer unbreakable one is cut off (file names that long go in plain text, which wraps narrower)."""
+    for root, _, files in os.walk(DOCS_DIR):
+        for name in files:
+            with open(os.path.join(root, name), encoding="utf-8") as f:
+                spans = re.findall(r"`([^`]+)`", f.read())
+            too_long = [s for s in spans if max(len(p) for p in re.split(r"[ -]", s)) > 24]
+            assert not too_long, f"{os.path.relpath(os.path.join(root, name), REPO_ROOT)}: {too_long}"
+
+
 @pytest.mark.parametrize("lang", LOCALES)
 def test_locale_names_exactly_the_schemas(infos, lang):
     """nodeDefs.json in the key format the frontend reads (nodeDefs.<id>.display_name / description /
