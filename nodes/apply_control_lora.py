@@ -10,14 +10,13 @@ from ..quant_expand.comfyui.loras import apply_lora, linear_shapes, set_lora_sca
 from ..quant_expand.errors import BnbFluxError, shown_name
 from ..quant_expand.checkpoint.tensor_files import TensorFile
 from ..quant_expand.lora.parse import parse_lora
+from .categories import LOADERS
 from .host_check import require_supported_host
-from .load_bnb_flux import CATEGORY
 
 STRENGTH_TOOLTIP = (
-    "Multiplies the LoRA's deltas (lora_B·lora_A and the lora_B bias). A Control LoRA's widening of img_in "
-    "(64 -> 128 inputs) and its QK-norm scales are part of the model's shape and stay at every strength, 0 "
-    "included - unlike ComfyUI's LoraLoader, which skips a LoRA at 0 - so Set LoRA Scale to s always equals "
-    "applying at s.")
+    "How strongly the LoRA acts. Canny and Depth Control LoRAs: 0.85 (BFL's default). Style LoRAs: usually "
+    "0.6 to 1.0. At 0 a Control LoRA adds no weights but keeps its control input, so the graph still runs. "
+    "Negative values invert a LoRA.")
 
 
 STRENGTH_MIN, STRENGTH_MAX = -10.0, 10.0
@@ -45,9 +44,8 @@ def lora_combo(tooltip: str):
     return io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"), tooltip=tooltip)
 
 
-def strength_input():
-    return io.Float.Input("strength", default=1.0, min=STRENGTH_MIN, max=STRENGTH_MAX, step=0.01,
-                          tooltip=STRENGTH_TOOLTIP)
+def strength_input(tooltip: str = STRENGTH_TOOLTIP):
+    return io.Float.Input("strength", default=1.0, min=STRENGTH_MIN, max=STRENGTH_MAX, step=0.01, tooltip=tooltip)
 
 
 def lora_summary(parsed, strength: float) -> dict:
@@ -72,20 +70,23 @@ class ApplyControlLora(io.ComfyNode):
         return io.Schema(
             node_id="ApplyControlLora",
             display_name="Apply Control LoRA",
-            category=CATEGORY,
+            category=LOADERS,
+            search_aliases=["lora", "control lora", "load lora", "apply lora", "lora loader", "flux lora",
+                            "canny", "depth", "canny lora", "depth lora", "controlnet", "control net",
+                            "flux controlnet", "style lora", "bfl", "nf4 lora"],
             description=(
-                "Applies a FLUX LoRA: BFL Control LoRAs (Canny, Depth; widen img_in to 128 inputs so the "
-                "control latent from InstructPixToPixConditioning reaches the model) and ordinary LoRAs in "
-                "BFL, diffusers/PEFT, kohya or ComfyUI format. Chain several. On a Load BnB Flux model the "
-                "deltas are added at sampling time without touching the quantized weights; it also works on "
-                "full-precision models from ComfyUI's loaders."),
+                "Applies a FLUX LoRA: a BFL Control LoRA (Canny, Depth), which makes the image from "
+                "InstructPixToPixConditioning steer the picture, or an ordinary style or character LoRA. Chain "
+                "several. Quantized weights are never rewritten."),
             inputs=[
-                io.Model.Input("model", tooltip="A FLUX model: from Load BnB Flux (LoRAs applied lazily, quantized "
-                                                 "weights untouched) or from ComfyUI's own loaders."),
-                lora_combo("A FLUX LoRA or Control LoRA (safetensors) from models/loras."),
+                io.Model.Input("model", tooltip="A FLUX model: from Load BnB Flux or another Apply Control LoRA, "
+                                                 "or from ComfyUI's Load Diffusion Model."),
+                lora_combo("A LoRA file from models/loras: BFL's flux1-canny-dev-lora or flux1-depth-dev-lora, or "
+                           "any FLUX LoRA (BFL, diffusers/PEFT, kohya or ComfyUI format)."),
                 strength_input(),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(tooltip="The model with the LoRA: connect it to another Apply Control LoRA, "
+                                             "Set LoRA Scale or KSampler.")],
         )
 
     @classmethod
@@ -108,16 +109,20 @@ class SetLoraScale(io.ComfyNode):
         return io.Schema(
             node_id="SetLoraScale",
             display_name="Set LoRA Scale",
-            category=CATEGORY,
+            category=LOADERS,
+            search_aliases=["lora strength", "lora weight", "lora scale", "set lora strength", "change lora strength",
+                            "control lora strength", "lora", "strength"],
             description=(
-                "Changes the strength of a LoRA applied upstream by Apply Control LoRA, with no reload and no "
-                "re-quantization: only the lazy deltas are re-stacked when sampling starts."),
+                "Changes the strength of a LoRA applied upstream by Apply Control LoRA, without reloading or "
+                "re-quantizing the model: the quick way to try strengths."),
             inputs=[
-                io.Model.Input("model", tooltip="A model that went through Apply Control LoRA upstream."),
-                lora_combo("The LoRA to rescale: the same file name given to Apply Control LoRA upstream."),
-                strength_input(),
+                io.Model.Input("model", tooltip="A model that went through Apply Control LoRA (one or more)."),
+                lora_combo("The LoRA to change: the file picked on an Apply Control LoRA upstream."),
+                strength_input("The new strength of that LoRA, as on Apply Control LoRA: 0.85 for Canny and "
+                               "Depth Control LoRAs, usually 0.6 to 1.0 for style LoRAs. Gives the same picture "
+                               "as applying the LoRA at this strength."),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(tooltip="The same model with the new strength: connect it to KSampler.")],
         )
 
     @classmethod

@@ -10,9 +10,8 @@ from comfy_api.latest import io
 
 from ..quant_expand.comfyui.loader import LoadOptions, load_bnb_flux
 from ..quant_expand.comfyui.report import load_report
+from .categories import LOADERS
 from .host_check import require_supported_host
-
-CATEGORY = "loaders/bnb flux"
 
 
 def _progress(total):
@@ -42,36 +41,37 @@ class LoadBnbFlux(io.ComfyNode):
         return io.Schema(
             node_id="LoadBnbFlux",
             display_name="Load BnB Flux",
-            category=CATEGORY,
+            category=LOADERS,
+            search_aliases=["nf4", "fp4", "int8", "bitsandbytes", "bnb", "quantized", "quantize", "4-bit", "4bit",
+                            "8-bit", "flux", "flux nf4", "load flux", "flux loader", "low vram", "forge nf4",
+                            "flux1-dev-bnb-nf4", "diffusers bnb"],
             description=(
-                "Loads a FLUX.1 dev/schnell diffusion model and quantizes its transformer blocks with "
-                "bitsandbytes while streaming it from disk. Pre-quantized files (lllyasviel/Forge NF4 v1/v2 "
-                "and FP4, all-in-one or not; diffusers-bnb, sharded too; LLM.int8; Save BnB Flux) are used "
-                "as stored: their own quantization wins over quant_type. LoRAs (stock LoRA nodes too) are "
-                "applied lazily at sampling time and never rewrite the quantized weights."),
+                "Loads a FLUX.1 dev or schnell model quantized with bitsandbytes: NF4 or FP4 (4-bit, about a "
+                "quarter of bf16's memory) or int8. Pre-quantized NF4/FP4/int8 files (Forge, diffusers) load as "
+                "they are."),
             inputs=[
                 io.Combo.Input("unet_name", options=model_files(),
-                               tooltip="A FLUX.1 diffusion model from models/diffusion_models (or an all-in-one "
-                                       "checkpoint from models/checkpoints): safetensors, fp32/bf16/fp16/fp8 or "
-                                       "pre-quantized with bitsandbytes, BFL or diffusers key names. For a sharded "
-                                       "diffusers model pick any shard."),
+                               tooltip="The FLUX.1 model file, from models/diffusion_models (or an all-in-one "
+                                       "checkpoint from models/checkpoints): full precision (bf16, fp16, fp8) or "
+                                       "already quantized. For a sharded diffusers model pick any shard."),
                 io.Combo.Input("quant_type", options=["nf4", "fp4", "int8"], default="nf4",
-                               tooltip="Used for full-precision files only (a pre-quantized file keeps its own). nf4/fp4: 4-bit blockwise (blocksize 64), about 0.53 bytes per weight. "
-                                       "int8: LLM.int8 storage (int8 rows + per-row scale), about 1 byte per weight, "
-                                       "run as weight-only dequantize + matmul."),
+                               tooltip="How to quantize a full-precision file. nf4 (recommended): 4-bit, the "
+                                       "best quality for its size. fp4: 4-bit, a little less accurate. int8: twice "
+                                       "the size of nf4, closest to bf16. A pre-quantized file keeps its own."),
                 io.Boolean.Input("double_quant", default=True,
-                                 tooltip="4-bit only: also quantize the per-block scales (saves ~0.4 bits per "
-                                         "weight, adds a little error). Ignored for int8."),
+                                 tooltip="4-bit only: also compresses the scales, saving about 0.5 GB on FLUX.1 "
+                                         "at a barely measurable cost. Leave on. Ignored for int8 and pre-quantized "
+                                         "files."),
                 io.Combo.Input("compute_dtype", options=["auto", "bfloat16", "float16", "float32"], default="auto",
-                               tooltip="dtype the weights are dequantized to and the model computes in. auto: "
-                                       "ComfyUI's choice for FLUX on this device (bf16 on recent NVIDIA GPUs, "
-                                       "fp32 on CPU)."),
+                               tooltip="The precision the model computes in. Leave on auto: ComfyUI's choice for "
+                                       "FLUX on this device (bf16 on recent NVIDIA GPUs, fp32 on CPU)."),
                 io.Boolean.Input("quantize_img_in", default=False, optional=True,
-                                 tooltip="Also quantize img_in, the image input layer (0.005 % of the weights). Off "
-                                         "by default: it sees raw latents. A Control LoRA widens it either way, "
-                                         "without requantizing."),
+                                 tooltip="Leave off. On: also quantizes img_in, the tiny layer that reads the "
+                                         "latent; it saves almost nothing and adds error where the image enters "
+                                         "the model."),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(tooltip="The quantized FLUX model: connect it to Apply Control LoRA, a LoRA "
+                                             "loader (model only), model patches or KSampler.")],
         )
 
     @classmethod

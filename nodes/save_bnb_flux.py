@@ -11,9 +11,9 @@ from comfy_api.latest import io
 from ..quant_expand.comfyui.saver import bnb_flux_state_for_saving
 from ..quant_expand.errors import BnbFluxError, has_control_characters, shown_name
 from ..quant_expand.checkpoint.writer import save_flux_file
+from .categories import SAVERS
 from .host_check import require_supported_host
 
-CATEGORY = "loaders/bnb flux"
 log = logging.getLogger("comfyui-bnb-flux")
 
 
@@ -23,16 +23,18 @@ class SaveBnbFlux(io.ComfyNode):
         return io.Schema(
             node_id="SaveBnbFlux",
             display_name="Save BnB Flux",
-            category=CATEGORY,
+            category=SAVERS,
+            search_aliases=["save model", "export model", "save quantized", "save nf4", "save fp4", "save int8",
+                            "quantize and save", "save bitsandbytes", "save bnb", "save flux", "convert to nf4"],
             description=(
-                "Saves a model from Load BnB Flux as a pre-quantized safetensors file (4-bit in the "
-                "lllyasviel/Forge bnb key layout, int8 in bitsandbytes' SCB layout) under ComfyUI's output "
-                "directory. Move it to models/diffusion_models: Load BnB Flux then reads it without quantizing."),
+                "Saves the quantized model from Load BnB Flux as a safetensors file, so the next load skips "
+                "quantizing. Move the file from ComfyUI's output folder to models/diffusion_models."),
             inputs=[
-                io.Model.Input("model", tooltip="A model straight from Load BnB Flux (LoRAs are not saved: they "
-                                                 "would need requantizing)."),
+                io.Model.Input("model", tooltip="A model straight from Load BnB Flux, with no LoRA applied (LoRAs "
+                                                 "stay separate files: apply them after loading)."),
                 io.String.Input("filename_prefix", default="diffusion_models/flux_bnb",
-                                tooltip="Path under ComfyUI's output directory; a counter and .safetensors are added."),
+                                tooltip="Where to save, under ComfyUI's output folder; a counter and .safetensors "
+                                        "are added (diffusion_models/flux_bnb_00001_.safetensors)."),
             ],
             outputs=[],
             is_output_node=True,
