@@ -171,8 +171,8 @@ def compose_thumbnail(chain: Image.Image, control: Image.Image | None, caption: 
     if control is not None:
         x0 = pad + c.width + pad
         img = control.convert("RGB")
-        img.thumbnail((THUMB - x0 - pad, caption_top - 2 * pad - 30), Image.LANCZOS)
-        y0 = pad + (caption_top - 2 * pad - 30 - img.height) // 2
+        img.thumbnail((THUMB - x0 - pad, caption_top - badge_h - pad - 30), Image.LANCZOS)
+        y0 = badge_h + (caption_top - badge_h - pad - 30 - img.height) // 2
         d.rectangle((x0 - 2, y0 - 2, x0 + img.width + 1, y0 + img.height + 1), fill=(90, 90, 90))
         thumb.paste(img, (x0, y0))
         d.text((x0, y0 + img.height + 6), "input", fill=dim, font=ImageFont.load_default(size=18))
