@@ -21,7 +21,7 @@ from browser_host import EXAMPLES, REPO_ROOT, browser_session, close_dialogs
 from server_host import PACK_DIR_NAME
 
 TEMPLATES = [os.path.splitext(os.path.basename(p))[0] for p in EXAMPLES]
-LEAD = "Canny Control - NF4 checkpoint"
+NF4_CHECKPOINT = "Canny Control - NF4 checkpoint"
 STYLE = "Style LoRA + Canny Control"
 SECTION_TITLE = "BnB Flux"
 SHIPPED_INPUTS = os.path.join(REPO_ROOT, "example_workflows", "input")
@@ -40,7 +40,7 @@ def model_links(name: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def session(tmp_path_factory):
+def editor(tmp_path_factory):
     with browser_session(tmp_path_factory, model_placeholders=False) as (srv, page, shots):
         opened = []  # URLs the page navigated to on huggingface.co (a Download button's new tab)
 
@@ -74,16 +74,16 @@ def open_section(page):
     page.locator(f"[data-testid='template-workflow-{TEMPLATES[0]}']").wait_for(timeout=30_000)
 
 
-def test_server_lists_the_templates(session):
+def test_server_lists_the_templates(editor):
     """ComfyUI lists the top-level workflows under the pack's folder name: not api/ nor input/."""
-    srv, *_ = session
+    srv, *_ = editor
     assert sorted(srv.get_json("/workflow_templates")[PACK_DIR_NAME]) == sorted(TEMPLATES)
 
 
-def test_pack_put_its_inputs_in_the_input_folder(session):
+def test_pack_put_its_inputs_in_the_input_folder(editor):
     """At start-up the pack copied the images its workflows load into the server's input folder, and
     ComfyUI serves them there (what Load Image shows)."""
-    srv, *_ = session
+    srv, *_ = editor
     names = sorted(os.listdir(SHIPPED_INPUTS))
     assert names
     for name in names:
@@ -92,8 +92,8 @@ def test_pack_put_its_inputs_in_the_input_folder(session):
             assert status == 200 and body == f.read(), name
 
 
-def test_section_shows_every_template_with_title_and_thumbnail(session):
-    srv, page, shots, _ = session
+def test_section_shows_every_template_with_title_and_thumbnail(editor):
+    srv, page, shots, _ = editor
     open_section(page)
     nav_labels = page.get_by_role("button").all_inner_texts()
     assert SECTION_TITLE in nav_labels and PACK_DIR_NAME not in nav_labels  # the title, not the folder name
@@ -133,13 +133,14 @@ def missing_model_row(page, name: str):
     return label.locator("xpath=ancestor::div[contains(concat(' ', @class, ' '), ' mb-1 ')][1]")
 
 
-def test_lead_template_missing_models_link_their_downloads(session):
-    """Each file of the lead template is in the Missing Models panel under its folder, and its Download
-    button opens the file's URL from the workflow (not "Unknown", not a bare name)."""
-    srv, page, shots, opened = session
-    open_template(page, LEAD)
-    page.screenshot(path=os.path.join(shots, "lead_template_missing_models.png"))
-    links = model_links(LEAD)
+def test_nf4_checkpoint_template_missing_models_link_their_downloads(editor):
+    """Each file of the NF4 checkpoint template (the one to try first) is in the Missing Models panel under
+    its folder, and its Download button opens the file's URL from the workflow (not "Unknown", not a bare
+    name)."""
+    srv, page, shots, opened = editor
+    open_template(page, NF4_CHECKPOINT)
+    page.screenshot(path=os.path.join(shots, "nf4_checkpoint_template_missing_models.png"))
+    links = model_links(NF4_CHECKPOINT)
     assert len(links) == 5
     group = page.locator("[data-testid='error-group-missing-model']")
     assert "Unknown" not in group.inner_text()
@@ -155,10 +156,10 @@ def test_lead_template_missing_models_link_their_downloads(session):
         new_tab.value.close()
 
 
-def test_a_file_without_link_is_shown_as_unknown(session):
+def test_a_file_without_link_is_shown_as_unknown(editor):
     """The check above can fail: the style LoRA (the user's own pick, no link in the workflow) is listed
     without a folder or a Download button, while the linked files of the same template have both."""
-    srv, page, shots, _ = session
+    srv, page, shots, _ = editor
     open_template(page, STYLE)
     page.screenshot(path=os.path.join(shots, "style_template_missing_models.png"))
     style = missing_model_row(page, "flux_style_lora.safetensors")

@@ -24,7 +24,7 @@ EXAMPLES = os.path.join(REPO_ROOT, "example_workflows")
 UI_FILES = sorted(glob.glob(os.path.join(EXAMPLES, "*.json")))
 # file names are the template browser's titles (ComfyUI's frontend shows a custom node pack's template by
 # its file name, and its thumbnail is <name>.jpg beside it)
-LEAD = "Canny Control - NF4 checkpoint.json"
+NF4_CHECKPOINT = "Canny Control - NF4 checkpoint.json"
 CANNY = "Canny Control - quantize on load.json"
 DEPTH = "Depth Control - quantize on load.json"
 STYLE = "Style LoRA + Canny Control.json"
@@ -89,7 +89,7 @@ def pair(request):
 
 
 def test_examples_exist_in_both_formats():
-    assert {LEAD, CANNY, DEPTH, STYLE} == {os.path.basename(p) for p in UI_FILES}
+    assert {NF4_CHECKPOINT, CANNY, DEPTH, STYLE} == {os.path.basename(p) for p in UI_FILES}
     for ui_file in UI_FILES:
         assert os.path.isfile(api_path(ui_file)), f"{os.path.basename(ui_file)} has no API-format twin in api/"
     for api_file in glob.glob(os.path.join(EXAMPLES, "api", "*.json")):
@@ -215,8 +215,9 @@ def test_api_widget_values_equal_ui(pair):
         assert [k for k in inputs if k in expected] == [k for k in names if k in expected], n["id"]
 
 
-@pytest.mark.parametrize("name, unet, folder", [(LEAD, "flux1-dev-bnb-nf4-v2.safetensors", "checkpoints"),
-                                                (CANNY, "flux1-dev.safetensors", "diffusion_models")])
+@pytest.mark.parametrize("name, unet, folder", [
+    (NF4_CHECKPOINT, "flux1-dev-bnb-nf4-v2.safetensors", "checkpoints"),
+    (CANNY, "flux1-dev.safetensors", "diffusion_models")])
 def test_canny_workflow_settings(name, unet, folder):
     ui = load(os.path.join(EXAMPLES, name))
     api = load(os.path.join(EXAMPLES, "api", name))
@@ -611,8 +612,9 @@ def test_canny_finds_the_shipped_image_edges(host):
     edges = out.result[0][0, ..., 0].float().numpy() > 0.5
     assert 0.003 < edges.mean() < 0.05, edges.mean()
     h, w = edges.shape
-    for quarter in (edges[: h // 2, : w // 2], edges[: h // 2, w // 2:], edges[h // 2:, : w // 2], edges[h // 2:, w // 2:]):
-        assert quarter.mean() > 0.001
+    for rows in (slice(0, h // 2), slice(h // 2, h)):
+        for cols in (slice(0, w // 2), slice(w // 2, w)):
+            assert edges[rows, cols].mean() > 0.001, (rows, cols)
 
 
 def test_pack_copied_its_inputs_when_comfyui_loaded_it(host):
@@ -623,7 +625,8 @@ def test_pack_copied_its_inputs_when_comfyui_loaded_it(host):
     input_dir = folder_paths.get_input_directory()
     assert os.path.realpath(input_dir) != os.path.realpath(os.path.join(os.environ["COMFYUI_PATH"], "input"))
     for name in shipped_inputs():
-        with open(os.path.join(input_dir, name), "rb") as got, open(os.path.join(EXAMPLES, "input", name), "rb") as want:
+        with open(os.path.join(input_dir, name), "rb") as got, \
+                open(os.path.join(EXAMPLES, "input", name), "rb") as want:
             assert got.read() == want.read(), name
 
 
