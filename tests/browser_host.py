@@ -4,7 +4,9 @@ against a real ComfyUI server on loopback (``server_host``: the pack in a tempor
 test-only conditioning/latent nodes for the tiny FLUX).
 
 ``browser_session`` is one module's server and page, with the tiny FLUX, a Control LoRA, a style LoRA and
-an empty placeholder for every file the example workflows name. Screenshots go to the printed directory
+an empty placeholder for every model file the example workflows name (``model_placeholders=False``: none,
+as for a user who has downloaded nothing yet). The pack itself copies the workflows' input images into
+the server's input folder at start-up. Screenshots go to the printed directory
 (``BNB_FLUX_SCREENSHOTS=DIR`` to keep them somewhere else). It skips, with the reason printed, without
 COMFYUI_PATH, without Chromium or without playwright.
 """
@@ -44,8 +46,16 @@ def chromium_path():
     return None
 
 
+# every model file the example workflows name, by ComfyUI model folder
+EXAMPLE_MODEL_FILES = (
+    ("diffusion_models", "flux1-dev.safetensors"), ("checkpoints", "flux1-dev-bnb-nf4-v2.safetensors"),
+    ("loras", "flux1-canny-dev-lora.safetensors"), ("loras", "flux1-depth-dev-lora.safetensors"),
+    ("loras", "flux_style_lora.safetensors"), ("text_encoders", "clip_l.safetensors"),
+    ("text_encoders", "t5xxl_fp8_e4m3fn.safetensors"), ("vae", "ae.safetensors"))
+
+
 @contextlib.contextmanager
-def browser_session(tmp_path_factory):
+def browser_session(tmp_path_factory, model_placeholders: bool = True):
     """(server, page, screenshot directory) for one test module."""
     comfy = os.environ.get("COMFYUI_PATH")
     if not comfy:
@@ -63,18 +73,11 @@ def browser_session(tmp_path_factory):
     save_safetensors(make_tiny_flux(CFG, seed=0, exact_for="nf4"), os.path.join(dirs["models/diffusion_models"], MODEL))
     save_safetensors(make_control_lora(CFG, seed=2), os.path.join(dirs["models/loras"], CONTROL))
     save_safetensors(make_lora(CFG, kind="lora", seed=11), os.path.join(dirs["models/loras"], STYLE))
-    # every file the example workflows name, so the editor shows them as a user with the files sees them
-    # (empty placeholders: nothing here runs them)
-    from PIL import Image
-
-    for kind, name in (("diffusion_models", "flux1-dev.safetensors"), ("loras", "flux1-canny-dev-lora.safetensors"),
-                       ("loras", "flux1-depth-dev-lora.safetensors"), ("loras", "flux_style_lora.safetensors"),
-                       ("text_encoders", "clip_l.safetensors"), ("text_encoders", "t5xxl_fp8_e4m3fn.safetensors"),
-                       ("vae", "ae.safetensors")):
+    # every model file the example workflows name, so the editor shows them as a user with the files sees
+    # them (empty placeholders: nothing here runs them)
+    for kind, name in EXAMPLE_MODEL_FILES if model_placeholders else ():
         os.makedirs(os.path.join(base, "models", kind), exist_ok=True)
         open(os.path.join(base, "models", kind, name), "wb").close()
-    Image.new("RGB", (64, 64), (128, 128, 128)).save(os.path.join(dirs["input"], "example.png"))
-    Image.new("RGB", (64, 64), (40, 40, 40)).save(os.path.join(dirs["input"], "depth_map.png"))
     # a returning user: no first-run templates dialog over the canvas
     os.makedirs(os.path.join(dirs["user"], "default"), exist_ok=True)
     with open(os.path.join(dirs["user"], "default", "comfy.settings.json"), "w") as f:
@@ -115,8 +118,9 @@ UNKNOWN_NODES = """() => window.app.graph._nodes
 
 
 def close_dialogs(page):
+    """Escape until no dialog is open (PrimeVue dialogs, and the frontend's own modal such as Templates)."""
     for _ in range(3):
-        if not page.locator(".p-dialog").count():
+        if not page.locator(".p-dialog, [data-testid='dialog-overlay']").count():
             return
         page.keyboard.press("Escape")
         page.wait_for_timeout(300)

@@ -66,7 +66,7 @@ def make_base_directory(base: str, repo_root: str) -> dict:
 
         os.makedirs(pack)
         shutil.copy2(os.path.join(repo_root, "__init__.py"), pack)
-        for sub in ("nodes", "quant_expand", "web", "locales"):
+        for sub in ("nodes", "quant_expand", "web", "example_workflows", "locales"):
             shutil.copytree(os.path.join(repo_root, sub), os.path.join(pack, sub),
                             ignore=shutil.ignore_patterns("__pycache__"))
         dirs["pack_linked"] = False

@@ -22,12 +22,16 @@ import pytest
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(REPO_ROOT, "example_workflows")
 UI_FILES = sorted(glob.glob(os.path.join(EXAMPLES, "*.json")))
-CANNY = "flux_dev_nf4_canny_lora.json"
-DEPTH = "flux_dev_nf4_depth_lora.json"
-STYLE = "flux_dev_nf4_canny_style_lora.json"
+# file names are the template browser's titles (ComfyUI's frontend shows a custom node pack's template by
+# its file name, and its thumbnail is <name>.jpg beside it)
+NF4_CHECKPOINT = "Canny Control - NF4 checkpoint.json"
+CANNY = "Canny Control - quantize on load.json"
+DEPTH = "Depth Control - quantize on load.json"
+STYLE = "Style LoRA + Canny Control.json"
 
 # nodes that live only in the editor: never sent to the server, absent from the API format
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+NOTES = {"Note", "MarkdownNote"}
 # widget values the editor saves that are not node inputs
 CONTROL, UPLOAD = "control_after_generate", "upload"
 UI_ONLY = {CONTROL, UPLOAD}
@@ -85,7 +89,7 @@ def pair(request):
 
 
 def test_examples_exist_in_both_formats():
-    assert {CANNY, DEPTH, STYLE} <= {os.path.basename(p) for p in UI_FILES}
+    assert {NF4_CHECKPOINT, CANNY, DEPTH, STYLE} == {os.path.basename(p) for p in UI_FILES}
     for ui_file in UI_FILES:
         assert os.path.isfile(api_path(ui_file)), f"{os.path.basename(ui_file)} has no API-format twin in api/"
     for api_file in glob.glob(os.path.join(EXAMPLES, "api", "*.json")):
@@ -211,14 +215,17 @@ def test_api_widget_values_equal_ui(pair):
         assert [k for k in inputs if k in expected] == [k for k in names if k in expected], n["id"]
 
 
-def test_canny_workflow_settings():
-    ui = load(os.path.join(EXAMPLES, CANNY))
-    api = load(os.path.join(EXAMPLES, "api", CANNY))
+@pytest.mark.parametrize("name, unet, folder", [
+    (NF4_CHECKPOINT, "flux1-dev-bnb-nf4-v2.safetensors", "checkpoints"),
+    (CANNY, "flux1-dev.safetensors", "diffusion_models")])
+def test_canny_workflow_settings(name, unet, folder):
+    ui = load(os.path.join(EXAMPLES, name))
+    api = load(os.path.join(EXAMPLES, "api", name))
     by_type = {}
     for entry in api.values():
         by_type.setdefault(entry["class_type"], []).append(entry["inputs"])
     one = {t: v[0] for t, v in by_type.items()}
-    assert one["LoadBnbFlux"] == {"unet_name": "flux1-dev.safetensors", "quant_type": "nf4", "double_quant": True,
+    assert one["LoadBnbFlux"] == {"unet_name": unet, "quant_type": "nf4", "double_quant": True,
                                   "compute_dtype": "auto", "quantize_img_in": False}
     lora = one["ApplyControlLora"]
     assert (lora["lora_name"], lora["strength"]) == ("flux1-canny-dev-lora.safetensors", 0.85)
@@ -239,7 +246,8 @@ def test_canny_workflow_settings():
     canny = api[ip2p["pixels"][0]]
     assert canny["class_type"] == "Canny"
     assert (canny["inputs"]["low_threshold"], canny["inputs"]["high_threshold"]) == (0.15, 0.3)
-    assert api[canny["inputs"]["image"][0]]["class_type"] == "LoadImage"
+    image = api[canny["inputs"]["image"][0]]
+    assert image["class_type"] == "LoadImage" and image["inputs"]["image"] == "bnb_flux_canny_example.png"
     assert api[ip2p["vae"][0]]["inputs"] == {"vae_name": "ae.safetensors"}
     clip = api[positive["inputs"]["clip"][0]]["inputs"]
     assert (clip["clip_name1"], clip["clip_name2"], clip["type"]) == (
@@ -248,10 +256,8 @@ def test_canny_workflow_settings():
     assert decode["samples"][0] == [k for k, e in api.items() if e["class_type"] == "KSampler"][0]
     assert [e for e in api.values() if e["class_type"] == "SaveImage"][0]["inputs"]["images"][0] == \
         [k for k, e in api.items() if e["class_type"] == "VAEDecode"][0]
-    notes = [n for n in ui["nodes"] if n["type"] == "Note"]
-    assert len(notes) == 1
-    text = notes[0]["widgets_values"][0]
-    for needed in ("diffusion_models", "loras", "text_encoders", "vae", "0.85"):
+    text = note_text(ui)
+    for needed in (folder, unet, "loras", "text_encoders", "vae", "0.85", "bnb_flux_canny_example.png", "VRAM"):
         assert needed in text, needed
 
 
@@ -274,8 +280,10 @@ def model_chain(api):
 
 
 def note_text(ui):
-    (note,) = [n for n in ui["nodes"] if n["type"] == "Note"]
-    return note["widgets_values"][0]
+    """The text of the workflow's notes, which are on the canvas beside the graph."""
+    notes = [n for n in ui["nodes"] if n["type"] in NOTES]
+    assert notes, "the workflow explains itself in a Note"
+    return "\n\n".join(n["widgets_values"][0] for n in notes)
 
 
 def test_depth_workflow_settings():
@@ -287,29 +295,193 @@ def test_depth_workflow_settings():
     assert (lora["lora_name"], lora["strength"]) == ("flux1-depth-dev-lora.safetensors", 0.85)
     ip2p = api[types["InstructPixToPixConditioning"][0]]["inputs"]
     assert api[ip2p["pixels"][0]]["class_type"] == "LoadImage"
-    assert api[ip2p["pixels"][0]]["inputs"]["image"] == "depth_map.png"
+    assert api[ip2p["pixels"][0]]["inputs"]["image"] == "bnb_flux_depth_example.png"
     guidance = api[ip2p["positive"][0]]
     assert guidance["class_type"] == "FluxGuidance" and guidance["inputs"]["guidance"] == 10.0
     ks = api[types["KSampler"][0]]["inputs"]
     assert (ks["cfg"], ks["latent_image"]) == (1.0, [types["InstructPixToPixConditioning"][0], 2])
-    for needed in ("flux1-depth-dev-lora.safetensors", "depth_map.png", "0.85", "guidance 10"):
+    for needed in ("flux1-depth-dev-lora.safetensors", "bnb_flux_depth_example.png", "0.85", "Guidance 10"):
         assert needed in note_text(ui), needed
 
 
 def test_control_and_style_workflow_settings():
+    """Read as a first example: the Control LoRA at its working strength, the style LoRA in a node titled
+    for it, and Set LoRA Scale on the style LoRA with a note saying why it is there."""
     ui, api = load(os.path.join(EXAMPLES, STYLE)), load(os.path.join(EXAMPLES, "api", STYLE))
     chain = model_chain(api)
     assert [t for t, _ in chain] == ["LoadBnbFlux", "ApplyControlLora", "ApplyControlLora", "SetLoraScale"]
     (_, control), (_, style), (_, scale) = chain[1:]
-    assert (control["lora_name"], control["strength"]) == ("flux1-canny-dev-lora.safetensors", 1.0)
-    assert (style["lora_name"], style["strength"]) == ("flux_style_lora.safetensors", 0.8)
-    # Set LoRA Scale rescales a LoRA applied upstream (the Control LoRA), to BFL's 0.85
-    assert (scale["lora_name"], scale["strength"]) == (control["lora_name"], 0.85)
+    assert (control["lora_name"], control["strength"]) == ("flux1-canny-dev-lora.safetensors", 0.85)
+    assert (style["lora_name"], style["strength"]) == ("flux_style_lora.safetensors", 1.0)
+    assert (scale["lora_name"], scale["strength"]) == (style["lora_name"], 0.8)
+    titles = {entry["class_type"] + ":" + entry["inputs"]["lora_name"]: entry["_meta"]["title"]
+              for entry in api.values() if "lora_name" in entry["inputs"]}
+    assert titles == {"ApplyControlLora:flux1-canny-dev-lora.safetensors": "Apply Control LoRA",
+                      "ApplyControlLora:flux_style_lora.safetensors": "Apply Style LoRA",
+                      "SetLoraScale:flux_style_lora.safetensors": "Set Style LoRA Strength"}
     types = api_by_type(api)
     ip2p = api[types["InstructPixToPixConditioning"][0]]["inputs"]
     assert api[ip2p["pixels"][0]]["class_type"] == "Canny"
-    for needed in ("Set LoRA Scale", "flux_style_lora.safetensors", "0.85"):
-        assert needed in note_text(ui), needed
+    text = note_text(ui)
+    for needed in ("Why Set LoRA Scale", "Set Style LoRA Strength", "flux_style_lora.safetensors", "0.85", "0.8"):
+        assert needed in text, needed
+
+
+# ---------------------------------------------------------------------------------------------------
+# model links (what ComfyUI's Missing Models panel offers to download) and shipped media
+
+
+# the loaders whose files a user has to download; each names them in properties.models
+MODEL_LOADERS = {"LoadBnbFlux", "ApplyControlLora", "DualCLIPLoader", "VAELoader"}
+# files no link can be given for: the user's own pick
+USER_PICKED = {"flux_style_lora.safetensors"}
+# links of ours, for files no template bundled with ComfyUI names (so nothing here can check them)
+OWN_LINKS = {"flux1-dev-bnb-nf4-v2.safetensors", "flux1-canny-dev-lora.safetensors", "t5xxl_fp8_e4m3fn.safetensors"}
+THUMBNAIL_MAX_BYTES = 100_000
+
+
+def model_entries():
+    """(workflow file, node, entry) for every properties.models entry of every editor workflow."""
+    for path in UI_FILES:
+        for n in load(path)["nodes"]:
+            for entry in n.get("properties", {}).get("models", []):
+                yield os.path.basename(path), n, entry
+
+
+def test_model_links_cover_every_model_file(pair):
+    """Each file a loader names has a link (name, url, directory) on that node, and each link names one
+    of the node's files, in a folder that loader reads."""
+    ui, _ = pair
+    for n in backend_nodes(ui):
+        names = [name for name in WIDGETS[n["type"]] if FILE_INPUTS.get((n["type"], name), "input") != "input"]
+        files = [v for name, v in zip(WIDGETS[n["type"]], n["widgets_values"]) if name in names]
+        links = n["properties"].get("models", [])
+        if n["type"] not in MODEL_LOADERS:
+            assert not links, f"node {n['id']} ({n['type']}) links files it does not load"
+            continue
+        assert sorted(m["name"] for m in links) == sorted(f for f in files if f not in USER_PICKED), n["id"]
+        for m in links:
+            assert set(m) == {"name", "url", "directory"}, (n["id"], m)
+            assert m["url"].startswith("https://huggingface.co/") and "/resolve/main/" in m["url"], m["url"]
+            assert m["url"].endswith("/" + m["name"]), m["url"]
+            folders = {"diffusion_models", "checkpoints"} if n["type"] == "LoadBnbFlux" else \
+                {FILE_INPUTS[(n["type"], name)] for name in names}
+            assert m["directory"] in folders, (n["id"], m)
+
+
+def bundled_template_models():
+    """{file name: {(url, directory)}} from every workflow in the installed comfyui-workflow-templates
+    packages (ComfyUI's own templates); skips, saying why, when they are not installed."""
+    import importlib.metadata
+
+    found, packages = {}, []
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+        if not name.startswith("comfyui-workflow-templates"):
+            continue
+        packages.append(name)
+        for f in dist.files or []:
+            if not str(f).endswith(".json"):
+                continue
+            try:
+                data = json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            stack = [data]
+            while stack:
+                item = stack.pop()
+                if isinstance(item, dict):
+                    for m in item.get("models", []) if isinstance(item.get("models"), list) else []:
+                        if isinstance(m, dict) and {"name", "url", "directory"} <= set(m):
+                            found.setdefault(m["name"], set()).add((m["url"], m["directory"]))
+                    stack.extend(item.values())
+                elif isinstance(item, list):
+                    stack.extend(item)
+    if not found:
+        msg = ("the comfyui-workflow-templates packages (ComfyUI's requirements) are not installed in this "
+               f"Python ({packages or 'none found'}): the model links cannot be compared with ComfyUI's templates")
+        print(msg)
+        pytest.skip(msg)
+    return found
+
+
+def test_model_links_match_comfyui_templates():
+    """A file ComfyUI's own templates name gets their url and folder; the files they do not name are
+    exactly OWN_LINKS (links of ours that this test cannot check)."""
+    bundled = bundled_template_models()
+    unchecked = set()
+    for workflow, n, m in model_entries():
+        if m["name"] not in bundled:
+            unchecked.add(m["name"])
+            continue
+        assert (m["url"], m["directory"]) in bundled[m["name"]], (
+            f"{workflow}, node {n['id']}: {m['name']} -> {m['url']} in {m['directory']}; ComfyUI's templates "
+            f"give {sorted(bundled[m['name']])}")
+    assert unchecked == OWN_LINKS, "files ComfyUI's templates do not name changed: check their links by hand"
+
+
+def test_same_file_same_link_everywhere():
+    links = {}
+    for workflow, _, m in model_entries():
+        links.setdefault(m["name"], set()).add((m["url"], m["directory"]))
+    assert all(len(v) == 1 for v in links.values()), {k: v for k, v in links.items() if len(v) > 1}
+
+
+def test_notes_link_the_files_the_nodes_link(pair):
+    """The note on the canvas gives the same download links as the Missing Models panel."""
+    ui, _ = pair
+    text = note_text(ui)
+    for n in ui["nodes"]:
+        for m in n.get("properties", {}).get("models", []):
+            assert f"[{m['name']}]({m['url']})" in text and f"{m['directory']}/" in text, m["name"]
+
+
+def shipped_inputs():
+    return sorted(os.listdir(os.path.join(EXAMPLES, "input")))
+
+
+def test_workflows_use_only_shipped_inputs(pair):
+    ui, api = pair
+    ui_images = [n["widgets_values"][0] for n in ui["nodes"] if n["type"] == "LoadImage"]
+    api_images = [e["inputs"]["image"] for e in api.values() if e["class_type"] == "LoadImage"]
+    assert ui_images == api_images and ui_images
+    assert set(ui_images) <= set(shipped_inputs()), ui_images
+
+
+def test_every_shipped_input_is_used():
+    used = {n["widgets_values"][0] for path in UI_FILES for n in load(path)["nodes"] if n["type"] == "LoadImage"}
+    assert used == set(shipped_inputs())
+
+
+def test_depth_map_is_near_bright():
+    """What the Depth Control LoRA expects (Depth Anything / MiDaS convention): the ground brightens
+    toward the viewer, the sky is the darkest, and the foreground ball is brighter than the ground behind."""
+    import numpy as np
+    from PIL import Image
+
+    img = Image.open(os.path.join(EXAMPLES, "input", "bnb_flux_depth_example.png"))
+    depth = np.asarray(img.convert("L"), dtype=np.float32)
+    h, w = depth.shape
+    assert h % 16 == 0 and w % 16 == 0 and h * w >= 512 * 512
+    rows = depth.mean(axis=1)
+    assert rows[: h // 4].max() < 30 and rows[-8:].mean() > 200  # sky far, ground at the bottom near
+    ground = depth[h // 2:, w - 40:].mean(axis=1)  # a column of bare ground
+    assert np.all(np.diff(ground) >= 0) and ground[-1] - ground[0] > 80
+
+
+def test_thumbnails():
+    """One thumbnail per workflow, <name>.jpg (what the template browser requests for a custom node pack),
+    square, small; none left over from a renamed workflow."""
+    from PIL import Image
+
+    names = {os.path.splitext(os.path.basename(p))[0] for p in UI_FILES}
+    thumbs = {os.path.splitext(f)[0] for f in os.listdir(EXAMPLES) if f.lower().endswith((".jpg", ".webp", ".png"))}
+    assert thumbs == names
+    for name in names:
+        path = os.path.join(EXAMPLES, name + ".jpg")
+        assert os.path.getsize(path) < THUMBNAIL_MAX_BYTES, path
+        with Image.open(path) as img:
+            assert img.format == "JPEG" and img.width == img.height >= 256, (path, img.format, img.size)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -424,3 +596,80 @@ def test_api_prompt_passes_comfyui_validation(host, placeholder_files):
                 broken[nid]["inputs"][name] = "not_there.safetensors"
                 invalid = validate(host, broken)
                 assert not invalid[0] and nid in invalid[3], (nid, name)
+
+
+def test_canny_finds_the_shipped_image_edges(host):
+    """ComfyUI's own Canny node, at the workflows' thresholds, draws the outlines of the shipped control
+    image: a fair share of edge pixels, in every quarter of the picture (no blank or noisy image)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    img = Image.open(os.path.join(EXAMPLES, "input", "bnb_flux_canny_example.png")).convert("RGB")
+    assert img.width % 16 == 0 and img.height % 16 == 0
+    pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
+    out = host.nodes.NODE_CLASS_MAPPINGS["Canny"].execute(pixels, 0.15, 0.3)
+    edges = out.result[0][0, ..., 0].float().numpy() > 0.5
+    assert 0.003 < edges.mean() < 0.05, edges.mean()
+    h, w = edges.shape
+    for rows in (slice(0, h // 2), slice(h // 2, h)):
+        for cols in (slice(0, w // 2), slice(w // 2, w)):
+            assert edges[rows, cols].mean() > 0.001, (rows, cols)
+
+
+def test_pack_copied_its_inputs_when_comfyui_loaded_it(host):
+    """At start-up the pack put the shipped inputs into ComfyUI's input folder (the in-process host's,
+    a temporary one), byte for byte."""
+    import folder_paths
+
+    input_dir = folder_paths.get_input_directory()
+    assert os.path.realpath(input_dir) != os.path.realpath(os.path.join(os.environ["COMFYUI_PATH"], "input"))
+    for name in shipped_inputs():
+        with open(os.path.join(input_dir, name), "rb") as got, \
+                open(os.path.join(EXAMPLES, "input", name), "rb") as want:
+            assert got.read() == want.read(), name
+
+
+def test_copy_example_inputs(host, tmp_path, caplog):
+    example_inputs = host.pack_module("nodes.example_inputs")
+    names = shipped_inputs()
+    assert example_inputs.shipped_input_names() == names
+    target = tmp_path / "input"
+    with caplog.at_level("INFO", logger="comfyui-bnb-flux"):
+        assert example_inputs.copy_example_inputs(target=str(target)) == names
+    for name in names:
+        assert (target / name).read_bytes() == open(os.path.join(EXAMPLES, "input", name), "rb").read()
+    logged = [r.getMessage() for r in caplog.records if "example workflows' input images" in r.getMessage()]
+    assert len(logged) == 1 and all(name in logged[0] for name in names) and str(target) in logged[0]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="comfyui-bnb-flux"):
+        assert example_inputs.copy_example_inputs(target=str(target)) == []  # all there: nothing to do
+    assert not caplog.records
+
+
+def test_copy_example_inputs_never_overwrites(host, tmp_path):
+    """A user's own file under a shipped name stays as it is; the others are still copied."""
+    example_inputs = host.pack_module("nodes.example_inputs")
+    names = shipped_inputs()
+    target = tmp_path / "input"
+    target.mkdir()
+    mine = target / names[0]
+    mine.write_bytes(b"the user's own picture")
+    os.utime(mine, (1_000_000_000, 1_000_000_000))
+    assert example_inputs.copy_example_inputs(target=str(target)) == names[1:]
+    assert mine.read_bytes() == b"the user's own picture" and mine.stat().st_mtime == 1_000_000_000
+    for name in names[1:]:
+        assert (target / name).stat().st_size == os.path.getsize(os.path.join(EXAMPLES, "input", name))
+
+
+def test_copy_example_inputs_failure_is_logged_not_raised(host, tmp_path, caplog):
+    """An input folder that cannot be written (here: a file in its place) costs a warning naming the
+    image, the folder and what to do; the pack still loads."""
+    example_inputs = host.pack_module("nodes.example_inputs")
+    blocked = tmp_path / "input"
+    blocked.write_text("not a folder")
+    with caplog.at_level("WARNING", logger="comfyui-bnb-flux"):
+        assert example_inputs.copy_example_inputs(target=str(blocked)) == []
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert all(name in warning for name in shipped_inputs())
+    assert str(blocked) in warning and "copy them there from " + os.path.join(REPO_ROOT, "example_workflows") in warning

@@ -181,6 +181,9 @@ class ComfyHost:
         for sub in ("diffusion_models", "loras", "checkpoints", "text_encoders", "vae"):
             os.makedirs(os.path.join(models_dir, sub), exist_ok=True)
             folder_paths.add_model_folder_path(sub, os.path.join(models_dir, sub), is_default=True)
+        # the pack copies its example inputs into the input folder when it loads: keep them out of the
+        # ComfyUI checkout's own input/
+        folder_paths.set_input_directory(os.path.join(os.path.dirname(os.path.abspath(models_dir)), "input"))
         server_stub = _ServerStub()
         try:
             import server as comfy_server
