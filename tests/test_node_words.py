@@ -17,7 +17,9 @@ import pytest
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCALES_DIR = os.path.join(REPO_ROOT, "locales")
 DOCS_DIR = os.path.join(REPO_ROOT, "web", "docs")
-LOCALES = sorted(d for d in os.listdir(LOCALES_DIR) if os.path.isdir(os.path.join(LOCALES_DIR, d)))
+# locales/en holds only main.json (the template browser's section title): the node words are translated
+# where a locale has nodeDefs.json
+LOCALES = sorted(d for d in os.listdir(LOCALES_DIR) if os.path.isfile(os.path.join(LOCALES_DIR, d, "nodeDefs.json")))
 # a tooltip is read while hovering, a description heads the search result and the node's hover card:
 # the details belong in the docs page
 TOOLTIP_MAX = 300
@@ -164,7 +166,7 @@ def test_locale_names_exactly_the_schemas(infos, lang):
 
 def test_comfyui_collects_the_locales(host, tmp_path, monkeypatch):
     """ComfyUI's own collector (the server's /i18n) finds the pack's files, installed as a user has them,
-    under the key the frontend merges: {locale: {"nodeDefs": {...}}}."""
+    under the keys the frontend merges: {locale: {"nodeDefs": {...}, "templateWorkflows": {...}}}."""
     import shutil
 
     import folder_paths
@@ -173,7 +175,9 @@ def test_comfyui_collects_the_locales(host, tmp_path, monkeypatch):
     shutil.copytree(LOCALES_DIR, tmp_path / "comfyui-bnb-flux" / "locales")
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "custom_nodes", ([str(tmp_path)], set()))
     translations = CustomNodeManager().build_translations()
-    assert sorted(translations) == LOCALES
+    assert sorted(translations) == sorted(os.listdir(LOCALES_DIR))
     for lang in LOCALES:
         with open(os.path.join(LOCALES_DIR, lang, "nodeDefs.json"), encoding="utf-8") as f:
-            assert translations[lang] == {"nodeDefs": json.load(f)}, lang
+            assert translations[lang]["nodeDefs"] == json.load(f), lang
+    for lang in translations:  # the template browser's section is titled in every locale the pack has
+        assert translations[lang]["templateWorkflows"] == {"category": {"comfyui-bnb-flux": "BnB Flux"}}, lang
