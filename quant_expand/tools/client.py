@@ -295,7 +295,9 @@ class ComfyClient:
             elif kind == "executed":
                 log(f"done {title(data.get('node'))}")
             elif kind == "execution_error":  # returned, not logged: the caller prints it once
-                return (f"{title(data.get('node_id'))} failed: {data.get('exception_type')}: "
+                # a custom node's exception type starts with its pack's path (ComfyUI imports packs by path)
+                exception = str(data.get("exception_type", "")).rsplit(".", 1)[-1]
+                return (f"{title(data.get('node_id'))} failed: {exception}: "
                         f"{str(data.get('exception_message', '')).strip()}")
             elif kind == "execution_interrupted":
                 return f"prompt {prompt_id} was interrupted on the server (Cancel in ComfyUI, or POST /interrupt)"
