@@ -121,20 +121,22 @@ def _quantized_tensors(ckpt: FluxCheckpoint, spec: QuantSpec, quantize_img_in: b
     bar = progress(len(names)) if progress is not None else None
     out: dict[str, torch.Tensor] = {}
     linears: dict[str, StoredLinear] = {}
-    for name in names:
-        stored = read_checked(ckpt, name)
-        if (stored.kind is StoredKind.FLOAT and not pre
-                and default_should_quantize(name, stored.shape[1], spec, quantize_img_in)):
-            stored = quantize_weight(stored.weight, spec, stored.bias, device=device)
-        linears[name] = stored
-        out.update(linear_tensors(name, stored))
-        del stored
-        if bar is not None:
-            bar.update(1)
-    for key in ckpt.other_keys():
-        out[bfl_file_key(key)] = read_other_checked(ckpt, key).contiguous()
-    if bar is not None and hasattr(bar, "close"):
-        bar.close()
+    try:
+        for name in names:
+            stored = read_checked(ckpt, name)
+            if (stored.kind is StoredKind.FLOAT and not pre
+                    and default_should_quantize(name, stored.shape[1], spec, quantize_img_in)):
+                stored = quantize_weight(stored.weight, spec, stored.bias, device=device)
+            linears[name] = stored
+            out.update(linear_tensors(name, stored))
+            del stored
+            if bar is not None:
+                bar.update(1)
+        for key in ckpt.other_keys():
+            out[bfl_file_key(key)] = read_other_checked(ckpt, key).contiguous()
+    finally:
+        if bar is not None and hasattr(bar, "close"):
+            bar.close()  # also on an error, so the error starts a line of its own
     meta = file_metadata(linears, source=ckpt.name)
     if ckpt.skipped:
         log(f"not written: {len(ckpt.skipped)} tensors outside the diffusion model (text encoders, VAE, ...)")
