@@ -18,9 +18,10 @@ FLUX1_VECTOR = 768         # vector_in's inputs (CLIP-L pooled)
 TIME_EMBED = 256           # time_in's and guidance_in's inputs (sinusoidal embedding)
 MLP_RATIO = 4              # ComfyUI builds every FLUX.1 with mlp_ratio 4
 
-FORMAT_NAMES = {"bfl": "BFL (diffusion_model.<layer>.lora_A/lora_B)", "comfy": "ComfyUI (lora_up/lora_down, diff_b, "
-                "reshape_weight)", "diffusers": "diffusers/PEFT (transformer.<layer>.lora_A/lora_B)",
-                "kohya": "kohya (lora_unet_<layer>.lora_down/lora_up)"}
+FORMAT_NAMES = {"bfl": "BFL (BFL layer names, lora_A/lora_B)",
+                "comfy": "ComfyUI (BFL layer names, lora_up/lora_down, diff_b, reshape_weight)",
+                "diffusers": "diffusers/PEFT (diffusers layer names, lora_A/lora_B)",
+                "kohya": "kohya (lora_unet_ layer names, lora_down/lora_up)"}
 
 _END_MARKERS = (".alpha", ".diff", ".diff_b", ".reshape_weight", ".set_weight", ".oft_blocks", ".dora_scale")
 _INNER_MARKERS = (".lora_A.", ".lora_B.", ".lora_down.", ".lora_up.", ".lora_mid.", ".hada_", ".lokr_")
