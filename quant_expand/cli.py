@@ -32,8 +32,8 @@ import time
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-EXIT_CODES = """exit status: 0 done; 1 refused or failed (one line on stderr, "error: ...", names the file or
-server and what to do); 2 wrong arguments; 130 interrupted (Ctrl-C)."""
+EXIT_CODES = """exit status: 0 done; 1 refused or failed ("error: ..." on stderr names the file or server and
+what to do); 2 wrong arguments; 130 interrupted (Ctrl-C)."""
 
 INSPECT_EXIT_CODES = """exit status: 0 the pack's nodes read the file (a FLUX model: Load BnB Flux; a LoRA: Apply Control
 LoRA); 1 they refuse it: one line on stderr, "error: ...", with the message the node would give (not a FLUX.1
@@ -59,7 +59,7 @@ def error(message) -> int:
 
 def quantize(args) -> int:
     if os.path.abspath(args.input) == os.path.abspath(args.output):
-        return error(f"{args.output}: OUT must differ from IN (IN is read while OUT is written)")
+        return error(f"{args.output}: OUT must be another file than IN")
     if os.path.exists(args.output) and not args.overwrite:
         return error(f"{args.output} exists; pass --overwrite to replace it, or choose another OUT")
     from tqdm import tqdm
@@ -72,9 +72,15 @@ def quantize(args) -> int:
     from .tools.convert import inspect_file, quantize_file
 
     spec = QuantSpec(args.quant, args.double_quant)
-    t0 = time.perf_counter()
     try:
         device = default_quantize_device() if args.device == "auto" else torch.device(args.device)
+    except RuntimeError:
+        return error(f"--device {args.device}: not a device; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        return error(f"--device {args.device}: no such CUDA device here ({torch.cuda.device_count()} found); "
+                     f"use --device cpu or auto")
+    t0 = time.perf_counter()
+    try:
         print(f"quantizing on {device}", file=sys.stderr)
         meta = quantize_file(args.input, args.output, spec, quantize_img_in=args.quantize_img_in, device=device,
                              progress=lambda n: tqdm(total=n, unit="layer", desc="quantizing", file=sys.stderr))

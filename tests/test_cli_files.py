@@ -296,3 +296,12 @@ def test_bitsandbytes_hub_kernel_warning_is_what_the_readme_explains():
     assert not any("gemv_4bit" in text or "matmul_4bit" in text for text in pack)
     with open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8") as f:
         assert "kernels-community" in f.read()
+
+
+def test_quantize_names_a_device_it_cannot_use(files, tmp_path, capsys):
+    dst = tmp_path / "out.safetensors"
+    rc, out, err = cli(capsys, "quantize", files["model"](MODEL), str(dst), "--device", "gpu")
+    assert rc == 1 and one_error_line(err) == "--device gpu: not a device; use auto, cpu, cuda or cuda:N"
+    rc, out, err = cli(capsys, "quantize", files["model"](MODEL), str(dst), "--device", f"cuda:{torch.cuda.device_count()}")
+    assert rc == 1 and one_error_line(err).startswith(f"--device cuda:{torch.cuda.device_count()}: no such CUDA device")
+    assert os.listdir(tmp_path) == []
