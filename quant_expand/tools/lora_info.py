@@ -55,7 +55,8 @@ def flux1_linear_shapes(hidden: int, doubles: int, singles: int, img_in: int = F
     return out
 
 
-# Linears whose input is the hidden state, and those whose output is (a LoRA's lora_A / lora_B width there)
+# Linears whose input is the hidden state, and those whose output is (a LoRA's lora_A / lora_B width there;
+# none of the latter is a fused layer that a diffusers LoRA trains in pieces)
 _HIDDEN_IN = ("attn.qkv", "attn.proj", "mod.lin", "mlp.0", "linear1", "modulation.lin", "final_layer.linear",
               "final_layer.adaLN_modulation.1", "out_layer")
 _HIDDEN_OUT = ("img_in", "txt_in", "in_layer", "out_layer", "attn.proj", "mlp.2", "linear2")
@@ -88,10 +89,7 @@ def implied_model(tensors, name: str) -> dict[str, tuple[int, int]]:
     ins, outs = {}, {}
     for (module, role), width in widths.items():
         target = targets[module]
-        if role == "down":
-            ins[target.module] = width
-        elif target.rows is None and target.row_offset == 0:  # a diffusers q/k/v piece is not the whole layer
-            outs[target.module] = width
+        (ins if role == "down" else outs)[target.module] = width
     hidden = Counter(w for m, w in ins.items() if m.endswith(_HIDDEN_IN)) or \
         Counter(w for m, w in outs.items() if m.endswith(_HIDDEN_OUT))
     h = hidden.most_common(1)[0][0] if hidden else FLUX1_HIDDEN
