@@ -305,3 +305,20 @@ def test_quantize_names_a_device_it_cannot_use(files, tmp_path, capsys):
     rc, out, err = cli(capsys, "quantize", files["model"](MODEL), str(dst), "--device", f"cuda:{torch.cuda.device_count()}")
     assert rc == 1 and one_error_line(err).startswith(f"--device cuda:{torch.cuda.device_count()}: no such CUDA device")
     assert os.listdir(tmp_path) == []
+
+
+def test_float8_files_are_checked_and_quantized(tmp_path, capsys):
+    """torch has no isfinite for float8_e4m3fn: the value checks widen such weights first."""
+    sd = make_tiny_flux(CFG, seed=0)
+    src = save_safetensors({k: (v.to(torch.float8_e4m3fn) if v.ndim == 2 else v) for k, v in sd.items()},
+                           tmp_path / "fp8.safetensors")
+    rc, out, err = cli(capsys, "inspect", "--verify", src)
+    assert rc == 0 and "verified: every tensor read" in out, err
+    rc, out, err = cli(capsys, "quantize", src, str(tmp_path / "nf4.safetensors"), "--device", "cpu")
+    assert rc == 0 and "14 x nf4" in out, err
+    broken = {k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in sd.items()}
+    broken["img_in.weight"] = broken["img_in.weight"].clone()
+    broken["img_in.weight"].view(torch.uint8)[0, 0] = 0x7F  # e4m3fn's NaN
+    rc, out, err = cli(capsys, "inspect", "--verify", save_safetensors(broken, tmp_path / "fp8_nan.safetensors"))
+    assert rc == 1 and one_error_line(err) == ("fp8_nan.safetensors: tensor img_in.weight holds NaN or inf values; "
+                                               "the file is damaged: download it again")

@@ -53,7 +53,10 @@ def open_model(path: str) -> FluxCheckpoint:
 
 
 def _require_finite(ckpt: FluxCheckpoint, key: str, tensor: Optional[torch.Tensor]):
-    if tensor is not None and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if tensor is None or not tensor.is_floating_point():
+        return
+    probe = tensor.float() if tensor.element_size() == 1 else tensor  # torch has no isfinite for float8_e4m3fn
+    if not bool(torch.isfinite(probe).all()):
         raise BnbFluxError(f"{ckpt.name}: tensor {key} holds NaN or inf values; the file is damaged: download it again")
 
 
