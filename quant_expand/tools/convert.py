@@ -1,16 +1,79 @@
 """The command line's quantize and inspect: a float file to a pre-quantized one, and what a file holds."""
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 from typing import Callable, Optional
 
 import torch
 
-from ..checkpoint.reader import open_flux_checkpoint
+from ..checkpoint.reader import FluxCheckpoint, open_flux_checkpoint
 from ..checkpoint.stored import StoredKind, StoredLinear, linear_tensors, quantize_weight
+from ..checkpoint.tensor_files import open_tensor_set
 from ..checkpoint.writer import file_metadata, save_flux_file
 from ..errors import BnbFluxError
-from ..flux import block_count, bfl_file_key, default_should_quantize
+from ..flux import DIFFUSERS_DOUBLE, DIFFUSERS_SINGLE, block_count, bfl_file_key, default_should_quantize
 from ..spec import QuantSpec
+from .lora_info import describe_lora_file, looks_like_lora
+
+NOT_FLUX = ("not a FLUX.1 diffusion model (no double_blocks.0.img_attn.norm / transformer_blocks.0.attn.norm_k "
+            "tensors); Load BnB Flux reads FLUX.1 dev/schnell safetensors with BFL or diffusers key names")
+
+# Linears every FLUX.1 has besides its blocks (vector_in, guidance_in and final_layer.adaLN vary among variants)
+CORE_LINEARS = ("img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "final_layer.linear")
+
+
+def open_model(path: str) -> FluxCheckpoint:
+    """A FLUX.1 diffusion model file, or BnbFluxError with the reason Load BnB Flux would refuse it
+    (checked on the header: names, shapes, dtypes, quantization states; ``read_checked`` reads the values)."""
+    if not os.path.isfile(path):
+        raise BnbFluxError(f"{path}: no such file")
+    tensors = open_tensor_set(path)
+    try:
+        if looks_like_lora(tensors.keys()):
+            raise BnbFluxError(f"{tensors.name}: a LoRA, not a diffusion model; apply it with Apply Control LoRA "
+                               f"(models/loras), after Load BnB Flux")
+    finally:
+        tensors.close()
+    ckpt = open_flux_checkpoint(path)
+    if not ckpt.is_flux:
+        ckpt.close()
+        raise BnbFluxError(f"{ckpt.name}: {NOT_FLUX}")
+    names = set(ckpt.linear_names())
+    expected = list(CORE_LINEARS)
+    expected += [f"double_blocks.{i}.{n}" for i in range(block_count(names, "double_blocks")) for n in DIFFUSERS_DOUBLE]
+    expected += [f"single_blocks.{i}.{n}" for i in range(block_count(names, "single_blocks")) for n in DIFFUSERS_SINGLE]
+    missing = [n for n in expected if n not in names]
+    if missing:
+        ckpt.close()
+        raise BnbFluxError(f"{ckpt.name}: tensor {missing[0]}.weight is missing; the file is not a complete FLUX.1 "
+                           f"model")
+    return ckpt
+
+
+def _require_finite(ckpt: FluxCheckpoint, key: str, tensor: Optional[torch.Tensor]):
+    if tensor is None or not tensor.is_floating_point():
+        return
+    probe = tensor.float() if tensor.element_size() == 1 else tensor  # torch has no isfinite for float8_e4m3fn
+    if not bool(torch.isfinite(probe).all()):
+        raise BnbFluxError(f"{ckpt.name}: tensor {key} holds NaN or inf values; the file is damaged: download it again")
+
+
+def read_checked(ckpt: FluxCheckpoint, name: str) -> StoredLinear:
+    """One Linear as stored, with the value checks Load BnB Flux makes (the reader checks quantization states
+    and their scales; float weights and biases are checked here)."""
+    stored = ckpt.read_linear(name)
+    if stored.kind is StoredKind.FLOAT:
+        _require_finite(ckpt, f"{name}.weight", stored.weight)
+    _require_finite(ckpt, f"{name}.bias", stored.bias)
+    return stored
+
+
+def read_other_checked(ckpt: FluxCheckpoint, key: str) -> torch.Tensor:
+    tensor = ckpt.read(key)
+    _require_finite(ckpt, key, tensor)
+    return tensor
 
 
 def quantize_file(src: str, dst: str, spec: QuantSpec, quantize_img_in: bool = False,
@@ -22,11 +85,37 @@ def quantize_file(src: str, dst: str, spec: QuantSpec, quantize_img_in: bool = F
     A pre-quantized input keeps its own quantization (the file wins, as in the loader): its layers are
     re-laid out (diffusers q/k/v fused by :func:`plan_rows`), not quantized again; its float Linears
     stay float. Only the diffusion model is written (an all-in-one file's text encoders and VAE are not).
+
+    ``dst`` is written under a temporary name in its folder and renamed at the end: an error or Ctrl-C leaves
+    no partial file, and an existing ``dst`` is replaced only by a complete one.
     """
-    ckpt = open_flux_checkpoint(src)
-    if not ckpt.is_flux:
-        raise BnbFluxError(f"{ckpt.name}: no FLUX.1 diffusion model found (no double_blocks.0.img_attn.norm "
-                           f"or transformer_blocks.0.attn.norm_k tensors)")
+    ckpt = open_model(src)
+    try:
+        tensors, meta = _quantized_tensors(ckpt, spec, quantize_img_in, progress, log, device)
+    finally:
+        ckpt.close()
+    folder = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(folder, exist_ok=True)
+    fd, partial = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(dst)}.", suffix=".partial")
+    os.close(fd)
+    try:
+        save_flux_file(partial, tensors, meta)
+        os.replace(partial, dst)
+    except Exception as e:  # disk full, file size limit, OUT is a folder...; safetensors raises its own type
+        _remove(partial)
+        raise BnbFluxError(f"{dst}: not written ({e}); a file already there is left as it was") from e
+    except BaseException:  # Ctrl-C
+        _remove(partial)
+        raise
+    return meta
+
+
+def _remove(path: str):
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _quantized_tensors(ckpt: FluxCheckpoint, spec: QuantSpec, quantize_img_in: bool, progress, log, device):
     pre = ckpt.is_prequantized
     if pre:
         log(f"{ckpt.name} is already quantized ({ckpt.describe_layout()}): its quantization is kept, "
@@ -35,28 +124,28 @@ def quantize_file(src: str, dst: str, spec: QuantSpec, quantize_img_in: bool = F
     bar = progress(len(names)) if progress is not None else None
     out: dict[str, torch.Tensor] = {}
     linears: dict[str, StoredLinear] = {}
-    for name in names:
-        stored = ckpt.read_linear(name)
-        if (stored.kind is StoredKind.FLOAT and not pre
-                and default_should_quantize(name, stored.shape[1], spec, quantize_img_in)):
-            stored = quantize_weight(stored.weight, spec, stored.bias, device=device)
-        linears[name] = stored
-        out.update(linear_tensors(name, stored))
-        del stored
-        if bar is not None:
-            bar.update(1)
-    for key in ckpt.other_keys():
-        out[bfl_file_key(key)] = ckpt.read(key).contiguous()
-    if bar is not None and hasattr(bar, "close"):
-        bar.close()
+    try:
+        for name in names:
+            stored = read_checked(ckpt, name)
+            if (stored.kind is StoredKind.FLOAT and not pre
+                    and default_should_quantize(name, stored.shape[1], spec, quantize_img_in)):
+                stored = quantize_weight(stored.weight, spec, stored.bias, device=device)
+            linears[name] = stored
+            out.update(linear_tensors(name, stored))
+            del stored
+            if bar is not None:
+                bar.update(1)
+        for key in ckpt.other_keys():
+            out[bfl_file_key(key)] = read_other_checked(ckpt, key).contiguous()
+    finally:
+        if bar is not None and hasattr(bar, "close"):
+            bar.close()  # also on an error, so the error starts a line of its own
     meta = file_metadata(linears, source=ckpt.name)
     if ckpt.skipped:
         log(f"not written: {len(ckpt.skipped)} tensors outside the diffusion model (text encoders, VAE, ...)")
     for note in ckpt.notes:
         log(f"note: {note}")
-    save_flux_file(dst, out, meta)
-    ckpt.close()
-    return meta
+    return out, meta
 
 
 def _count(n: int) -> str:
@@ -67,15 +156,33 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def inspect_file(path: str) -> str:
-    """A description of a FLUX file: layout, scheme, layer counts, size, and what Load BnB Flux does with it."""
-    ckpt = open_flux_checkpoint(path)
+def inspect_file(path: str, verify: bool = False) -> str:
+    """A description of a FLUX file (layout, scheme, layer counts, size, and what Load BnB Flux does with it) or
+    of a LoRA (format, rank, layers, control or not, and how to apply it). BnbFluxError with the message the
+    node would give when it refuses the file. ``verify``: also read every tensor's values, as loading does."""
+    if not os.path.isfile(path):
+        raise BnbFluxError(f"{path}: no such file")
+    tensors = open_tensor_set(path)
+    try:
+        if looks_like_lora(tensors.keys()):
+            return describe_lora_file(path, tensors)
+    finally:
+        tensors.close()
+    ckpt = open_model(path)
+    try:
+        if verify:
+            for name in ckpt.linear_names():
+                read_checked(ckpt, name)
+            for key in ckpt.other_keys():
+                read_other_checked(ckpt, key)
+        return _describe_model(ckpt, verify)
+    finally:
+        ckpt.close()
+
+
+def _describe_model(ckpt: FluxCheckpoint, verified: bool) -> str:
     t = ckpt.tensors
     lines = [f"file: {ckpt.name} ({_mib(t.size_bytes)}{', ' + str(len(t.files)) + ' shards' if len(t.files) > 1 else ''})"]
-    if not ckpt.is_flux:
-        lines.append("not a FLUX.1 diffusion model (no double_blocks.0.img_attn.norm / transformer_blocks.0.attn.norm_k "
-                     "tensors): Load BnB Flux refuses it")
-        return "\n".join(lines)
     if ckpt.prefix:
         lines.append(f"diffusion model under '{ckpt.prefix}'" + (f"; {len(ckpt.skipped)} other tensors (text "
                      f"encoders, VAE, ...) are not read" if ckpt.skipped else ""))
@@ -107,11 +214,12 @@ def inspect_file(path: str) -> str:
                      f"requantized (lossy)")
     if ckpt.notes:
         lines += [f"note: {n}" for n in ckpt.notes]
+    if verified:
+        lines.append("verified: every tensor read, all values finite, every quantization state readable")
     if ckpt.is_prequantized:
         lines.append("Load BnB Flux: uses the file's own quantization as stored (its quant_type and double_quant "
                      "inputs are not used); no quantization on load")
     else:
         lines.append("Load BnB Flux: quantizes the blocks and txt_in on load with its quant_type input; to skip that "
                      "at every start, convert once: python -m quant_expand.cli quantize IN OUT --quant nf4")
-    ckpt.close()
     return "\n".join(lines)
