@@ -88,6 +88,22 @@ class TestLoadBnbFlux:
         assert torch.isfinite(out["q"]).all() and out["q"].abs().max() > 0
         assert rel_err(out["q"], out["ref"]) < 1e-6
 
+    def test_plain_float8_file_loads_as_its_float32_values(self, host, files):
+        """A FLUX file with float8_e4m3fn weights and no scales (as fp8 copies of FLUX.1-dev are shared):
+        the value checks widen float8 (torch has no isfinite for it), and the model quantized from it is the
+        one quantized from a float32 file of the same values: the same latents, bit for bit."""
+        from safetensors.torch import load_file
+
+        sd = load_file(host.model_path("diffusion_models", files["nf4"]))
+        fp8 = {k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in sd.items()}
+        save_safetensors(fp8, host.model_path("diffusion_models", "tiny_plain_fp8.safetensors"))
+        save_safetensors({k: v.float() for k, v in fp8.items()}, host.model_path("diffusion_models", "tiny_fp8_as_f32.safetensors"))
+        g = sampling_graph({"q": load_bnb_flux("tiny_plain_fp8.safetensors", "nf4", True)}, ["q", 0], key="q", prefix="a")
+        g = sampling_graph({**g, "ref": load_bnb_flux("tiny_fp8_as_f32.safetensors", "nf4", True)}, ["ref", 0],
+                           key="ref", prefix="b")
+        out = host.run(g)
+        assert out["q"].abs().max() > 0 and torch.equal(out["q"], out["ref"])
+
     def test_prefixed_bf16_file_loads(self, host, files):
         out = host.run(sampling_graph({"q": load_bnb_flux(files["prefixed_bf16"], "fp4", True, "auto")}, ["q", 0], key="q"))
         assert torch.isfinite(out["q"]).all()

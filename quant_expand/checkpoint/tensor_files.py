@@ -27,6 +27,15 @@ if hasattr(torch, "float8_e8m0fnu"):  # MXFP8 block scales (ComfyUI mixed-precis
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2, torch.float64)
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or inf in a tensor read from a file (integer tensors always pass)."""
+    if not tensor.is_floating_point():
+        return True
+    # torch has no isfinite kernel for the float8 dtypes: check a widened copy
+    probe = tensor.float() if tensor.element_size() == 1 else tensor
+    return bool(torch.isfinite(probe).all())
+
+
 class TensorFile:
     """A safetensors file opened lazily: shapes come from the header, tensors one at a time."""
 

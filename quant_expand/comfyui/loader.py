@@ -17,6 +17,7 @@ import torch
 
 from ..checkpoint.reader import FluxCheckpoint, open_flux_checkpoint
 from ..checkpoint.stored import layer_from_stored
+from ..checkpoint.tensor_files import all_finite
 from ..errors import BnbFluxError, shown_name
 from ..flux import default_should_quantize
 from ..layers import (
@@ -148,7 +149,7 @@ def _read_ahead(ckpt, names: list, timing: Optional[dict] = None, staging: Optio
 
 
 def _require_finite(file: str, key: str, tensor: torch.Tensor):
-    if not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor):
         raise BnbFluxError(f"{file}: tensor {key} holds NaN or inf values; the file is damaged: download it again")
 
 

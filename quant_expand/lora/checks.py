@@ -6,6 +6,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..checkpoint.tensor_files import all_finite
 from ..errors import LoraFormatError
 from ..spec import FLOAT16_MAX
 from .canonical import LoraTarget
@@ -34,12 +35,9 @@ def read_tensor(tensors: Any, key: str, name: str, numbers: bool = False) -> tor
         what = "a number" if numbers else "floating point (float32, float16, bfloat16 or float8)"
         raise LoraFormatError(f"{name}: tensor {key} has dtype {str(t.dtype).replace('torch.', '')}, but it must be "
                               f"{what}; the file is damaged or not a LoRA: use another copy of this LoRA")
-    if t.is_floating_point():
-        # float8 has no isfinite kernel on every device: check a widened copy
-        probe = t.float() if t.element_size() == 1 else t
-        if not bool(torch.isfinite(probe).all()):
-            raise LoraFormatError(f"{name}: tensor {key} contains NaN or inf values; "
-                                  f"the file is damaged or the training diverged: use another copy of this LoRA")
+    if not all_finite(t):
+        raise LoraFormatError(f"{name}: tensor {key} contains NaN or inf values; "
+                              f"the file is damaged or the training diverged: use another copy of this LoRA")
     return t
 
 

@@ -10,7 +10,7 @@ import torch
 
 from ..checkpoint.reader import FluxCheckpoint, open_flux_checkpoint
 from ..checkpoint.stored import StoredKind, StoredLinear, linear_tensors, quantize_weight
-from ..checkpoint.tensor_files import open_tensor_set
+from ..checkpoint.tensor_files import all_finite, open_tensor_set
 from ..checkpoint.writer import file_metadata, save_flux_file
 from ..errors import BnbFluxError
 from ..flux import DIFFUSERS_DOUBLE, DIFFUSERS_SINGLE, block_count, bfl_file_key, default_should_quantize
@@ -53,10 +53,7 @@ def open_model(path: str) -> FluxCheckpoint:
 
 
 def _require_finite(ckpt: FluxCheckpoint, key: str, tensor: Optional[torch.Tensor]):
-    if tensor is None or not tensor.is_floating_point():
-        return
-    probe = tensor.float() if tensor.element_size() == 1 else tensor  # torch has no isfinite for float8_e4m3fn
-    if not bool(torch.isfinite(probe).all()):
+    if tensor is not None and not all_finite(tensor):
         raise BnbFluxError(f"{ckpt.name}: tensor {key} holds NaN or inf values; the file is damaged: download it again")
 
 
