@@ -1,7 +1,8 @@
 """The pack's ComfyUI nodes (V3 API). Node ids and input names are public API: keep them stable."""
 from . import host_check  # noqa: F401  (names an unsupported ComfyUI in the log at start-up)
 from .apply_control_lora import ApplyControlLora, SetLoraScale
+from .apply_lora_stack import ApplyLoraStack
 from .load_bnb_flux import LoadBnbFlux
 from .save_bnb_flux import SaveBnbFlux
 
-NODES = [LoadBnbFlux, ApplyControlLora, SetLoraScale, SaveBnbFlux]
+NODES = [LoadBnbFlux, ApplyControlLora, ApplyLoraStack, SetLoraScale, SaveBnbFlux]
