@@ -57,8 +57,10 @@ def lora_summary(parsed, strength: float) -> dict:
     ranks = sorted({layer.rank for layer in parsed.layers})
     warnings = []
     if parsed.text_encoder_keys:
-        warnings.append(f"{len(parsed.text_encoder_keys)} text-encoder keys not applied here "
-                        "(load them with a CLIP LoRA loader)")
+        # core's LoraLoader maps lora_te1_/lora_te_/text_encoder. to FLUX's CLIP-L and lora_te2_/lora_te3_ to T5
+        # (comfy.lora.model_lora_keys_clip); tests/test_server_ui.py checks it on a FLUX CLIP
+        warnings.append(f"{len(parsed.text_encoder_keys)} text-encoder keys not applied here: load the file in "
+                        f"ComfyUI's Load LoRA (Model and CLIP) node too and use only its CLIP output")
     if not parsed.layers and not parsed.bias_diffs and not parsed.norm_sets:
         warnings.append("nothing in this file applies to the FLUX model")
     return {"name": parsed.name, "kind": "control" if parsed.is_control else "style",

@@ -129,3 +129,43 @@ def test_lora_summary_warns_when_part_of_a_file_does_not_apply(host):
     s = summary(te_only, 1.0)
     assert s["kind"] == "style" and s["layers"] == 0 and s["rank"] == 0
     assert len(s["warnings"]) == 2 and "text-encoder" in s["warnings"][0] and "nothing" in s["warnings"][1]
+
+
+def test_text_encoder_advice_names_a_core_node_that_applies_those_keys(host):
+    """The warning sends the user to ComfyUI's LoraLoader: its key map for FLUX's text encoders (CLIP-L and
+    T5-XXL as DualCLIPLoader builds them, here on the meta device: no weights) takes every text-encoder key
+    of the usual trainers that the pack leaves out, kohya CLIP-L and T5, diffusers CLIP-L."""
+    import comfy.lora
+    import comfy.ops
+    import comfy.text_encoders.flux
+
+    parse_lora = host.pack_module("quant_expand.lora.parse").parse_lora
+    summary = host.pack_module("nodes.apply_control_lora").lora_summary
+    g = torch.Generator().manual_seed(0)
+    te = {}
+    for module, width, out in (("lora_te1_text_model_encoder_layers_0_mlp_fc1", 768, 3072),
+                               ("lora_te_text_model_encoder_layers_1_self_attn_q_proj", 768, 768),
+                               ("lora_te2_encoder_block_0_layer_0_SelfAttention_q", 4096, 4096)):
+        te[f"{module}.lora_down.weight"] = torch.randn(4, width, generator=g)
+        te[f"{module}.lora_up.weight"] = torch.randn(out, 4, generator=g)
+        te[f"{module}.alpha"] = torch.tensor(4.0)
+    module = "text_encoder.text_model.encoder.layers.2.self_attn.k_proj"
+    te[f"{module}.lora_A.weight"] = torch.randn(4, 768, generator=g)
+    te[f"{module}.lora_B.weight"] = torch.randn(768, 4, generator=g)
+    style = make_lora(CFG, kind="kohya", seed=3)
+    shapes = {k[: -len(".weight")]: tuple(v.shape) for k, v in make_tiny_flux(CFG, seed=0).items()
+              if k.endswith(".weight") and v.ndim == 2}
+    parsed = parse_lora({**style, **te}, "style_with_te.safetensors", shapes)
+    assert sorted(parsed.text_encoder_keys) == sorted(te)
+    (warning,) = summary(parsed, 1.0)["warnings"]
+    assert host.nodes.NODE_DISPLAY_NAME_MAPPINGS["LoraLoader"] in warning and "CLIP output" in warning, warning
+
+    with torch.device("meta"):
+        clip = comfy.text_encoders.flux.FluxClipModel(
+            device="meta", dtype=torch.float16, model_options={"custom_operations": comfy.ops.disable_weight_init})
+    loaded = comfy.lora.load_lora(te, comfy.lora.model_lora_keys_clip(clip, {}))
+    assert sorted(loaded) == sorted([
+        "clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight",
+        "clip_l.transformer.text_model.encoder.layers.1.self_attn.q_proj.weight",
+        "clip_l.transformer.text_model.encoder.layers.2.self_attn.k_proj.weight",
+        "t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.weight"]), sorted(loaded)
