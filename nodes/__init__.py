@@ -3,6 +3,9 @@ from . import host_check  # noqa: F401  (names an unsupported ComfyUI in the log
 from .apply_control_lora import ApplyControlLora, SetLoraScale
 from .apply_lora_stack import ApplyLoraStack
 from .load_bnb_flux import LoadBnbFlux
+from .model_info import register_with_server
 from .save_bnb_flux import SaveBnbFlux
 
 NODES = [LoadBnbFlux, ApplyControlLora, ApplyLoraStack, SetLoraScale, SaveBnbFlux]
+
+register_with_server()  # GET /bnb_flux/model_info, which the editor asks about unet_name
