@@ -110,6 +110,7 @@ class ApplyControlLora(io.ComfyNode):
             ],
             outputs=[io.Model.Output()],
             hidden=[io.Hidden.unique_id],
+            has_intermediate_output=True,  # a fully cached run resends the badge (execution.py, end of a run)
         )
 
     @classmethod
@@ -135,6 +136,7 @@ class SetLoraScale(io.ComfyNode):
                 strength_input(),
             ],
             outputs=[io.Model.Output()],
+            has_intermediate_output=True,
         )
 
     @classmethod

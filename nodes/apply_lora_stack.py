@@ -47,6 +47,7 @@ class ApplyLoraStack(io.ComfyNode):
                    + [inp for i in range(1, SLOTS + 1) for inp in slot_inputs(i)],
             outputs=[io.Model.Output()],
             hidden=[io.Hidden.unique_id],
+            has_intermediate_output=True,  # a fully cached run resends the badge (execution.py, end of a run)
         )
 
     @classmethod

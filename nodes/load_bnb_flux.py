@@ -82,6 +82,7 @@ class LoadBnbFlux(io.ComfyNode):
                                          "without requantizing."),
             ],
             outputs=[io.Model.Output()],
+            has_intermediate_output=True,  # a fully cached run resends the badge (execution.py, end of a run)
         )
 
     @classmethod
