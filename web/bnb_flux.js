@@ -112,6 +112,7 @@ function textHeight(text, width) {
 }
 
 const badged = new Set(); // nodes that show a badge
+let seenThisRun = new Set(); // nodes the current (or last) run executed or used from the cache
 
 function badgeWidget(node) {
   let widget = node.widgets?.find((w) => w.name === BADGE);
@@ -127,26 +128,34 @@ function badgeWidget(node) {
   return widget;
 }
 
-function setBadge(node, text, state) {
+// state: "ok", "warn", "error" or "stale" (dimmed); `dimmed` dims a badge of any state
+function setBadge(node, text, state, dimmed = false) {
   const widget = badgeWidget(node);
   const el = widget.element;
   el.textContent = text;
   el.title = text;
-  for (const s of ["warn", "error", "stale"]) el.classList.toggle(`bnb-flux-${s}`, state === s);
+  for (const s of ["warn", "error"]) el.classList.toggle(`bnb-flux-${s}`, state === s);
+  el.classList.toggle("bnb-flux-stale", dimmed || state === "stale");
   badged.add(node);
   node.setSize?.([node.size[0], node.computeSize()[1]]);
   node.setDirtyCanvas?.(true, true);
 }
 
+function widgetElement(node) {
+  return node?.widgets?.find((w) => w.name === BADGE)?.element;
+}
+
 function hasBadge(node) {
-  return !!node?.widgets?.some((w) => w.name === BADGE);
+  return !!widgetElement(node);
 }
 
 function render(node) {
   const shown = node.__bnbFlux;
   if (!shown) return;
   const { text, warn } = shown.describe(shown.info, shown.rescaled);
-  setBadge(node, text, warn ? "warn" : "ok");
+  // a badge this run has not reached yet stays dimmed when a rescale note changes
+  const dimmed = !!widgetElement(node)?.classList.contains("bnb-flux-stale") && !seenThisRun.has(node);
+  setBadge(node, text, warn ? "warn" : "ok", dimmed);
 }
 
 // --- Set LoRA Scale marks the strength of the node that applied the LoRA --------------------------------------
@@ -185,8 +194,6 @@ function noteRescale(scaleNode, info) {
 
 // --- run events ----------------------------------------------------------------------------------------------
 
-let seenThisRun = new Set(); // nodes this run executed or used from the cache
-
 function live(node) {
   if (node.graph) return true;
   badged.delete(node);
@@ -198,10 +205,6 @@ function onExecutionStart() {
   for (const node of [...badged]) {
     if (live(node)) widgetElement(node)?.classList.add("bnb-flux-stale");
   }
-}
-
-function widgetElement(node) {
-  return node.widgets?.find((w) => w.name === BADGE)?.element;
 }
 
 function onCached({ detail }) {
