@@ -84,9 +84,9 @@ def test_opening_a_workflow_keeps_set_lora_scale_as_saved(browser_server):
     close_dialogs(page)
 
 
-# Page helpers: the editor's own LiteGraph API, used the way the editor's UI code uses it (a widget changes
+# Editor calls: the editor's own LiteGraph API, used the way the editor's UI code uses it (a widget changes
 # through its value and callback, as a pick in its menu does; links through connect, as a drag does).
-HELPERS = """
+EDITOR_CALLS = """
 () => {
   if (!window.__bnbRunListener) {  // how the last queued run ended
     window.__bnbRunListener = true;
@@ -138,8 +138,8 @@ HELPERS = """
 """
 
 
-def page_helpers(page):
-    page.evaluate(HELPERS)
+def editor_calls(page):
+    page.evaluate(EDITOR_CALLS)
     return lambda expr, *args: page.evaluate(f"([a, b, c, d]) => window.bnbTest.{expr}", list(args) + [None] * 4)
 
 
@@ -205,7 +205,7 @@ def build_lora_graph(t):
 def test_run_shows_badges(browser_server):
     srv, page, shots = browser_server
     close_dialogs(page)
-    t = page_helpers(page)
+    t = editor_calls(page)
     ids = build_lora_graph(t)
     # a Set LoRA Scale just placed lists every LoRA file, its first one applied nowhere; connecting its model
     # picks the nearest LoRA applied upstream
@@ -257,7 +257,7 @@ def page_text(page) -> str:
 def test_failure_replaces_the_badge_and_shows_a_readable_error(browser_server):
     srv, page, shots = browser_server
     close_dialogs(page)
-    t = page_helpers(page)
+    t = editor_calls(page)
     ids = build_lora_graph(t)
     t("set(a, b, c)", ids["scale"], "lora_name", CONTROL)
     t("set(a, b, c)", ids["scale"], "strength", 0.85)
@@ -305,7 +305,7 @@ def test_failure_replaces_the_badge_and_shows_a_readable_error(browser_server):
 def test_prequantized_file_greys_out_quant_inputs(browser_server):
     srv, page, shots = browser_server
     close_dialogs(page)
-    t = page_helpers(page)
+    t = editor_calls(page)
     t("clear()")
     load = t("add(a, b, c, d)", "LoadBnbFlux", 20, 40, {"unet_name": MODEL, "quant_type": "int8", "double_quant": False,
                                                           "compute_dtype": "float32"})
@@ -345,7 +345,7 @@ def test_prequantized_file_greys_out_quant_inputs(browser_server):
 def test_lora_stack_renders_and_runs(browser_server):
     srv, page, shots = browser_server
     close_dialogs(page)
-    t = page_helpers(page)
+    t = editor_calls(page)
     t("clear()")
     load = t("add(a, b, c, d)", "LoadBnbFlux", 20, 40, {"unet_name": MODEL, "quant_type": "nf4", "double_quant": True,
                                                           "compute_dtype": "float32"})
