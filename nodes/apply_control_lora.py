@@ -1,12 +1,14 @@
-"""Apply Control LoRA and Set LoRA Scale: LoRAs applied lazily, strengths changed without reloading."""
+"""Apply Control LoRA and Set LoRA Scale: LoRAs applied lazily, strengths changed without reloading; the
+inputs, the parse and the badge summary Apply LoRA Stack shares."""
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import folder_paths
 from comfy_api.latest import io
 
-from ..quant_expand.comfyui.loras import apply_lora, linear_shapes, set_lora_scale
+from ..quant_expand.comfyui.loras import applied_lora, apply_lora, linear_shapes, set_lora_scale
 from ..quant_expand.errors import BnbFluxError, shown_name
 from ..quant_expand.checkpoint.tensor_files import TensorFile
 from ..quant_expand.lora.parse import parse_lora
@@ -53,8 +55,10 @@ def lora_summary(parsed, strength: float) -> dict:
     ranks = sorted({layer.rank for layer in parsed.layers})
     warnings = []
     if parsed.text_encoder_keys:
-        warnings.append(f"{len(parsed.text_encoder_keys)} text-encoder keys not applied here "
-                        "(load them with a CLIP LoRA loader)")
+        # core's LoraLoader maps lora_te1_/lora_te_/text_encoder. to FLUX's CLIP-L and lora_te2_/lora_te3_ to T5
+        # (comfy.lora.model_lora_keys_clip); tests/test_server_ui.py checks it on a FLUX CLIP
+        warnings.append(f"{len(parsed.text_encoder_keys)} text-encoder keys not applied here: load the file in "
+                        f"ComfyUI's Load LoRA (Model and CLIP) node too and use only its CLIP output")
     if not parsed.layers and not parsed.bias_diffs and not parsed.norm_sets:
         warnings.append("nothing in this file applies to the FLUX model")
     return {"name": parsed.name, "kind": "control" if parsed.is_control else "style",
@@ -62,6 +66,25 @@ def lora_summary(parsed, strength: float) -> dict:
             "rank": ranks[-1] if ranks else 0, "ranks": ranks, "layers": len(parsed.layers),
             "widened": dict(parsed.widened), "norm_sets": len(parsed.norm_sets),
             "description": parsed.describe(), "warnings": warnings}
+
+
+def node_id(node_class) -> Optional[str]:
+    """The prompt's id of the running node (ComfyUI fills ``hidden`` only when its executor runs it)."""
+    hidden = getattr(node_class, "hidden", None)
+    return getattr(hidden, "unique_id", None) if hidden is not None else None
+
+
+def apply_lora_file(model, lora_name, strength, applied_by: Optional[str] = None):
+    """What Apply Control LoRA does, for each LoRA of Apply LoRA Stack too: the inputs checked, the file
+    parsed against the model's shapes, its patches added to a clone. Returns (model, badge summary)."""
+    strength = check_inputs(lora_name, strength)
+    path = folder_paths.get_full_path_or_raise("loras", lora_name)
+    tensors = TensorFile(path)
+    try:
+        parsed = parse_lora(tensors, lora_name, linear_shapes(model))
+    finally:
+        tensors.close()
+    return apply_lora(model, parsed, strength, lora_name, applied_by), lora_summary(parsed, strength)
 
 
 class ApplyControlLora(io.ComfyNode):
@@ -87,20 +110,15 @@ class ApplyControlLora(io.ComfyNode):
             ],
             outputs=[io.Model.Output(tooltip="The model with the LoRA: connect it to another Apply Control LoRA, "
                                              "Set LoRA Scale or KSampler.")],
+            hidden=[io.Hidden.unique_id],
+            has_intermediate_output=True,  # a fully cached run resends the badge (execution.py, end of a run)
         )
 
     @classmethod
     def execute(cls, model, lora_name, strength) -> io.NodeOutput:
         require_supported_host()
-        strength = check_inputs(lora_name, strength)
-        path = folder_paths.get_full_path_or_raise("loras", lora_name)
-        tensors = TensorFile(path)
-        try:
-            parsed = parse_lora(tensors, lora_name, linear_shapes(model))
-        finally:
-            tensors.close()
-        return io.NodeOutput(apply_lora(model, parsed, strength, lora_name),
-                             ui={"bnb_flux_lora": [lora_summary(parsed, strength)]})
+        model, summary = apply_lora_file(model, lora_name, strength, node_id(cls))
+        return io.NodeOutput(model, ui={"bnb_flux_lora": [summary]})
 
 
 class SetLoraScale(io.ComfyNode):
@@ -123,9 +141,14 @@ class SetLoraScale(io.ComfyNode):
                                "as applying the LoRA at this strength."),
             ],
             outputs=[io.Model.Output(tooltip="The same model with the new strength: connect it to KSampler.")],
+            has_intermediate_output=True,
         )
 
     @classmethod
     def execute(cls, model, lora_name, strength) -> io.NodeOutput:
         require_supported_host()
-        return io.NodeOutput(set_lora_scale(model, lora_name, check_inputs(lora_name, strength)))
+        strength = check_inputs(lora_name, strength)
+        before = applied_lora(model, lora_name)
+        badge = {"name": lora_name, "kind": "control" if before.control else "style", "from": before.strength,
+                 "to": strength, "applied_by": before.node_id}
+        return io.NodeOutput(set_lora_scale(model, lora_name, strength), ui={"bnb_flux_scale": [badge]})

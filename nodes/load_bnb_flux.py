@@ -9,7 +9,8 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..quant_expand.comfyui.loader import LoadOptions, load_bnb_flux
-from ..quant_expand.comfyui.report import load_report
+from ..quant_expand.checkpoint.tensor_files import open_tensor_set
+from ..quant_expand.comfyui.report import FileQuantization, file_quantization, load_report
 from .categories import LOADERS
 from .host_check import require_supported_host
 
@@ -25,6 +26,15 @@ def model_files() -> list[str]:
     seen = set(names)
     names += [n for n in folder_paths.get_filename_list("checkpoints") if n not in seen]
     return names
+
+
+def stored_quantization(path: str) -> FileQuantization:
+    """How the file (every shard of a sharded model) stores its Linears, from its headers."""
+    tensors = open_tensor_set(path)
+    try:
+        return file_quantization(tensors.keys())
+    finally:
+        tensors.close()
 
 
 def model_path(name: str) -> str:
@@ -72,6 +82,7 @@ class LoadBnbFlux(io.ComfyNode):
             ],
             outputs=[io.Model.Output(tooltip="The quantized FLUX model: connect it to Apply Control LoRA, a LoRA "
                                              "loader (model only), model patches or KSampler.")],
+            has_intermediate_output=True,  # a fully cached run resends the badge (execution.py, end of a run)
         )
 
     @classmethod
@@ -86,9 +97,13 @@ class LoadBnbFlux(io.ComfyNode):
         report = load_report(model)
         text = (f"{report.source}\n{report.quant}: {report.quantized_layers} of {report.linear_layers} Linear "
                 f"layers quantized, compute {report.compute_dtype}, {report.size_bytes / 2**20:.1f} MiB")
+        stored = stored_quantization(path) if report.prequantized else FileQuantization(None, None)
+        unused = stored.unused_inputs(quant_type, double_quant)
         if report.prequantized:
             text += "\nquant_type and double_quant not used: the file's own quantization wins"
+        text += "".join(f"\n{line}" for line in unused)
         text += "".join(f"\nnote: {n}" for n in report.notes)
         badge = {**{k: v for k, v in dataclasses.asdict(report).items() if k != "load_timing"},
-                 "notes": list(report.notes)}
+                 "notes": list(report.notes), "file_quantization": stored.describe() if stored.prequantized else None,
+                 "unused_inputs": unused}
         return io.NodeOutput(model, ui={"text": [text], "bnb_flux": [badge]})

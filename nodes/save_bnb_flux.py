@@ -57,8 +57,12 @@ class SaveBnbFlux(io.ComfyNode):
         path = os.path.join(folder, f"{filename}_{counter:05}_.safetensors")
         save_flux_file(path, tensors, metadata)
         size = os.path.getsize(path)
-        text = (f"saved {os.path.relpath(path, output_dir)} ({size / 2**20:.1f} MiB, {metadata['quant_type']}, "
+        shown_path = os.path.relpath(path, output_dir)
+        text = (f"saved {shown_path} ({size / 2**20:.1f} MiB, {metadata['quant_type']}, "
                 f"{metadata['quantized_layers']} of {metadata['linear_layers']} Linear layers quantized)")
         log.info("Save BnB Flux: %s", text)
-        return io.NodeOutput(ui={"text": [text], "bnb_flux_files": [{"filename": os.path.basename(path),
-                                                                     "subfolder": subfolder, "type": "output"}]})
+        badge = {"path": shown_path.replace(os.sep, "/"), "size_bytes": size, "quant_type": metadata["quant_type"],
+                 "quantized_layers": int(metadata["quantized_layers"]), "linear_layers": int(metadata["linear_layers"])}
+        return io.NodeOutput(ui={"text": [text], "bnb_flux_saved": [badge],
+                                 "bnb_flux_files": [{"filename": os.path.basename(path), "subfolder": subfolder,
+                                                     "type": "output"}]})

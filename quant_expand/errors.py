@@ -2,13 +2,23 @@
 from __future__ import annotations
 
 MESSAGE_MAX = 2000  # characters of an error message: names from files can be megabytes long
+# ComfyUI names a failed node's exception by module and class (execution.full_type_name); the pack's modules
+# are named after the folder ComfyUI loaded it from, so the editor would show a filesystem path as the type
+SHOWN_MODULE = "bnb_flux"
 
 
 class BnbFluxError(ValueError):
     """A problem with the user's input that the node reports as is: it names the file and what to do.
 
     The message goes to the log, ``/history`` and the websocket: control characters from a file's names
-    are spelled out (a newline or an ANSI escape cannot forge a log line) and it is cut to MESSAGE_MAX."""
+    are spelled out (a newline or an ANSI escape cannot forge a log line) and it is cut to MESSAGE_MAX.
+    It and its subclasses are shown as ``bnb_flux.<class>`` (SHOWN_MODULE)."""
+
+    __module__ = SHOWN_MODULE
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.__module__ = SHOWN_MODULE
 
     def __init__(self, message: str = ""):
         text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message))

@@ -3,10 +3,11 @@
 against a real ComfyUI server on loopback (``server_host``: the pack in a temporary ``custom_nodes``, plus
 test-only conditioning/latent nodes for the tiny FLUX).
 
-``browser_session`` is one module's server and page, with the tiny FLUX, a Control LoRA, a style LoRA and
-an empty placeholder for every model file the example workflows name (``model_placeholders=False``: none,
-as for a user who has downloaded nothing yet). The pack itself copies the workflows' input images into
-the server's input folder at start-up. Screenshots go to the printed directory
+``browser_session`` is one module's server and page, with the tiny FLUX (also pre-quantized to NF4), a
+Control LoRA, two style LoRAs (one with text-encoder keys) and an empty placeholder for every model file the
+example workflows name (``model_placeholders=False``: none, as for a user who has downloaded nothing yet).
+The pack itself copies the workflows' input images into the server's input folder at start-up. Screenshots
+go to the printed directory
 (``BNB_FLUX_SCREENSHOTS=DIR`` to keep them somewhere else). It skips, with the reason printed, without
 COMFYUI_PATH, without Chromium or without playwright.
 """
@@ -19,7 +20,9 @@ import os
 import shutil
 
 import pytest
+import torch
 
+from prequantized_files import forge_state_dict
 from quant_expand.testing.synthetic import TinyFluxConfig, make_control_lora, make_lora, make_tiny_flux, save_safetensors
 from server_host import ComfyServer, make_base_directory
 
@@ -29,6 +32,8 @@ CFG = TinyFluxConfig()
 MODEL = "tiny_exact_nf4.safetensors"
 CONTROL = "tiny_canny_lora.safetensors"
 STYLE = "tiny_style_lora.safetensors"
+NF4_FILE = "tiny_forge_nf4_dq.safetensors"  # pre-quantized (lllyasviel/Forge layout, NF4 with double quant)
+STYLE_TE = "tiny_style_te_lora.safetensors"  # a kohya style LoRA with text-encoder keys (the badge warns)
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -70,9 +75,15 @@ def browser_session(tmp_path_factory, model_placeholders: bool = True):
              "needed): browser test skipped")
     base = str(tmp_path_factory.mktemp("comfy-browser-base"))
     dirs = make_base_directory(base, REPO_ROOT)
-    save_safetensors(make_tiny_flux(CFG, seed=0, exact_for="nf4"), os.path.join(dirs["models/diffusion_models"], MODEL))
+    flux = make_tiny_flux(CFG, seed=0, exact_for="nf4")
+    save_safetensors(flux, os.path.join(dirs["models/diffusion_models"], MODEL))
+    save_safetensors(forge_state_dict(flux, "nf4", True, all_in_one=False),
+                     os.path.join(dirs["models/diffusion_models"], NF4_FILE))
     save_safetensors(make_control_lora(CFG, seed=2), os.path.join(dirs["models/loras"], CONTROL))
     save_safetensors(make_lora(CFG, kind="lora", seed=11), os.path.join(dirs["models/loras"], STYLE))
+    te = {f"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_{part}.weight": torch.zeros(shape)
+          for part, shape in (("down", (4, 768)), ("up", (3072, 4)))}
+    save_safetensors({**make_lora(CFG, kind="kohya", seed=12), **te}, os.path.join(dirs["models/loras"], STYLE_TE))
     # every model file the example workflows name, so the editor shows them as a user with the files sees
     # them (empty placeholders: nothing here runs them)
     for kind, name in EXAMPLE_MODEL_FILES if model_placeholders else ():

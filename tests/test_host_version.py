@@ -48,9 +48,10 @@ def test_every_node_fails_with_the_message_on_an_older_host(host, old_tree, monk
     nodes = {n: host.pack_module(m) for n, m in (("LoadBnbFlux", "nodes.load_bnb_flux"),
                                                  ("ApplyControlLora", "nodes.apply_control_lora"),
                                                  ("SetLoraScale", "nodes.apply_control_lora"),
+                                                 ("ApplyLoraStack", "nodes.apply_lora_stack"),
                                                  ("SaveBnbFlux", "nodes.save_bnb_flux"))}
     calls = {"LoadBnbFlux": ("x.safetensors", "nf4", True, "auto"), "ApplyControlLora": (None, "x.safetensors", 1.0),
-             "SetLoraScale": (None, "x.safetensors", 1.0), "SaveBnbFlux": (None, "flux")}
+             "SetLoraScale": (None, "x.safetensors", 1.0), "ApplyLoraStack": (None,), "SaveBnbFlux": (None, "flux")}
     errors = host.pack_module("quant_expand.errors").BnbFluxError
     for name, module in nodes.items():
         with pytest.raises(errors, match=r"needs ComfyUI 0\.33\.0 or newer, and this is ComfyUI 0\.3\.64"), torch.inference_mode():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from typing import Optional
 
 import comfy.weight_adapter as weight_adapter
 import torch
@@ -15,14 +16,16 @@ APPLIED_LORAS = "bnb_flux_applied_loras"
 
 @dataclasses.dataclass(frozen=True)
 class AppliedLora:
-    """One LoRA file applied by Apply Control LoRA."""
+    """One LoRA file applied by Apply Control LoRA or Apply LoRA Stack."""
 
     patch_ids: frozenset  # id() of its patch objects inside ModelPatcher.patches (Set LoRA Scale finds them so)
     control: bool  # a Control LoRA (at most one per model)
+    strength: float  # as this model carries it (Set LoRA Scale reports the value it replaces)
+    node_id: Optional[str] = None  # the prompt's id of the node that applied it (the editor annotates its badge)
 
 
 class AppliedLoras:
-    """Which LoRAs a model had applied by Apply Control LoRA, by file name. A patcher attachment, copied on
+    """Which LoRAs a model had applied by Apply Control LoRA or Apply LoRA Stack, by file name. A patcher attachment, copied on
     clone, so each branch of a graph keeps its own record."""
 
     def __init__(self, entries=None):
@@ -89,9 +92,10 @@ def lora_patches(parsed, shapes: dict[str, tuple[int, int]]) -> dict:
     return patches
 
 
-def apply_lora(model, parsed, strength: float, lora_name: str):
+def apply_lora(model, parsed, strength: float, lora_name: str, node_id: Optional[str] = None):
     """A clone of ``model`` with the LoRA's patches at ``strength`` (0 included: the widening and the
-    norm sets are part of the model's shape, unlike ComfyUI's LoraLoader which skips at 0)."""
+    norm sets are part of the model's shape, unlike ComfyUI's LoraLoader which skips at 0); ``node_id``:
+    the node that applies it, kept in the record."""
     applied = AppliedLoras.of(model)
     if lora_name in applied.entries:
         raise BnbFluxError(f"{lora_name}: already applied to this model; use Set LoRA Scale to change its "
@@ -115,24 +119,37 @@ def apply_lora(model, parsed, strength: float, lora_name: str):
         raise BnbFluxError(f"{lora_name}: the model has no {missing[0].removeprefix('diffusion_model.')} "
                            f"({len(missing)} layer(s) not found); is this LoRA for FLUX.1?")
     record = AppliedLoras.of(m)  # the clone's own copy (ModelPatcher.clone calls on_model_patcher_clone)
-    record.entries[lora_name] = AppliedLora(frozenset(id(v) for v in patches.values()), parsed.is_control)
+    record.entries[lora_name] = AppliedLora(frozenset(id(v) for v in patches.values()), parsed.is_control,
+                                            strength, node_id)
     m.set_attachments(APPLIED_LORAS, record)
     return m
+
+
+def applied_lora(model, lora_name: str) -> AppliedLora:
+    """The record of ``lora_name`` on ``model``; fails naming the LoRAs that are applied."""
+    applied = AppliedLoras.of(model)
+    entry = applied.entries.get(lora_name)
+    if entry is None:
+        names = ", ".join(sorted(applied.entries))
+        if names:
+            raise BnbFluxError(f"{lora_name}: not applied to this model (applied upstream by Apply Control LoRA or "
+                               f"Apply LoRA Stack: {names}); pick one of those in lora_name")
+        raise BnbFluxError(f"{lora_name}: not applied to this model: no LoRA is applied upstream; add Apply "
+                           f"Control LoRA or Apply LoRA Stack before this node")
+    return entry
 
 
 def set_lora_scale(model, lora_name: str, strength: float):
     """A clone whose patches of ``lora_name`` carry ``strength``: nothing is reloaded or requantized;
     the next load re-stacks the lazy deltas with the new number."""
-    applied = AppliedLoras.of(model)
-    entry = applied.entries.get(lora_name)
-    if entry is None:
-        names = ", ".join(sorted(applied.entries)) or "none"
-        raise BnbFluxError(f"{lora_name}: not applied to this model (applied by Apply Control LoRA upstream: "
-                           f"{names}); pick one of those or add an Apply Control LoRA node for it")
+    entry = applied_lora(model, lora_name)
     m = model.clone()
     ids = entry.patch_ids
     for key, plist in m.patches.items():
         if any(id(p[1]) in ids for p in plist):
             m.patches[key] = [(strength,) + p[1:] if id(p[1]) in ids else p for p in plist]
     m.patches_uuid = uuid.uuid4()
+    record = AppliedLoras.of(m)  # the clone's own copy
+    record.entries[lora_name] = dataclasses.replace(entry, strength=strength)
+    m.set_attachments(APPLIED_LORAS, record)
     return m

@@ -42,6 +42,16 @@ def apply_lora(model_ref, lora_name: str, strength: float = 1.0) -> dict:
     return node("ApplyControlLora", model=model_ref, lora_name=lora_name, strength=strength)
 
 
+def lora_stack(model_ref, *slots) -> dict:
+    """Apply LoRA Stack; ``slots``: ``(lora_name, strength)`` or ``(lora_name, strength, on)``, from slot 1 on
+    (the rest stay out of the prompt: optional inputs, empty by default)."""
+    inputs = {"model": model_ref}
+    for i, slot in enumerate(slots, start=1):
+        name, strength, on = (*slot, True) if len(slot) == 2 else slot
+        inputs.update({f"lora_{i}": name, f"strength_{i}": strength, f"on_{i}": on})
+    return node("ApplyLoraStack", **inputs)
+
+
 def set_lora_scale(model_ref, lora_name: str, strength: float) -> dict:
     """Set LoRA Scale: a new strength for a LoRA applied upstream by Apply Control LoRA."""
     return node("SetLoraScale", model=model_ref, lora_name=lora_name, strength=strength)
