@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch
 
+from .errors import BnbFluxError
+
 QUANT_TYPES = ("nf4", "fp4", "int8")
 COMPUTE_DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -14,7 +16,7 @@ COMPUTE_DTYPES = {
 }
 
 
-class QuantSpecError(ValueError):
+class QuantSpecError(BnbFluxError):
     """A quantization setting that cannot work (unknown type, bad blocksize, ...)."""
 
 
