@@ -71,16 +71,20 @@ def test_unknown_node_raises_missing_nodes_dialog(browser_server):
 
 def test_opening_a_workflow_keeps_set_lora_scale_as_saved(browser_server):
     """Set LoRA Scale takes the nearest upstream LoRA only when a user connects it, never while a workflow
-    opens: the example's Set LoRA Scale rescales the Canny LoRA, not the style LoRA nearest to it."""
+    opens: in the style example, a Set LoRA Scale saved on the Canny LoRA keeps it, although the style LoRA
+    is the one nearest to it."""
     srv, page, shots = browser_server
-    path = next(p for p in EXAMPLES if p.endswith("flux_dev_nf4_canny_style_lora.json"))
+    path = next(p for p in EXAMPLES if os.path.basename(p) == "Style LoRA + Canny Control.json")
     with open(path, encoding="utf-8") as f:
         workflow = json.load(f)
-    (saved,) = [n["widgets_values"] for n in workflow["nodes"] if n["type"] == "SetLoraScale"]
+    (control,) = [n["widgets_values"][0] for n in workflow["nodes"]
+                  if n["type"] == "ApplyControlLora" and "canny" in n["widgets_values"][0]]
+    (scale,) = [n for n in workflow["nodes"] if n["type"] == "SetLoraScale"]
+    scale["widgets_values"][0] = control
     load_workflow(page, workflow)
     shown = page.evaluate("""() => window.app.graph._nodes.filter((n) => n.type === 'SetLoraScale')
                                  .map((n) => n.widgets.map((w) => w.value))""")
-    assert shown == [saved], (shown, saved)
+    assert shown == [scale["widgets_values"]], (shown, scale["widgets_values"])
     close_dialogs(page)
 
 
