@@ -131,11 +131,13 @@ class SetLoraScale(io.ComfyNode):
             search_aliases=["lora strength", "lora weight", "lora scale", "set lora strength", "change lora strength",
                             "control lora strength", "lora", "strength"],
             description=(
-                "Changes the strength of a LoRA applied upstream by Apply Control LoRA, without reloading or "
-                "re-quantizing the model: the quick way to try strengths."),
+                "Changes the strength of a LoRA applied upstream by Apply Control LoRA or Apply LoRA Stack, "
+                "without reloading or re-quantizing the model: the quick way to try strengths."),
             inputs=[
-                io.Model.Input("model", tooltip="A model that went through Apply Control LoRA (one or more)."),
-                lora_combo("The LoRA to change: the file picked on an Apply Control LoRA upstream."),
+                io.Model.Input("model", tooltip="A model that went through one or more Apply Control LoRA or "
+                                                 "Apply LoRA Stack nodes."),
+                lora_combo("The LoRA to change: the file picked on an Apply Control LoRA upstream, or in a slot of an "
+                           "Apply LoRA Stack that is on."),
                 strength_input("The new strength of that LoRA, as on Apply Control LoRA: 0.85 for Canny and "
                                "Depth Control LoRAs, usually 0.6 to 1.0 for style LoRAs. Gives the same picture "
                                "as applying the LoRA at this strength."),

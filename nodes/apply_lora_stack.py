@@ -20,14 +20,17 @@ def slot_inputs(i: int) -> list:
     files = [EMPTY] + folder_paths.get_filename_list("loras")
     return [
         io.Combo.Input(f"lora_{i}", options=files, default=EMPTY, optional=True,
-                       tooltip=f"Slot {i}: a FLUX LoRA or Control LoRA (safetensors) from models/loras, or None for "
-                               f"an empty slot. Slots apply in order, 1 first; one file may fill one slot only."),
+                       tooltip=f"Slot {i}: a LoRA from models/loras (a BFL Canny or Depth Control LoRA, at most one "
+                               f"per model, or any FLUX style or character LoRA), or None to leave the slot empty. "
+                               f"Slots apply in order, 1 first; put each file in one slot only."),
         io.Float.Input(f"strength_{i}", default=1.0, min=STRENGTH_MIN, max=STRENGTH_MAX, step=0.01, optional=True,
-                       tooltip=f"Slot {i}: multiplies the LoRA's deltas, as Apply Control LoRA's strength does "
-                               f"(a Control LoRA's widening and norm scales stay at every strength, 0 included)."),
+                       tooltip=f"Slot {i}: how strongly this LoRA acts. Canny and Depth Control LoRAs: 0.85 (BFL's "
+                               f"default). Style LoRAs: usually 0.6 to 1.0. At 0 a Control LoRA keeps its control "
+                               f"input, so the graph still runs. Negative values invert a LoRA."),
         io.Boolean.Input(f"on_{i}", default=True, label_on="on", label_off="off", optional=True,
-                         tooltip=f"Slot {i}: off skips the LoRA. Switching it runs only this node again: Load BnB "
-                                 f"Flux stays cached, nothing is reloaded or re-quantized."),
+                         tooltip=f"Slot {i}: off skips this LoRA and keeps it in the slot, to compare with and "
+                                 f"without it. Switching runs only this node again: the model from Load BnB Flux "
+                                 f"is not reloaded or re-quantized."),
     ]
 
 
@@ -38,14 +41,20 @@ class ApplyLoraStack(io.ComfyNode):
             node_id="ApplyLoraStack",
             display_name="Apply LoRA Stack",
             category=LOADERS,
+            search_aliases=["lora stack", "lora stacker", "stacker", "multiple loras", "multi lora", "several loras",
+                            "lora list", "lora loader", "load loras", "lora toggle", "lora switch", "lora on off",
+                            "nunchaku lora stack", "power lora loader", "flux lora", "style lora", "loras"],
             description=(
-                f"Applies up to {SLOTS} FLUX LoRAs in one node, each with its own strength and an on/off switch: "
-                f"every enabled slot is applied exactly as Apply Control LoRA applies it (lazily on a Load BnB "
-                f"Flux model, at most one Control LoRA). Set LoRA Scale downstream can change a slot's strength."),
-            inputs=[io.Model.Input("model", tooltip="A FLUX model: from Load BnB Flux (LoRAs applied lazily, "
-                                                     "quantized weights untouched) or from ComfyUI's own loaders.")]
+                f"Applies up to {SLOTS} FLUX LoRAs in one node, each with its own strength and on/off switch: BFL "
+                f"Control LoRAs (Canny, Depth; one per model) and style or character LoRAs. Switching a slot "
+                f"reloads nothing and quantized weights are never rewritten. Set LoRA Scale can change a slot's "
+                f"strength later."),
+            inputs=[io.Model.Input("model", tooltip="A FLUX model: from Load BnB Flux (the LoRAs are added while "
+                                                     "sampling, quantized weights untouched), from Apply Control "
+                                                     "LoRA, or from ComfyUI's Load Diffusion Model.")]
                    + [inp for i in range(1, SLOTS + 1) for inp in slot_inputs(i)],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(tooltip="The model with every slot that is on: connect it to KSampler, or to "
+                                             "Set LoRA Scale to change one LoRA's strength.")],
             hidden=[io.Hidden.unique_id],
             has_intermediate_output=True,  # a fully cached run resends the badge (execution.py, end of a run)
         )

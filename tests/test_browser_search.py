@@ -74,6 +74,10 @@ def test_search_finds_the_lora_nodes(browser_server):
     assert "Set LoRA Scale" in titles[:5], titles[:5]
     titles, _ = search(page, shots, "lora strength")
     assert titles[0] == "Set LoRA Scale", titles[:5]
+    for query in ("lora stack", "multiple loras"):
+        titles, rows = search(page, shots, query)
+        assert titles[0] == "Apply LoRA Stack", titles[:5]
+        assert "model / loaders / bnb flux" in rows[0], rows[0]
 
 
 def test_search_finds_the_saver_beside_core_savers(browser_server):
@@ -87,7 +91,8 @@ def test_search_does_not_list_the_pack_for_unrelated_words(browser_server):
     """The searches above can fail: a query with nothing to do with the pack lists none of its nodes."""
     srv, page, shots = browser_server
     titles, _ = search(page, shots, "upscale")
-    assert titles and not {"Load BnB Flux", "Apply Control LoRA", "Set LoRA Scale", "Save BnB Flux"} & set(titles)
+    pack = {"Load BnB Flux", "Apply Control LoRA", "Apply LoRA Stack", "Set LoRA Scale", "Save BnB Flux"}
+    assert titles and not pack & set(titles)
 
 
 def node_info_panel(page, shots, node_type: str, name: str) -> str:
@@ -107,7 +112,8 @@ def node_info_panel(page, shots, node_type: str, name: str) -> str:
     return text
 
 
-@pytest.mark.parametrize("node_type", ["LoadBnbFlux", "ApplyControlLora", "SetLoraScale", "SaveBnbFlux"])
+@pytest.mark.parametrize("node_type", ["LoadBnbFlux", "ApplyControlLora", "ApplyLoraStack", "SetLoraScale",
+                                       "SaveBnbFlux"])
 def test_node_info_panel_shows_the_docs_page(browser_server, node_type):
     """The panel renders web/docs/<NodeId>.md (headings and lists in the panel's width) instead of the
     description and a table of tooltips."""

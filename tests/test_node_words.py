@@ -79,6 +79,7 @@ def test_aliases_carry_what_users_type(infos):
     assert {"nf4", "fp4", "int8", "bitsandbytes", "bnb", "quantized", "4-bit", "flux"} <= aliases["LoadBnbFlux"]
     assert {"lora", "control lora", "canny", "depth", "controlnet"} <= aliases["ApplyControlLora"]
     assert {"lora strength", "lora weight"} <= aliases["SetLoraScale"]
+    assert {"lora stack", "multiple loras", "stacker", "lora toggle", "lora loader"} <= aliases["ApplyLoraStack"]
     assert {"save model", "save nf4", "save quantized"} <= aliases["SaveBnbFlux"]
 
 
