@@ -8,7 +8,13 @@ from typing import Optional
 import folder_paths
 from comfy_api.latest import io
 
-from ..quant_expand.comfyui.loras import applied_lora, apply_lora, linear_shapes, set_lora_scale
+from ..quant_expand.comfyui.loras import (
+    applied_lora,
+    apply_lora,
+    linear_shapes,
+    refuse_control_lora_elsewhere,
+    set_lora_scale,
+)
 from ..quant_expand.errors import BnbFluxError, shown_name
 from ..quant_expand.checkpoint.tensor_files import TensorFile
 from ..quant_expand.lora.parse import parse_lora
@@ -81,6 +87,7 @@ def apply_lora_file(model, lora_name, strength, applied_by: Optional[str] = None
     path = folder_paths.get_full_path_or_raise("loras", lora_name)
     tensors = TensorFile(path)
     try:
+        refuse_control_lora_elsewhere(model, tensors.keys(), lora_name)
         parsed = parse_lora(tensors, lora_name, linear_shapes(model))
     finally:
         tensors.close()

@@ -1,4 +1,5 @@
-"""FLUX.1 facts: which file layout a checkpoint has, BFL <-> diffusers names, which layers stay unquantized."""
+"""FLUX.1 facts: which file layout a checkpoint has, BFL <-> diffusers names; which layers stay unquantized
+(per family: ``families.py``)."""
 from __future__ import annotations
 
 import re
@@ -6,6 +7,7 @@ from typing import Iterable, Optional
 
 import torch
 
+from .families import FLUX1, Family
 from .spec import QuantSpec
 
 FLUX_BFL_MARKERS = ("double_blocks.0.img_attn.norm.key_norm.scale", "double_blocks.0.img_attn.norm.key_norm.weight")
@@ -14,17 +16,14 @@ FLUX_BFL_MARKERS = ("double_blocks.0.img_attn.norm.key_norm.scale", "double_bloc
 FLUX_DIFFUSERS_MARKER = "transformer_blocks.0.attn.norm_k.weight"
 
 
-# Linear layers the quantize-on-load default leaves in the compute dtype: the small embedders and the
-# output layer hold ~0.4 % of FLUX's parameters and see raw inputs/outputs, where 4-bit error is most
-# visible. Everything in the double/single blocks and txt_in (99.6 %) is quantized.
-UNQUANTIZED_LINEARS = ("img_in", "time_in.", "vector_in.", "guidance_in.", "final_layer.")
-
-
-def default_should_quantize(name: str, in_features: int, spec: QuantSpec, quantize_img_in: bool = False) -> bool:
-    """Which Linears of a full-precision file get quantized (on load and by ``cli quantize``)."""
+def default_should_quantize(name: str, in_features: int, spec: QuantSpec, quantize_img_in: bool = False,
+                            family: Optional[Family] = None) -> bool:
+    """Which Linears of a full-precision file get quantized (on load and by ``cli quantize``): all but
+    those ``family`` (FLUX.1 unless given) keeps in the compute dtype, see ``families.py``."""
+    family = family or FLUX1
     if name == "img_in" and quantize_img_in:
         return spec.can_quantize(in_features)
-    if name == "img_in" or name.startswith(UNQUANTIZED_LINEARS):
+    if family.keeps_float(name):
         return False
     return spec.can_quantize(in_features)
 

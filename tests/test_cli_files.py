@@ -170,14 +170,15 @@ def test_inspect_refuses_a_model_with_load_bnb_fluxs_message(host, files, capsys
 
 def test_inspect_refuses_what_is_no_flux_model(host, files, capsys):
     """Load BnB Flux names what ComfyUI's model detection found; inspect, which runs without ComfyUI, names the
-    FLUX.1 tensors it did not find. Both refuse the file as no FLUX.1 model."""
+    FLUX tensors it did not find. Both refuse the file as no FLUX model."""
     name = "cli_sdxl_unet.safetensors"
     rc, out, err = cli(capsys, "inspect", files["model"](name))
     assert rc == 1 and out == ""
     line = one_error_line(err)
-    assert line.startswith(f"{name}: not a FLUX.1 diffusion model (no double_blocks.0.img_attn.norm")
-    assert line.endswith("Load BnB Flux reads FLUX.1 dev/schnell safetensors with BFL or diffusers key names")
-    assert loader_error(host, name).startswith(f"{name}: not a FLUX.1 diffusion model")
+    assert line.startswith(f"{name}: not a FLUX diffusion model (no double_blocks.0.img_attn.norm")
+    assert line.endswith("Load BnB Flux reads FLUX.1 dev/schnell, FLUX.2 dev/klein and Chroma safetensors (FLUX.1 "
+                         "also with diffusers key names)")
+    assert loader_error(host, name).startswith(f"{name}: not a FLUX diffusion model")
 
 
 def test_inspect_verify_finds_damaged_values_as_the_loader_does(host, files, capsys):

@@ -14,6 +14,7 @@ import torch
 from bitsandbytes.functional import QuantState
 
 from ..errors import BnbFluxError, shown_name
+from ..families import FLUX1, Family, family_of
 from ..flux import (
     FLUX_BFL_MARKERS,
     FLUX_DIFFUSERS_MARKER,
@@ -41,7 +42,8 @@ _LAYOUT_NAMES = {"bfl": "BFL names", "diffusers": "diffusers names"}
 
 
 class FluxCheckpoint:
-    """A FLUX.1 diffusion model file seen in BFL names with logical shapes, whatever its layout.
+    """A FLUX diffusion model file (of a family in ``families.py``) seen in BFL names with logical shapes,
+    whatever its layout; ``family`` says which.
 
     ``linear_names()`` / ``read_linear(name)`` give every Linear as a :class:`StoredLinear`;
     ``other_keys()`` / ``read(key)`` the rest (norm scales, biases of nothing else); ``meta_state_dict()``
@@ -56,6 +58,7 @@ class FluxCheckpoint:
         self.notes: list[str] = []
         keys = tensors.keys()
         self.layout, self.prefix = _find_layout(keys)
+        self.family: Family = FLUX1
         under = [k for k in keys if k.startswith(self.prefix)] if self.layout else keys
         self.skipped = [k for k in keys if not k.startswith(self.prefix)] if self.layout else []
         self._pieces: dict[str, PieceInfo] = {}
@@ -66,6 +69,10 @@ class FluxCheckpoint:
             self._others = {k: k for k in keys}
             self._plans = {}
             return
+        if self.layout == "bfl":
+            self.family = family_of(k[len(self.prefix):] for k in under)
+        else:
+            _refuse_other_diffusers_family(self.name, under, self.prefix)
         # another tool's quantization (ComfyUI scaled fp8, comfy_quant): read as float32, quantized like bf16
         self.scaled = scaled_formats.scaled_layers(tensors, under, self.prefix, self.name)
         if self.scaled:
@@ -74,7 +81,7 @@ class FluxCheckpoint:
                               f"their scales, then quantized with the node's quant_type")
         modules = _stored_modules(under)
         modules.update({m: StoredKind.FLOAT for m in self.scaled})
-        for k in under:  # float Linears: the remaining 2-D float weights (FLUX.1 has no other 2-D weights)
+        for k in under:  # float Linears: the remaining 2-D float weights (no FLUX family has other 2-D weights)
             if k.endswith(".weight") and k[: -len(".weight")] not in modules and len(tensors.shape(k)) == 2 \
                     and tensors.dtype(k) in FLOAT_DTYPES:
                 modules[k[: -len(".weight")]] = StoredKind.FLOAT
@@ -326,7 +333,8 @@ class FluxCheckpoint:
         """One Linear as stored. ``staging``: a uint8 buffer that a float weight stored in one piece is
         read into (the result's weight is then a view of it, valid until the buffer is reused)."""
         if name not in self._linears:
-            raise BnbFluxError(f"{self.name}: tensor {name}.weight is missing; the file is not a complete FLUX.1 model")
+            raise BnbFluxError(f"{self.name}: tensor {name}.weight is missing; the file is not a complete "
+                               f"{self.family.title} model")
         plan = self.plan(name)
         if len(plan.parts) != 1:
             staging = None
@@ -341,7 +349,7 @@ class FluxCheckpoint:
     def read(self, key: str) -> torch.Tensor:
         src = self._others.get(key)
         if src is None:
-            raise BnbFluxError(f"{self.name}: tensor {key} is missing; the file is not a complete FLUX.1 model")
+            raise BnbFluxError(f"{self.name}: tensor {key} is missing; the file is not a complete {self.family.title} model")
         return self.tensors.get(src)
 
     def _read_piece(self, info: PieceInfo, staging: Optional[torch.Tensor] = None) -> StoredLinear:
@@ -453,6 +461,21 @@ def _find_layout(keys: list[str]) -> tuple[Optional[str], str]:
             if prefix == "" or prefix.endswith("."):  # not single_transformer_blocks.*
                 return "diffusers", prefix
     return None, ""
+
+
+# diffusers' names for the parts FLUX.1 lacks: FLUX.2's global modulation, Chroma's approximator
+_OTHER_DIFFUSERS_FAMILIES = {"double_stream_modulation_img.": "FLUX.2", "distilled_guidance_layer.": "Chroma"}
+
+
+def _refuse_other_diffusers_family(name: str, keys: list[str], prefix: str):
+    """Only FLUX.1 is read in diffusers names (as ComfyUI's own loader): another family's diffusers file
+    would lose the layers FLUX.1 has no name for, so it is refused, saying which file to get."""
+    for k in keys:
+        for root, title in _OTHER_DIFFUSERS_FAMILIES.items():
+            if k[len(prefix):].startswith(root):
+                raise BnbFluxError(f"{name}: a {title} model with diffusers names ({k}); Load BnB Flux (as "
+                                   f"ComfyUI's own loader) reads {title} only with BFL/ComfyUI names: use the "
+                                   f"single-file release (e.g. Comfy-Org's) instead of the diffusers folder")
 
 
 _AUX_RE = re.compile(r"^(.*)\.weight\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\.bitsandbytes__\w+)$")

@@ -19,6 +19,7 @@ from ..checkpoint.reader import FluxCheckpoint, open_flux_checkpoint
 from ..checkpoint.stored import layer_from_stored
 from ..checkpoint.tensor_files import all_finite
 from ..errors import BnbFluxError, shown_name
+from ..families import FLUX1, TITLES
 from ..flux import default_should_quantize
 from ..layers import (
     quantized_linear_from_float,
@@ -74,22 +75,24 @@ def detect_flux(ckpt: FluxCheckpoint):
     stripped = {k: meta[v] for k, v in keys.items()}
     config = comfy.model_detection.model_config_from_unet(stripped, "")
     image_model = config.unet_config.get("image_model") if config is not None else None
-    if image_model != "flux" or not ckpt.is_flux:
+    if not ckpt.is_flux or image_model != ckpt.family.comfy_model:
         found = f"a {image_model} model" if image_model else "no diffusion model ComfyUI recognises"
-        raise BnbFluxError(f"{ckpt.name}: not a FLUX.1 diffusion model (found {found}); Load BnB Flux reads "
-                           f"FLUX.1 dev/schnell safetensors with BFL or diffusers key names")
+        raise BnbFluxError(f"{ckpt.name}: not a FLUX diffusion model Load BnB Flux reads (found {found}); it reads "
+                           f"{TITLES} safetensors (FLUX.1 also with diffusers key names)")
     return config, keys, stripped
 
 
 def describe_source(ckpt: FluxCheckpoint) -> str:
-    """One line on what the file holds, for the log and the node's output text."""
+    """One line on what the file holds, for the log and the node's output text (the family named where
+    it is not FLUX.1)."""
+    name = ckpt.name if ckpt.family is FLUX1 else f"{ckpt.name} ({ckpt.family.variant(ckpt.linear_names())})"
     if ckpt.scaled:
-        return f"{ckpt.name}: {ckpt.describe_layout()}"
+        return f"{name}: {ckpt.describe_layout()}"
     if not ckpt.is_prequantized:
-        return f"{ckpt.name}: full precision ({ckpt.describe_layout()})"
+        return f"{name}: full precision ({ckpt.describe_layout()})"
     s = ckpt.quant_summary()
     schemes = "; ".join(f"{n} x {k}" for k, n in s["schemes"].items())
-    return f"{ckpt.name}: pre-quantized, {ckpt.describe_layout()}: {schemes}"
+    return f"{name}: pre-quantized, {ckpt.describe_layout()}: {schemes}"
 
 
 def _owned(t: Optional[torch.Tensor], device, dtype) -> Optional[torch.Tensor]:
@@ -175,7 +178,7 @@ class _LinearLoad:
         missing = [name for name, _ in linears if name not in in_file]
         if missing:
             raise BnbFluxError(f"{self.ckpt.name}: tensor {missing[0]}.weight is missing; the file is not a "
-                               f"complete FLUX.1 model")
+                               f"complete {self.ckpt.family.title} model")
         module_of = dict(linears)
         order = self.ckpt.read_order(list(module_of))  # the file's order: one pass over a cold disk
         # float weights are copied (to the GPU to be quantized, or into a kept float layer) before the
@@ -202,10 +205,11 @@ class _LinearLoad:
             raise BnbFluxError(f"{file}: {name}.weight has shape {list(stored.shape)}, the detected model "
                                f"expects {[lin.out_features, lin.in_features]}")
         if lin.deferred_bias and stored.bias is None:
-            raise BnbFluxError(f"{file}: tensor {name}.bias is missing; the file is not a complete FLUX.1 model")
+            raise BnbFluxError(f"{file}: tensor {name}.bias is missing; the file is not a complete "
+                               f"{self.ckpt.family.title} model")
         new = layer_from_stored(stored, _owned(stored.bias, self.offload_device, dtype), dtype, self.offload_device)
-        if new is None and not self.prequantized and default_should_quantize(name, lin.in_features, self.spec,
-                                                                             self.quantize_img_in):
+        if new is None and not self.prequantized and default_should_quantize(
+                name, lin.in_features, self.spec, self.quantize_img_in, self.ckpt.family):
             new = quantized_linear_from_float(stored.weight, stored.bias, self.spec,
                                               quantize_device=self.quantize_device, store_device=self.offload_device)
             if not statistics_finite(new):
@@ -238,21 +242,21 @@ def _load_other_tensors(ckpt: FluxCheckpoint, model, logical_key: dict[str, str]
         current = params.get(key)
         if current is None:
             # as ComfyUI's UNETLoader, which loads such files and logs the keys it did not use
-            log.warning("Load BnB Flux: %s: tensor %s is not part of a FLUX.1 model; ignored", ckpt.name,
-                        shown_name(src))
+            log.warning("Load BnB Flux: %s: tensor %s is not part of a %s model; ignored", ckpt.name,
+                        shown_name(src), ckpt.family.title)
             continue
         tensor = ckpt.read(src)
         if tuple(tensor.shape) != tuple(current.shape):
             raise BnbFluxError(f"{ckpt.name}: tensor {shown_name(src)} has shape {list(tensor.shape)}, the detected "
-                               f"model expects {list(current.shape)}; the file is damaged or not a FLUX.1 model of "
-                               f"this size")
+                               f"model expects {list(current.shape)}; the file is damaged or not a "
+                               f"{ckpt.family.title} model of this size")
         if tensor.is_floating_point():
             _require_finite(ckpt.name, shown_name(src), tensor)
         comfy.utils.set_attr_param(model, f"diffusion_model.{key}", _owned(tensor, device, dtype))
     unloaded = [n for n, p in model.diffusion_model.named_parameters() if p is None or p.device.type == "meta"]
     if unloaded:
         raise BnbFluxError(f"{ckpt.name}: no tensors for {', '.join(unloaded[:5])}; the file is not a complete "
-                           f"FLUX.1 model")
+                           f"{ckpt.family.title} model")
 
 
 def load_bnb_flux(unet_path: str, options: LoadOptions = LoadOptions(), disable_dynamic: bool = False,

@@ -9,6 +9,7 @@ import comfy.weight_adapter as weight_adapter
 import torch
 
 from ..errors import BnbFluxError
+from ..families import FLUX1, Family, family_by_comfy_model
 from .patches import required_in_features
 
 APPLIED_LORAS = "bnb_flux_applied_loras"
@@ -92,6 +93,30 @@ def lora_patches(parsed, shapes: dict[str, tuple[int, int]]) -> dict:
     return patches
 
 
+# what only a BFL Control LoRA holds (in BFL or diffusers names): full QK-norm scales and reshape requests
+_CONTROL_ONLY = ("_norm.scale", ".reshape_weight", "attn.norm_q.weight", "attn.norm_k.weight",
+                 "attn.norm_added_q.weight", "attn.norm_added_k.weight")
+
+
+def model_family(model) -> Family:
+    """The FLUX family of a patcher's model, as ComfyUI detected it (FLUX.1 for anything unknown)."""
+    config = getattr(getattr(model, "model", None), "model_config", None)
+    image_model = getattr(config, "unet_config", {}).get("image_model")
+    return family_by_comfy_model(image_model) or FLUX1
+
+
+def refuse_control_lora_elsewhere(model, keys, lora_name: str, is_control: bool = False):
+    """Control LoRAs (Canny/Depth) exist for FLUX.1 only: on another family, say so instead of the
+    missing layers the parse would name. Checked on the keys before parsing, and on the parse."""
+    family = model_family(model)
+    if family.control_loras:
+        return
+    if is_control or any(k.endswith(_CONTROL_ONLY) for k in keys):
+        raise BnbFluxError(f"{lora_name}: a FLUX.1 Control LoRA, and the model is "
+                           f"{family.variant(linear_shapes(model))}: Control LoRAs work with FLUX.1 models only; "
+                           f"load a FLUX.1 model for it, or use a LoRA made for {family.title}")
+
+
 def apply_lora(model, parsed, strength: float, lora_name: str, node_id: Optional[str] = None):
     """A clone of ``model`` with the LoRA's patches at ``strength`` (0 included: the widening and the
     norm sets are part of the model's shape, unlike ComfyUI's LoraLoader which skips at 0); ``node_id``:
@@ -101,6 +126,7 @@ def apply_lora(model, parsed, strength: float, lora_name: str, node_id: Optional
         raise BnbFluxError(f"{lora_name}: already applied to this model; use Set LoRA Scale to change its "
                            f"strength instead of applying it twice")
     if parsed.is_control:
+        refuse_control_lora_elsewhere(model, (), lora_name, is_control=True)
         other = [n for n, e in applied.entries.items() if e.control]
         if other:
             raise BnbFluxError(f"{lora_name}: a Control LoRA ({other[0]}) is already applied; two Control LoRAs "

@@ -26,7 +26,7 @@ class BnbFluxTestConditioning:
         return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
                              "tokens": ("INT", {"default": 8, "min": 1, "max": 512}),
                              "context_dim": ("INT", {"default": 64, "min": 1, "max": 8192}),
-                             "pooled_dim": ("INT", {"default": 64, "min": 1, "max": 8192}),
+                             "pooled_dim": ("INT", {"default": 64, "min": 0, "max": 8192}),
                              "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0})},
                 "optional": {"control": ("LATENT",)}}
 
@@ -37,7 +37,9 @@ class BnbFluxTestConditioning:
     def make(self, seed, tokens, context_dim, pooled_dim, guidance, control=None):
         g = torch.Generator().manual_seed(seed)
         cond = torch.randn(1, tokens, context_dim, generator=g)
-        extra = {"pooled_output": torch.randn(1, pooled_dim, generator=g), "guidance": guidance}
+        extra = {"guidance": guidance}
+        if pooled_dim:  # 0: no pooled vector, as Chroma's and FLUX.2's text encoders give none
+            extra["pooled_output"] = torch.randn(1, pooled_dim, generator=g)
         if control is not None:
             extra["concat_latent_image"] = control["samples"]
         return ([[cond, extra]],)
@@ -48,15 +50,16 @@ class BnbFluxTestLatent:
     def INPUT_TYPES(cls):
         return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
                              "size": ("INT", {"default": 16, "min": 2, "max": 512}),
-                             "scale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0})}}
+                             "scale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0})},
+                "optional": {"channels": ("INT", {"default": 16, "min": 1, "max": 256})}}
 
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "make"
     CATEGORY = "_test"
 
-    def make(self, seed, size, scale):
+    def make(self, seed, size, scale, channels=16):  # FLUX.1 and Chroma latents: 16 channels; FLUX.2: 128
         g = torch.Generator().manual_seed(seed)
-        return ({"samples": torch.randn(1, 16, size, size, generator=g) * scale},)
+        return ({"samples": torch.randn(1, channels, size, size, generator=g) * scale},)
 
 
 class BnbFluxTestCapture:

@@ -89,11 +89,12 @@ def linked_value(value) -> dict:
 
 
 def sampling_graph(model_nodes: dict, model_ref, *, seed=0, steps=2, size=16, cfg=1.0, key="out",
-                   control_seed=None, cond_seed=1, context_dim=64, pooled_dim=64, prefix="s"):
+                   control_seed=None, cond_seed=1, context_dim=64, pooled_dim=64, prefix="s", channels=16):
     """``model_nodes`` plus nodes for: conditioning (+ optional control latent) -> KSampler on
-    ``model_ref`` -> capture under ``key`` (ids start with ``prefix``, so several fit in one prompt)."""
+    ``model_ref`` -> capture under ``key`` (ids start with ``prefix``, so several fit in one prompt).
+    ``pooled_dim`` 0: no pooled vector (Chroma, FLUX.2); ``channels``: the latent's (FLUX.2: 128)."""
     g = dict(model_nodes)
-    g[f"{prefix}_lat"] = node("BnbFluxTestLatent", seed=seed, size=size, scale=0.0)
+    g[f"{prefix}_lat"] = node("BnbFluxTestLatent", seed=seed, size=size, scale=0.0, channels=channels)
     cond_inputs = {"seed": cond_seed, "tokens": 8, "context_dim": context_dim, "pooled_dim": pooled_dim, "guidance": 3.5}
     if control_seed is not None:
         g[f"{prefix}_ctl"] = node("BnbFluxTestLatent", seed=control_seed, size=size, scale=1.0)

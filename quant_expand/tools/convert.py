@@ -13,15 +13,13 @@ from ..checkpoint.stored import StoredKind, StoredLinear, linear_tensors, quanti
 from ..checkpoint.tensor_files import all_finite, open_tensor_set
 from ..checkpoint.writer import file_metadata, save_flux_file
 from ..errors import BnbFluxError
-from ..flux import DIFFUSERS_DOUBLE, DIFFUSERS_SINGLE, block_count, bfl_file_key, default_should_quantize
+from ..families import TITLES
+from ..flux import block_count, bfl_file_key, default_should_quantize
 from ..spec import QuantSpec
 from .lora_info import describe_lora_file, looks_like_lora
 
-NOT_FLUX = ("not a FLUX.1 diffusion model (no double_blocks.0.img_attn.norm / transformer_blocks.0.attn.norm_k "
-            "tensors); Load BnB Flux reads FLUX.1 dev/schnell safetensors with BFL or diffusers key names")
-
-# Linears every FLUX.1 has besides its blocks (vector_in, guidance_in and final_layer.adaLN vary among variants)
-CORE_LINEARS = ("img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "final_layer.linear")
+NOT_FLUX = ("not a FLUX diffusion model (no double_blocks.0.img_attn.norm / transformer_blocks.0.attn.norm_k "
+            f"tensors); Load BnB Flux reads {TITLES} safetensors (FLUX.1 also with diffusers key names)")
 
 
 def open_model(path: str) -> FluxCheckpoint:
@@ -41,14 +39,12 @@ def open_model(path: str) -> FluxCheckpoint:
         ckpt.close()
         raise BnbFluxError(f"{ckpt.name}: {NOT_FLUX}")
     names = set(ckpt.linear_names())
-    expected = list(CORE_LINEARS)
-    expected += [f"double_blocks.{i}.{n}" for i in range(block_count(names, "double_blocks")) for n in DIFFUSERS_DOUBLE]
-    expected += [f"single_blocks.{i}.{n}" for i in range(block_count(names, "single_blocks")) for n in DIFFUSERS_SINGLE]
+    expected = ckpt.family.expected_linears(block_count(names, "double_blocks"), block_count(names, "single_blocks"))
     missing = [n for n in expected if n not in names]
     if missing:
         ckpt.close()
-        raise BnbFluxError(f"{ckpt.name}: tensor {missing[0]}.weight is missing; the file is not a complete FLUX.1 "
-                           f"model")
+        raise BnbFluxError(f"{ckpt.name}: tensor {missing[0]}.weight is missing; the file is not a complete "
+                           f"{ckpt.family.title} model")
     return ckpt
 
 
@@ -125,7 +121,7 @@ def _quantized_tensors(ckpt: FluxCheckpoint, spec: QuantSpec, quantize_img_in: b
         for name in names:
             stored = read_checked(ckpt, name)
             if (stored.kind is StoredKind.FLOAT and not pre
-                    and default_should_quantize(name, stored.shape[1], spec, quantize_img_in)):
+                    and default_should_quantize(name, stored.shape[1], spec, quantize_img_in, ckpt.family)):
                 stored = quantize_weight(stored.weight, spec, stored.bias, device=device)
             linears[name] = stored
             out.update(linear_tensors(name, stored))
