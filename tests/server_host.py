@@ -22,6 +22,8 @@ import urllib.request
 
 import pytest
 
+from quant_expand.testing.prompts import apply_lora, ksampler, load_bnb_flux, node
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK_DIR_NAME = "comfyui-bnb-flux"
 
@@ -203,3 +205,21 @@ class ComfyServer:
         assert status == 200, f"POST /prompt -> {status}: {answer}"
         assert not answer.get("node_errors"), answer
         return self.wait_history(answer["prompt_id"], timeout)
+
+
+def control_style_graph(cfg, model: str, control: str, style: str, *, control_strength: float = 1.0, steps: int = 2,
+                        prefix: str) -> dict:
+    """The server tests' main job as an API prompt: Load BnB Flux -> Control LoRA -> style LoRA (0.6) ->
+    KSampler on the test conditioning and latent -> SaveLatent under ``prefix``. Node ids are fixed: 1 loads,
+    2 and 3 apply the LoRAs, 7 samples, 8 saves."""
+    cond = {"tokens": 8, "context_dim": cfg.context_in_dim, "pooled_dim": cfg.vec_in_dim, "guidance": 3.5}
+    return {
+        "1": load_bnb_flux(model),
+        "2": apply_lora(["1", 0], control, control_strength),
+        "3": apply_lora(["2", 0], style, 0.6),
+        "4": node("BnbFluxServerTestConditioning", **cond, seed=1),
+        "5": node("BnbFluxServerTestConditioning", **cond, seed=2),
+        "6": node("BnbFluxServerTestLatent", seed=0, size=16, scale=0.0),
+        "7": ksampler(["3", 0], ["4", 0], ["5", 0], ["6", 0], seed=3, steps=steps),
+        "8": node("SaveLatent", samples=["7", 0], filename_prefix=prefix),
+    }

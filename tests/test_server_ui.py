@@ -14,7 +14,7 @@ import torch
 from prequantized_files import forge_state_dict
 from quant_expand.testing.prompts import apply_lora, ksampler, load_bnb_flux, lora_stack, node, save_bnb_flux, set_lora_scale
 from quant_expand.testing.synthetic import TinyFluxConfig, make_control_lora, make_lora, make_tiny_flux, save_safetensors
-from server_host import running_server
+from server_host import control_style_graph, running_server
 
 CFG = TinyFluxConfig()
 MODEL = "tiny_exact_nf4.safetensors"
@@ -43,17 +43,8 @@ def server(tmp_path_factory):
 
 
 def graph(control_strength=1.0, steps=2):
-    cond = {"tokens": 8, "context_dim": CFG.context_in_dim, "pooled_dim": CFG.vec_in_dim, "guidance": 3.5}
-    return {
-        "1": load_bnb_flux(MODEL),
-        "2": apply_lora(["1", 0], CONTROL, control_strength),
-        "3": apply_lora(["2", 0], STYLE, 0.6),
-        "4": node("BnbFluxServerTestConditioning", **cond, seed=1),
-        "5": node("BnbFluxServerTestConditioning", **cond, seed=2),
-        "6": node("BnbFluxServerTestLatent", seed=0, size=16, scale=0.0),
-        "7": ksampler(["3", 0], ["4", 0], ["5", 0], ["6", 0], seed=3, steps=steps),
-        "8": node("SaveLatent", samples=["7", 0], filename_prefix="latents/cli"),
-    }
+    return control_style_graph(CFG, MODEL, CONTROL, STYLE, control_strength=control_strength, steps=steps,
+                               prefix="latents/cli")
 
 
 def test_ui_outputs_reach_history(server):
