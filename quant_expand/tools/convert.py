@@ -10,7 +10,7 @@ import torch
 
 from ..checkpoint.reader import FluxCheckpoint, open_flux_checkpoint
 from ..checkpoint.stored import StoredKind, StoredLinear, linear_tensors, quantize_weight
-from ..checkpoint.tensor_files import all_finite, open_tensor_set
+from ..checkpoint.tensor_files import open_tensor_set, require_finite
 from ..checkpoint.writer import file_metadata, save_flux_file
 from ..errors import BnbFluxError
 from ..families import TITLES
@@ -48,24 +48,19 @@ def open_model(path: str) -> FluxCheckpoint:
     return ckpt
 
 
-def _require_finite(ckpt: FluxCheckpoint, key: str, tensor: Optional[torch.Tensor]):
-    if tensor is not None and not all_finite(tensor):
-        raise BnbFluxError(f"{ckpt.name}: tensor {key} holds NaN or inf values; the file is damaged: download it again")
-
-
 def read_checked(ckpt: FluxCheckpoint, name: str) -> StoredLinear:
     """One Linear as stored, with the value checks Load BnB Flux makes (the reader checks quantization states
     and their scales; float weights and biases are checked here)."""
     stored = ckpt.read_linear(name)
     if stored.kind is StoredKind.FLOAT:
-        _require_finite(ckpt, f"{name}.weight", stored.weight)
-    _require_finite(ckpt, f"{name}.bias", stored.bias)
+        require_finite(ckpt.name, f"{name}.weight", stored.weight)
+    require_finite(ckpt.name, f"{name}.bias", stored.bias)
     return stored
 
 
 def read_other_checked(ckpt: FluxCheckpoint, key: str) -> torch.Tensor:
     tensor = ckpt.read(key)
-    _require_finite(ckpt, key, tensor)
+    require_finite(ckpt.name, key, tensor)
     return tensor
 
 
