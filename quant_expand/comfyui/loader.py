@@ -28,7 +28,7 @@ from ..layers import (
 from ..spec import QuantSpec
 from .ops import BnbFluxOps, DeferredLinear
 from .patcher import BnbModelPatcher
-from .report import LoadReport
+from .report import LoadReport, file_quantization
 
 log = logging.getLogger("comfyui-bnb-flux")
 
@@ -281,6 +281,7 @@ def load_bnb_flux(unet_path: str, options: LoadOptions = LoadOptions(), disable_
         layers = _LinearLoad(ckpt, model.diffusion_model, spec, options, quantize_device, offload_device)
         layers.run(linears, bar)
         _load_other_tensors(ckpt, model, logical_key, layers.keys, offload_device, compute_dtype)
+        stored = file_quantization(ckpt.tensors.keys()) if layers.prequantized else None
         if bar is not None:
             bar.update(1)
     finally:
@@ -293,7 +294,7 @@ def load_bnb_flux(unet_path: str, options: LoadOptions = LoadOptions(), disable_
     report = LoadReport(
         file=ckpt.name, source=source, prequantized=layers.prequantized, quant=quant,
         compute_dtype=str(compute_dtype).replace("torch.", ""), quantized_layers=layers.quantized,
-        linear_layers=len(linears), size_bytes=patcher.model_size(), notes=tuple(ckpt.notes),
+        linear_layers=len(linears), size_bytes=patcher.model_size(), notes=tuple(ckpt.notes), stored=stored,
         load_timing={"total_s": round(time.perf_counter() - started, 3),
                      **{k: round(v, 3) for k, v in layers.timing.items()}})
     report.attach_to(patcher)
