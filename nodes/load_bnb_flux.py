@@ -97,13 +97,13 @@ class LoadBnbFlux(io.ComfyNode):
         report = load_report(model)
         text = (f"{report.source}\n{report.quant}: {report.quantized_layers} of {report.linear_layers} Linear "
                 f"layers quantized, compute {report.compute_dtype}, {report.size_bytes / 2**20:.1f} MiB")
-        stored = stored_quantization(path) if report.prequantized else FileQuantization(None, None)
+        stored = report.stored or FileQuantization(None, None)
         unused = stored.unused_inputs(quant_type, double_quant)
         if report.prequantized:
             text += "\nquant_type and double_quant not used: the file's own quantization wins"
         text += "".join(f"\n{line}" for line in unused)
         text += "".join(f"\nnote: {n}" for n in report.notes)
-        badge = {**{k: v for k, v in dataclasses.asdict(report).items() if k != "load_timing"},
+        badge = {**{k: v for k, v in dataclasses.asdict(report).items() if k not in ("load_timing", "stored")},
                  "notes": list(report.notes), "file_quantization": stored.describe() if stored.prequantized else None,
                  "unused_inputs": unused}
         return io.NodeOutput(model, ui={"text": [text], "bnb_flux": [badge]})

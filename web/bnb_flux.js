@@ -115,17 +115,17 @@ const badged = new Set(); // nodes that show a badge
 let seenThisRun = new Set(); // nodes the current (or last) run executed or used from the cache
 
 function badgeWidget(node) {
-  let widget = node.widgets?.find((w) => w.name === BADGE);
-  if (!widget) {
+  let badge = widget(node, BADGE);
+  if (!badge) {
     const el = document.createElement("div");
     el.className = "bnb-flux-badge";
     // the wrapped text at the node's width, plus the margin the frontend takes off above and below
     const height = () => textHeight(el.textContent, node.size[0] - 2 * WIDGET_MARGIN) + 2 * WIDGET_MARGIN + 1;
-    widget = node.addDOMWidget(BADGE, BADGE, el, {
+    badge = node.addDOMWidget(BADGE, BADGE, el, {
       serialize: false, hideOnZoom: false, getMinHeight: height, getMaxHeight: height });
-    widget.serialize = false;
+    badge.serialize = false;
   }
-  return widget;
+  return badge;
 }
 
 // state: "ok", "warn", "error" or "stale" (dimmed); `dimmed` dims a badge of any state
@@ -142,7 +142,7 @@ function setBadge(node, text, state, dimmed = false) {
 }
 
 function widgetElement(node) {
-  return node?.widgets?.find((w) => w.name === BADGE)?.element;
+  return widget(node, BADGE)?.element;
 }
 
 function hasBadge(node) {
@@ -267,7 +267,7 @@ function onRunEnd() {
 // --- widgets ---------------------------------------------------------------------------------------------------
 
 function widget(node, name) {
-  return node.widgets?.find((w) => w.name === name);
+  return node?.widgets?.find((w) => w.name === name);
 }
 
 // the label the frontend gives a widget: its input's (translated) name

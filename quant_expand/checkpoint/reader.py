@@ -509,7 +509,11 @@ def _module_keys(module: str, kind: StoredKind, t) -> list[str]:
 
 
 def open_flux_checkpoint(path: str) -> FluxCheckpoint:
-    tensors = open_tensor_set(path)
+    return flux_checkpoint(open_tensor_set(path))
+
+
+def flux_checkpoint(tensors) -> FluxCheckpoint:
+    """The checkpoint of an open tensor set; its errors name the file."""
     try:
         ckpt = FluxCheckpoint(tensors)
     except BnbFluxError as e:

@@ -36,6 +36,13 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(probe).all())
 
 
+def require_finite(file: str, key: str, tensor: Optional[torch.Tensor]):
+    """BnbFluxError naming the file and tensor when ``tensor`` (None: nothing stored, passes) holds NaN or inf:
+    the check Load BnB Flux and the command line make on what they read."""
+    if tensor is not None and not all_finite(tensor):
+        raise BnbFluxError(f"{file}: tensor {key} holds NaN or inf values; the file is damaged: download it again")
+
+
 class TensorFile:
     """A safetensors file opened lazily: shapes come from the header, tensors one at a time."""
 

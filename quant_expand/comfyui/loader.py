@@ -17,7 +17,7 @@ import torch
 
 from ..checkpoint.reader import FluxCheckpoint, open_flux_checkpoint
 from ..checkpoint.stored import layer_from_stored
-from ..checkpoint.tensor_files import all_finite
+from ..checkpoint.tensor_files import require_finite
 from ..errors import BnbFluxError, shown_name
 from ..families import FLUX1, TITLES
 from ..flux import default_should_quantize
@@ -28,7 +28,7 @@ from ..layers import (
 from ..spec import QuantSpec
 from .ops import BnbFluxOps, DeferredLinear
 from .patcher import BnbModelPatcher
-from .report import LoadReport
+from .report import LoadReport, file_quantization
 
 log = logging.getLogger("comfyui-bnb-flux")
 
@@ -151,11 +151,6 @@ def _read_ahead(ckpt, names: list, timing: Optional[dict] = None, staging: Optio
         pool.shutdown(wait=True)
 
 
-def _require_finite(file: str, key: str, tensor: torch.Tensor):
-    if not all_finite(tensor):
-        raise BnbFluxError(f"{file}: tensor {key} holds NaN or inf values; the file is damaged: download it again")
-
-
 class _LinearLoad:
     """Every Linear of the file into the model built for it, in the file's order: a quantized layer as
     stored, a float one quantized on ``quantize_device`` (or kept float where FLUX keeps it), with the
@@ -217,9 +212,8 @@ class _LinearLoad:
                 raise BnbFluxError(f"{file}: tensor {name}.weight holds NaN or inf values (or, for int8, values "
                                    f"beyond float16's range); the file is damaged: download it again")
         if new is None:
-            _require_finite(file, f"{name}.weight", stored.weight)
-        if stored.bias is not None:
-            _require_finite(file, f"{name}.bias", stored.bias)
+            require_finite(file, f"{name}.weight", stored.weight)
+        require_finite(file, f"{name}.bias", stored.bias)
         if new is not None:
             _set_module(self.dm, name, new)
             self.quantized += 1
@@ -251,7 +245,7 @@ def _load_other_tensors(ckpt: FluxCheckpoint, model, logical_key: dict[str, str]
                                f"model expects {list(current.shape)}; the file is damaged or not a "
                                f"{ckpt.family.title} model of this size")
         if tensor.is_floating_point():
-            _require_finite(ckpt.name, shown_name(src), tensor)
+            require_finite(ckpt.name, shown_name(src), tensor)
         comfy.utils.set_attr_param(model, f"diffusion_model.{key}", _owned(tensor, device, dtype))
     unloaded = [n for n, p in model.diffusion_model.named_parameters() if p is None or p.device.type == "meta"]
     if unloaded:
@@ -287,6 +281,7 @@ def load_bnb_flux(unet_path: str, options: LoadOptions = LoadOptions(), disable_
         layers = _LinearLoad(ckpt, model.diffusion_model, spec, options, quantize_device, offload_device)
         layers.run(linears, bar)
         _load_other_tensors(ckpt, model, logical_key, layers.keys, offload_device, compute_dtype)
+        stored = file_quantization(ckpt.tensors.keys()) if layers.prequantized else None
         if bar is not None:
             bar.update(1)
     finally:
@@ -299,7 +294,7 @@ def load_bnb_flux(unet_path: str, options: LoadOptions = LoadOptions(), disable_
     report = LoadReport(
         file=ckpt.name, source=source, prequantized=layers.prequantized, quant=quant,
         compute_dtype=str(compute_dtype).replace("torch.", ""), quantized_layers=layers.quantized,
-        linear_layers=len(linears), size_bytes=patcher.model_size(), notes=tuple(ckpt.notes),
+        linear_layers=len(linears), size_bytes=patcher.model_size(), notes=tuple(ckpt.notes), stored=stored,
         load_timing={"total_s": round(time.perf_counter() - started, 3),
                      **{k: round(v, 3) for k, v in layers.timing.items()}})
     report.attach_to(patcher)

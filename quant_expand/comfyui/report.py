@@ -23,6 +23,8 @@ class LoadReport:
     linear_layers: int
     size_bytes: int
     notes: tuple[str, ...] = ()
+    # how a pre-quantized file stores its Linears, from the header the load read (None: not pre-quantized)
+    stored: Optional[FileQuantization] = None
     # where loading spent its time: a load waiting on reads is disk-bound, else the quantizing is
     load_timing: dict = dataclasses.field(default_factory=dict, compare=False)
 

@@ -8,9 +8,9 @@ from typing import Callable, Optional
 
 import torch
 
-from ..checkpoint.reader import FluxCheckpoint, open_flux_checkpoint
+from ..checkpoint.reader import FluxCheckpoint, flux_checkpoint
 from ..checkpoint.stored import StoredKind, StoredLinear, linear_tensors, quantize_weight
-from ..checkpoint.tensor_files import all_finite, open_tensor_set
+from ..checkpoint.tensor_files import open_tensor_set, require_finite
 from ..checkpoint.writer import file_metadata, save_flux_file
 from ..errors import BnbFluxError
 from ..families import TITLES
@@ -22,19 +22,28 @@ NOT_FLUX = ("not a FLUX diffusion model (no double_blocks.0.img_attn.norm / tran
             f"tensors); Load BnB Flux reads {TITLES} safetensors (FLUX.1 also with diffusers key names)")
 
 
+def _open_file(path: str):
+    if not os.path.isfile(path):
+        raise BnbFluxError(f"{path}: no such file")
+    return open_tensor_set(path)
+
+
 def open_model(path: str) -> FluxCheckpoint:
     """A FLUX.1 diffusion model file, or BnbFluxError with the reason Load BnB Flux would refuse it
     (checked on the header: names, shapes, dtypes, quantization states; ``read_checked`` reads the values)."""
-    if not os.path.isfile(path):
-        raise BnbFluxError(f"{path}: no such file")
-    tensors = open_tensor_set(path)
+    return _model_of(_open_file(path))
+
+
+def _model_of(tensors) -> FluxCheckpoint:
+    """:func:`open_model` on a tensor set already open (its header is read once); closes it when refused."""
     try:
         if looks_like_lora(tensors.keys()):
             raise BnbFluxError(f"{tensors.name}: a LoRA, not a diffusion model; apply it with Apply Control LoRA "
                                f"(models/loras), after Load BnB Flux")
-    finally:
+        ckpt = flux_checkpoint(tensors)
+    except BaseException:
         tensors.close()
-    ckpt = open_flux_checkpoint(path)
+        raise
     if not ckpt.is_flux:
         ckpt.close()
         raise BnbFluxError(f"{ckpt.name}: {NOT_FLUX}")
@@ -48,24 +57,19 @@ def open_model(path: str) -> FluxCheckpoint:
     return ckpt
 
 
-def _require_finite(ckpt: FluxCheckpoint, key: str, tensor: Optional[torch.Tensor]):
-    if tensor is not None and not all_finite(tensor):
-        raise BnbFluxError(f"{ckpt.name}: tensor {key} holds NaN or inf values; the file is damaged: download it again")
-
-
 def read_checked(ckpt: FluxCheckpoint, name: str) -> StoredLinear:
     """One Linear as stored, with the value checks Load BnB Flux makes (the reader checks quantization states
     and their scales; float weights and biases are checked here)."""
     stored = ckpt.read_linear(name)
     if stored.kind is StoredKind.FLOAT:
-        _require_finite(ckpt, f"{name}.weight", stored.weight)
-    _require_finite(ckpt, f"{name}.bias", stored.bias)
+        require_finite(ckpt.name, f"{name}.weight", stored.weight)
+    require_finite(ckpt.name, f"{name}.bias", stored.bias)
     return stored
 
 
 def read_other_checked(ckpt: FluxCheckpoint, key: str) -> torch.Tensor:
     tensor = ckpt.read(key)
-    _require_finite(ckpt, key, tensor)
+    require_finite(ckpt.name, key, tensor)
     return tensor
 
 
@@ -153,15 +157,13 @@ def inspect_file(path: str, verify: bool = False) -> str:
     """A description of a FLUX file (layout, scheme, layer counts, size, and what Load BnB Flux does with it) or
     of a LoRA (format, rank, layers, control or not, and how to apply it). BnbFluxError with the message the
     node would give when it refuses the file. ``verify``: also read every tensor's values, as loading does."""
-    if not os.path.isfile(path):
-        raise BnbFluxError(f"{path}: no such file")
-    tensors = open_tensor_set(path)
-    try:
-        if looks_like_lora(tensors.keys()):
+    tensors = _open_file(path)
+    if looks_like_lora(tensors.keys()):
+        try:
             return describe_lora_file(path, tensors)
-    finally:
-        tensors.close()
-    ckpt = open_model(path)
+        finally:
+            tensors.close()
+    ckpt = _model_of(tensors)
     try:
         if verify:
             for name in ckpt.linear_names():
