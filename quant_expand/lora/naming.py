@@ -18,8 +18,10 @@ from ..flux import (
 )
 from .canonical import LoraTarget
 
+# the top-level modules of every FLUX family (FLUX.1; FLUX.2's global modulation; Chroma's approximator)
 _BFL_ROOTS = ("double_blocks.", "single_blocks.", "img_in.", "txt_in.", "time_in.", "vector_in.",
-              "guidance_in.", "final_layer.")
+              "guidance_in.", "final_layer.", "double_stream_modulation_img.", "double_stream_modulation_txt.",
+              "single_stream_modulation.", "distilled_guidance_layer.")
 
 
 _DIFFUSERS_ROOTS = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "context_embedder.",

@@ -167,3 +167,40 @@ def make_flux2(cfg: Optional[Flux2Config] = None, seed: int = 0, dtype=torch.bfl
 
     return _build(lin, _norm_scales(cfg.depth, cfg.depth_single_blocks), flux2_quantized_linears(cfg), False, seed,
                   dtype, gain)
+
+
+LORA_FORMATS = ("bfl", "kohya")
+
+
+def make_family_lora(linears: dict[str, tuple[int, int]], targets, fmt: str = "bfl", rank: int = 4, seed: int = 11,
+                     alpha: Optional[float] = None, scale: float = 0.1) -> dict[str, torch.Tensor]:
+    """An ordinary LoRA for the Linears ``targets`` of a model whose Linears are ``linears`` (BFL name ->
+    (out, in), e.g. ``chroma_linears(cfg)``), in a key form ComfyUI 0.33's ``model_lora_keys_unet`` maps
+    for every FLUX family: ``fmt`` "bfl" writes ``diffusion_model.<name>.lora_A/lora_B.weight`` (BFL and
+    ComfyUI's own spelling, the generic form ComfyUI maps for any diffusion-model weight), "kohya"
+    ``lora_unet_<name with underscores>.lora_down/lora_up.weight`` with an alpha.
+
+    Each layer's delta has RMS about ``scale / sqrt(in)``: ``scale`` times the weights' own size here."""
+    if fmt not in LORA_FORMATS:
+        raise ValueError(f"fmt must be one of {LORA_FORMATS}, got {fmt!r}")
+    unknown = [n for n in targets if n not in linears]
+    if unknown:
+        raise ValueError(f"not Linears of this model: {unknown}")
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name in targets:
+        o, i = linears[name]
+        r = min(rank, o, i)
+        a = alpha if alpha is not None else (r / 2 if fmt == "kohya" else None)
+        mult = 1.0 if a is None else a / r  # ComfyUI scales B @ A by alpha / rank
+        down = torch.randn(r, i, generator=g) / math.sqrt(i)
+        up = torch.randn(o, r, generator=g) * (scale / math.sqrt(i) / mult)
+        if fmt == "bfl":
+            sd[f"diffusion_model.{name}.lora_A.weight"], sd[f"diffusion_model.{name}.lora_B.weight"] = down, up
+            if a is not None:
+                sd[f"diffusion_model.{name}.alpha"] = torch.tensor(float(a))
+        else:
+            base = "lora_unet_" + name.replace(".", "_")
+            sd[f"{base}.lora_down.weight"], sd[f"{base}.lora_up.weight"] = down, up
+            sd[f"{base}.alpha"] = torch.tensor(float(a))
+    return sd

@@ -9,6 +9,7 @@ use them: ``quant_expand.testing.prompts.sampling_graph``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
 import json
 import os
@@ -226,6 +227,15 @@ class ComfyHost:
         if entry is None:
             raise KeyError(f"node {node_id} has no cached output")
         return entry.outputs[index][0]
+
+    def free_models(self):
+        """Drop the executor's cached outputs and ComfyUI's loaded models, so that the next prompt's
+        model is the only one in memory (tests comparing a large model with ComfyUI's own copy)."""
+        import comfy.model_management
+
+        self.executor.reset()
+        comfy.model_management.unload_all_models()
+        gc.collect()
 
     def run(self, prompt: dict, expect_error: bool = False):
         """Validate and execute an API-format prompt; returns CAPTURED (latents by capture key)."""
