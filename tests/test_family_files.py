@@ -1,6 +1,6 @@
-"""FLUX.2 [klein] as a pre-quantized file: ``cli quantize`` and Save BnB Flux write it, bitsandbytes' own
-``QuantState.from_dict`` reads every 4-bit layer of it, Load BnB Flux loads it without quantizing again,
-and ``cli inspect`` names the family.
+"""FLUX.2 [klein] (and Chroma) as a pre-quantized file: ``cli quantize`` and Save BnB Flux write it,
+bitsandbytes' own ``QuantState.from_dict`` reads every 4-bit layer of it, Load BnB Flux loads it without
+quantizing again, and ``cli inspect`` names the family.
 
 The test model's quantized Linears hold values nf4 keeps exactly (``testing/family_models.py``), so the
 written bytes dequantize to the bf16 file's weights, and a reload samples bit-equal latents (the same
@@ -17,13 +17,15 @@ from bitsandbytes.functional import QuantState
 from safetensors import safe_open
 
 from quant_expand.cli import main
-from quant_expand.testing.family_models import Flux2Config, flux2_linears, flux2_quantized_linears, make_flux2
+from quant_expand.testing.family_models import (ChromaConfig, Flux2Config, chroma_linears, chroma_quantized_linears,
+                                                flux2_linears, flux2_quantized_linears, make_chroma, make_flux2)
 from quant_expand.testing.prompts import load_bnb_flux, sampling_graph, save_bnb_flux
 from quant_expand.testing.synthetic import save_safetensors
 
 KLEIN = Flux2Config(guidance=False)
 BF16 = "fam_klein_bf16.safetensors"
 SAMPLING = dict(steps=2, size=4, pooled_dim=0, channels=KLEIN.in_channels, context_dim=KLEIN.context_in_dim)
+KLEIN_LINEARS, KLEIN_QUANTIZED = flux2_linears(KLEIN), flux2_quantized_linears(KLEIN)
 
 
 @pytest.fixture(scope="module")
@@ -51,44 +53,47 @@ def cli(capsys, *argv) -> tuple[int, str, str]:
     return rc, out.out, out.err
 
 
-def assert_bnb_reads_the_file(path: str, source: dict):
+def assert_bnb_reads_the_file(path: str, source: dict, linears=KLEIN_LINEARS, quantized=KLEIN_QUANTIZED):
     """Every quantized Linear in the Forge 4-bit layout, its ``weight.*`` tensors read by bitsandbytes'
     ``QuantState.from_dict`` and dequantized by bitsandbytes to the source weights; the rest as in the source."""
-    quantized = flux2_quantized_linears(KLEIN)
     with safe_open(path, "pt") as f:
         keys = set(f.keys())
         meta = f.metadata()
         assert meta["format"] == "bnb-flux" and meta["quant_type"] == "nf4"
-        assert meta["quantized_layers"] == str(len(quantized)) and meta["linear_layers"] == str(len(flux2_linears(KLEIN)))
-        for name in flux2_linears(KLEIN):
+        assert meta["quantized_layers"] == str(len(quantized)) and meta["linear_layers"] == str(len(linears))
+        for name in linears:
             state = {k[len(name) + 1:]: f.get_tensor(k) for k in keys if k.startswith(name + ".")}
             if name not in quantized:
-                assert set(state) == {"weight"} and torch.equal(state["weight"], source[f"{name}.weight"]), name
+                assert {"weight"} <= set(state) <= {"weight", "bias"}, (name, set(state))
+                assert all(torch.equal(t, source[f"{name}.{k}"]) for k, t in state.items()), name
                 continue
             assert {"weight", "weight.absmax", "weight.quant_map", "weight.quant_state.bitsandbytes__nf4"} <= set(state), name
+            if "bias" in state:
+                assert torch.equal(state["bias"], source[f"{name}.bias"]), name
             qs = QuantState.from_dict({k[len("weight."):]: v for k, v in state.items() if k.startswith("weight.")},
                                       device=torch.device("cpu"))
             assert qs.quant_type == "nf4" and tuple(qs.shape) == tuple(source[f"{name}.weight"].shape), name
             qs.dtype = torch.float32
             assert torch.equal(bnbf.dequantize_4bit(state["weight"], qs), source[f"{name}.weight"].float()), name
-        others = {k for k in source if k.rpartition(".")[0] not in flux2_linears(KLEIN)}
+        others = {k for k in source if k.rpartition(".")[0] not in linears}
         for key in others:
             assert torch.equal(f.get_tensor(key), source[key]), key
 
 
-def assert_reload_equals_quantize_on_load(host, name: str):
+def assert_reload_equals_quantize_on_load(host, name: str, bf16=BF16, title="FLUX.2 [klein]",
+                                          quantized=KLEIN_QUANTIZED, sampling=SAMPLING):
     """Load BnB Flux on the written file (asking for fp4: the file's own nf4 wins) samples bit-equal latents
     to Load BnB Flux quantizing the bf16 file with nf4 on load."""
-    g = sampling_graph({"q": load_bnb_flux(BF16, "nf4", False)}, ["q", 0], key="orig", prefix="a", **SAMPLING)
-    g = sampling_graph({**g, "r": load_bnb_flux(name, "fp4", True)}, ["r", 0], key="reloaded", prefix="b", **SAMPLING)
+    g = sampling_graph({"q": load_bnb_flux(bf16, "nf4", False)}, ["q", 0], key="orig", prefix="a", **sampling)
+    g = sampling_graph({**g, "r": load_bnb_flux(name, "fp4", True)}, ["r", 0], key="reloaded", prefix="b", **sampling)
     out = host.run(g)
     report = host.pack_module("quant_expand.comfyui.report").load_report
     original, reloaded = report(host.node_output("q")), report(host.node_output("r"))
     assert reloaded.prequantized and not original.prequantized
-    assert "(FLUX.2 [klein])" in reloaded.source and reloaded.quant == original.quant
+    assert f"({title})" in reloaded.source and reloaded.quant == original.quant
     layers = host.pack_module("quant_expand.layers")
     dm = host.node_output("r").model.diffusion_model
-    assert {n for n, m in dm.named_modules() if layers.is_quantized_linear(m)} == flux2_quantized_linears(KLEIN)
+    assert {n for n, m in dm.named_modules() if layers.is_quantized_linear(m)} == quantized
     assert torch.isfinite(out["orig"]).all() and out["orig"].abs().max() > 0
     assert torch.equal(out["orig"], out["reloaded"])
     host.free_models()
@@ -135,3 +140,38 @@ def test_cli_inspect_names_the_family_and_its_layers(host, klein, capsys, tmp_pa
     assert f"model: FLUX.2 [klein], hidden {KLEIN.hidden_size}" in out, out
     assert f"Linear layers: {n_linear} ({n_quant} 4-bit, 0 int8, {n_linear - n_quant} full precision)" in out, out
     assert "FLUX.1" not in out and "uses the file's own quantization" in out, out
+
+
+def test_cli_inspect_names_flux2_dev(host, tmp_path, capsys):
+    path = save_safetensors(make_flux2(Flux2Config(guidance=True), seed=4), tmp_path / "dev_bf16.safetensors")
+    rc, out, err = cli(capsys, "inspect", path)
+    assert rc == 0, err
+    assert "model: FLUX.2 [dev], hidden 256, img_in 128 inputs, 1 double + 1 single blocks" in out, out
+
+
+CHROMA = ChromaConfig()
+
+
+def test_chroma_cli_quantize_and_inspect(host, capsys):
+    """Chroma (~0.6 B parameters, the approximator's fixed size): the written file is read by bitsandbytes and
+    loads as pre-quantized, sampling what quantize-on-load samples; inspect names Chroma on both files."""
+    sd = make_chroma(CHROMA, seed=0)
+    bf16, name = "fam_chroma_bf16.safetensors", "fam_chroma_cli_nf4.safetensors"
+    save_safetensors(sd, host.model_path("diffusion_models", bf16))
+    linears, quantized = chroma_linears(CHROMA), chroma_quantized_linears(CHROMA)
+    dst = host.model_path("diffusion_models", name)
+    rc, out, err = cli(capsys, "quantize", host.model_path("diffusion_models", bf16), dst, "--no-double-quant",
+                       "--device", "cpu", "--overwrite")
+    assert rc == 0, err
+    assert_bnb_reads_the_file(dst, sd, linears, quantized)
+    for path, four in ((host.model_path("diffusion_models", bf16), 0), (dst, len(quantized))):
+        rc, out, err = cli(capsys, "inspect", path)
+        assert rc == 0, err
+        assert "model: Chroma, hidden 3072, img_in 64 inputs, 1 double + 1 single blocks" in out, out
+        assert f"Linear layers: {len(linears)} ({four} 4-bit, 0 int8, {len(linears) - four} full precision)" in out
+    del sd
+    try:
+        assert_reload_equals_quantize_on_load(host, name, bf16, "Chroma", quantized, dict(steps=1, pooled_dim=0))
+    finally:  # 1.2 GB and 0.4 GB: not left in the host's model folder for the rest of the session
+        for n in (bf16, name):
+            os.remove(host.model_path("diffusion_models", n))
