@@ -36,7 +36,7 @@ EXIT_CODES = """exit status: 0 done; 1 refused or failed ("error: ..." on stderr
 what to do); 2 wrong arguments; 130 interrupted (Ctrl-C)."""
 
 INSPECT_EXIT_CODES = """exit status: 0 the pack's nodes read the file (a FLUX model: Load BnB Flux; a LoRA: Apply Control
-LoRA); 1 they refuse it: one line on stderr, "error: ...", with the message the node would give (not a FLUX.1
+LoRA); 1 they refuse it: one line on stderr, "error: ...", with the message the node would give (not a FLUX
 model, damaged, incomplete, an unsupported format); 2 wrong arguments."""
 
 # bitsandbytes >= 0.50, on CPUs with AVX512-BF16, tries at import to fetch an optional CPU kernel for its fused
@@ -154,8 +154,9 @@ def main(argv=None) -> int:
     real.add_argument("--prompt", default="a photograph of a house by a lake, golden hour")
     q = sub.add_parser("quantize", help="write a pre-quantized FLUX file that Load BnB Flux reads without quantizing",
                        epilog=EXIT_CODES)
-    q.add_argument("input", metavar="IN", help="FLUX.1 safetensors (full precision or pre-quantized; BFL or diffusers "
-                                               "names; a shard or the index of a sharded model)")
+    q.add_argument("input", metavar="IN", help="FLUX.1, FLUX.2 or Chroma safetensors (full precision or "
+                                               "pre-quantized; BFL names, FLUX.1 also diffusers names; a shard or the "
+                                               "index of a sharded model)")
     q.add_argument("output", metavar="OUT", help="the .safetensors file to write")
     q.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "int8"])
     q.add_argument("--no-double-quant", dest="double_quant", action="store_false",

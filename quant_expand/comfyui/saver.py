@@ -6,6 +6,7 @@ import torch
 from ..checkpoint.stored import StoredKind, StoredLinear, linear_tensors, stored_from_layer
 from ..checkpoint.writer import file_metadata
 from ..errors import BnbFluxError
+from ..families import TITLES, family_by_comfy_model
 from ..flux import bfl_file_key
 from ..layers import is_quantized_linear
 from .patches import unmerged
@@ -22,8 +23,8 @@ def bnb_flux_state_for_saving(patcher, progress=None) -> tuple[dict, dict]:
     model = patcher.model
     config = getattr(model, "model_config", None)
     if getattr(model, "diffusion_model", None) is None or config is None or \
-            config.unet_config.get("image_model") != "flux":
-        raise BnbFluxError("Save BnB Flux saves FLUX.1 models; this model is not one")
+            family_by_comfy_model(config.unet_config.get("image_model")) is None:
+        raise BnbFluxError(f"Save BnB Flux saves {TITLES} models; this model is none of them")
     if patcher.patches or patcher.object_patches:
         raise BnbFluxError(f"Save BnB Flux saves the quantized model as loaded; this one has LoRA patches on "
                            f"{len(patcher.patches) + len(patcher.object_patches)} weights, which would need requantizing "

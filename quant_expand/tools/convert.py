@@ -13,7 +13,7 @@ from ..checkpoint.stored import StoredKind, StoredLinear, linear_tensors, quanti
 from ..checkpoint.tensor_files import open_tensor_set, require_finite
 from ..checkpoint.writer import file_metadata, save_flux_file
 from ..errors import BnbFluxError
-from ..families import TITLES
+from ..families import FLUX1, TITLES
 from ..flux import block_count, bfl_file_key, default_should_quantize
 from ..spec import QuantSpec
 from .lora_info import describe_lora_file, looks_like_lora
@@ -29,8 +29,8 @@ def _open_file(path: str):
 
 
 def open_model(path: str) -> FluxCheckpoint:
-    """A FLUX.1 diffusion model file, or BnbFluxError with the reason Load BnB Flux would refuse it
-    (checked on the header: names, shapes, dtypes, quantization states; ``read_checked`` reads the values)."""
+    """A FLUX diffusion model file (a family in ``families.py``), or BnbFluxError with the reason Load BnB Flux
+    would refuse it (checked on the header: names, shapes, dtypes, quantization states; ``read_checked`` reads the values)."""
     return _model_of(_open_file(path))
 
 
@@ -190,10 +190,14 @@ def _describe_model(ckpt: FluxCheckpoint, verified: bool) -> str:
     img_in = shapes.get("img_in")
     doubles = block_count(shapes, "double_blocks")
     singles = block_count(shapes, "single_blocks")
-    variant = "dev (guidance_in)" if any(n.startswith("guidance_in.") for n in shapes) else "schnell (no guidance_in)"
+    if ckpt.family is FLUX1:
+        variant = "FLUX.1 " + ("dev (guidance_in)" if any(n.startswith("guidance_in.") for n in shapes)
+                               else "schnell (no guidance_in)")
+    else:
+        variant = ckpt.family.variant(shapes)
     params = sum(o * i for o, i in shapes.values())
     if img_in:
-        lines.append(f"model: FLUX.1 {variant}, hidden {img_in[0]}, img_in {img_in[1]} inputs, {doubles} double + "
+        lines.append(f"model: {variant}, hidden {img_in[0]}, img_in {img_in[1]} inputs, {doubles} double + "
                      f"{singles} single blocks, {_count(params)} Linear weights")
     s = ckpt.quant_summary()
     k = s["kinds"]
