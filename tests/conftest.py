@@ -70,3 +70,15 @@ def host(tmp_path_factory):
     from comfy_host import ComfyHost
 
     return ComfyHost.start(path, REPO_ROOT, str(tmp_path_factory.mktemp("comfy-models")))
+
+
+@pytest.fixture(scope="module")
+def outdir(host, tmp_path_factory):
+    """ComfyUI's output directory, moved to a temporary folder for this module."""
+    import folder_paths
+
+    old = folder_paths.get_output_directory()
+    new = str(tmp_path_factory.mktemp("comfy-output"))
+    folder_paths.set_output_directory(new)
+    yield new
+    folder_paths.set_output_directory(old)

@@ -37,18 +37,6 @@ def report_of(host, patcher):
 
 
 @pytest.fixture(scope="module")
-def outdir(host, tmp_path_factory):
-    """ComfyUI's output directory, moved to a temporary folder for this module."""
-    import folder_paths
-
-    old = folder_paths.get_output_directory()
-    new = str(tmp_path_factory.mktemp("comfy-output"))
-    folder_paths.set_output_directory(new)
-    yield new
-    folder_paths.set_output_directory(old)
-
-
-@pytest.fixture(scope="module")
 def exact(host):
     out = {}
     for q in ("nf4", "fp4", "int8"):

@@ -35,18 +35,6 @@ def klein(host):
     return sd
 
 
-@pytest.fixture(scope="module")
-def outdir(host, tmp_path_factory):
-    """ComfyUI's output directory, moved to a temporary folder for this module."""
-    import folder_paths
-
-    old = folder_paths.get_output_directory()
-    new = str(tmp_path_factory.mktemp("comfy-output"))
-    folder_paths.set_output_directory(new)
-    yield new
-    folder_paths.set_output_directory(old)
-
-
 def cli(capsys, *argv) -> tuple[int, str, str]:
     rc = main(list(argv))
     out = capsys.readouterr()
