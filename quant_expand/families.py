@@ -26,6 +26,8 @@ class Family:
     block_roots: tuple[str, ...] = ("double_blocks", "single_blocks")
     diffusers_names: bool = False  # whether files with diffusers names are read (FLUX.1's table in flux.py)
     control_loras: bool = False    # BFL Control LoRAs (Canny/Depth) exist for it
+    # how a user's name for the model follows from its Linears: (Linear name prefix, name with one, name without)
+    variants: Optional[tuple[str, str, str]] = None
 
     def expected_linears(self, doubles: int, singles: int) -> list[str]:
         """Every Linear a model of this family with these block counts must have (optional ones aside)."""
@@ -38,11 +40,12 @@ class Family:
         return name.startswith(self.unquantized)
 
     def variant(self, linears: Iterable[str]) -> str:
-        """The name a user knows the model by, from its Linears' names (as ComfyUI tells FLUX.2 [dev] from
-        [klein]: guidance_embed, i.e. a guidance embedder, which [klein] lacks)."""
-        if self.key == "flux2":
-            return "FLUX.2 [dev]" if "guidance_in.in_layer" in set(linears) else "FLUX.2 [klein]"
-        return self.title
+        """The name a user knows the model by, from its Linears' names (as ComfyUI tells FLUX.1 dev from
+        schnell and FLUX.2 [dev] from [klein]: guidance_embed, i.e. a guidance embedder)."""
+        if self.variants is None:
+            return self.title
+        prefix, with_it, without = self.variants
+        return with_it if any(n.startswith(prefix) for n in linears) else without
 
 
 # the attention and MLP Linears of a double block, img and txt streams (FLUX.1 adds a modulation per stream)
@@ -57,7 +60,8 @@ FLUX1 = Family(
     unquantized_why="embedders and output layer: ~0.4 % of the parameters, where 4-bit error shows most",
     core_linears=("img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "final_layer.linear"),
     double_linears=_DOUBLE + ("img_mod.lin", "txt_mod.lin"), single_linears=("linear1", "linear2", "modulation.lin"),
-    diffusers_names=True, control_loras=True)
+    diffusers_names=True, control_loras=True,
+    variants=("guidance_in.", "FLUX.1 dev (guidance_in)", "FLUX.1 schnell (no guidance_in)"))
 
 FLUX2 = Family(
     key="flux2", title="FLUX.2", comfy_model="flux2", markers=("double_stream_modulation_img.lin.weight",),
@@ -70,7 +74,8 @@ FLUX2 = Family(
     core_linears=("img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "double_stream_modulation_img.lin",
                   "double_stream_modulation_txt.lin", "single_stream_modulation.lin", "final_layer.linear",
                   "final_layer.adaLN_modulation.1"),
-    double_linears=_DOUBLE, single_linears=("linear1", "linear2"))
+    double_linears=_DOUBLE, single_linears=("linear1", "linear2"),
+    variants=("guidance_in.in_layer", "FLUX.2 [dev]", "FLUX.2 [klein]"))
 
 CHROMA = Family(
     key="chroma", title="Chroma", comfy_model="chroma",

@@ -13,7 +13,7 @@ from ..checkpoint.stored import StoredKind, StoredLinear, linear_tensors, quanti
 from ..checkpoint.tensor_files import open_tensor_set, require_finite
 from ..checkpoint.writer import file_metadata, save_flux_file
 from ..errors import BnbFluxError
-from ..families import FLUX1, TITLES
+from ..families import TITLES
 from ..flux import block_count, bfl_file_key, default_should_quantize
 from ..spec import QuantSpec
 from .lora_info import describe_lora_file, looks_like_lora
@@ -190,11 +190,7 @@ def _describe_model(ckpt: FluxCheckpoint, verified: bool) -> str:
     img_in = shapes.get("img_in")
     doubles = block_count(shapes, "double_blocks")
     singles = block_count(shapes, "single_blocks")
-    if ckpt.family is FLUX1:
-        variant = "FLUX.1 " + ("dev (guidance_in)" if any(n.startswith("guidance_in.") for n in shapes)
-                               else "schnell (no guidance_in)")
-    else:
-        variant = ckpt.family.variant(shapes)
+    variant = ckpt.family.variant(shapes)
     params = sum(o * i for o, i in shapes.values())
     if img_in:
         lines.append(f"model: {variant}, hidden {img_in[0]}, img_in {img_in[1]} inputs, {doubles} double + "
