@@ -86,6 +86,8 @@ class StreamUnit:
         self.nbytes = size
         self.views: list[torch.Tensor] = []
         self.copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (device bytes, host bytes) per copy
+        self.dsts: list[torch.Tensor] = []   # the copies as _foreach_copy_ takes them, built once at placement
+        self.srcs: list[torch.Tensor] = []
 
 
 class LayerStreamer:
@@ -99,6 +101,8 @@ class LayerStreamer:
                  pin: Optional[Callable[[torch.Tensor], bool]] = None,
                  unpin: Optional[Callable[[torch.Tensor], bool]] = None, pinned_copies: bool = True):
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.units = units
         self.slots = max(1, min(slots, len(units)))
         self._unpin = unpin
@@ -118,6 +122,8 @@ class LayerStreamer:
         self._filled = [-1] * self.slots          # unit index whose bytes each slot holds (or is receiving)
         self._copied = [self._event() for _ in range(self.slots)]
         self._released = [self._event() for _ in range(self.slots)]
+        # worked out once: enter() runs at every unit change of every step, and a capped step is host-bound
+        self._ahead = [self.ahead_of(u) for u in range(len(units))]
         self.current: Optional[int] = None
         self.bytes_copied = 0                     # host -> device bytes since the last reset (benchmarks)
         self.layout: tuple = ()                   # what the patcher streams (see BnbModelPatcher._stream_layout)
@@ -156,6 +162,7 @@ class LayerStreamer:
             copies.append((buf[unit.small_start:unit.nbytes], host))
             self.pinned_copy_bytes += span
         unit.copies = copies
+        unit.dsts, unit.srcs = [d for d, _ in copies], [h for _, h in copies]
 
     def _pinned(self, t: torch.Tensor, pin) -> torch.Tensor:
         """``t`` pinned in place when it is large and ComfyUI lets it be, else as it is (pageable)."""
@@ -182,12 +189,26 @@ class LayerStreamer:
         compute = torch.cuda.current_stream(self.device)
         if self.current is not None:
             self._released[self.slot_of[self.current]].record(compute)
-        with torch.cuda.stream(self.stream):
-            self._fetch(unit)
-            compute.wait_event(self._copied[self.slot_of[unit]])
-            self.current = unit
-            for ahead in self.ahead_of(unit):
-                self._fetch(ahead)
+        if torch.cuda.current_device() != self.device.index:  # torch.cuda.stream() also switches devices
+            with torch.cuda.stream(self.stream):
+                self._fetch_from(unit, compute)
+            return
+        # torch.cuda.set_stream rather than the torch.cuda.stream() context manager, whose host time is
+        # more than the rest of a unit change
+        torch.cuda.set_stream(self.stream)
+        try:
+            self._fetch_from(unit, compute)
+        finally:
+            torch.cuda.set_stream(compute)
+
+    def _fetch_from(self, unit: int, compute):
+        """On the side stream: ``unit``'s copy (where it is not there yet), the compute stream made to wait
+        for it, then the units ahead of it."""
+        self._fetch(unit)
+        compute.wait_event(self._copied[self.slot_of[unit]])
+        self.current = unit
+        for ahead in self._ahead[unit]:
+            self._fetch(ahead)
 
     def ahead_of(self, unit: int) -> list[int]:
         """The units copied ahead while ``unit`` computes: the next ones, wrapping round, up to the first
@@ -206,12 +227,11 @@ class LayerStreamer:
         if self._filled[slot] == unit:
             return
         u = self.units[unit]
-        dsts, srcs = [d for d, _ in u.copies], [h for _, h in u.copies]
         if self.stream is None:
-            torch._foreach_copy_(dsts, srcs)
-        else:  # on the side stream (enter's context)
+            torch._foreach_copy_(u.dsts, u.srcs)
+        else:  # on the side stream (set by enter)
             self.stream.wait_event(self._released[slot])  # whatever held the slot is done with it
-            torch._foreach_copy_(dsts, srcs, non_blocking=True)
+            torch._foreach_copy_(u.dsts, u.srcs, non_blocking=True)
             self._copied[slot].record(self.stream)
         self._filled[slot] = unit
         self.bytes_copied += u.nbytes
@@ -226,7 +246,7 @@ class LayerStreamer:
         self._pinned_here = []
         self.buffers = []
         for unit in self.units:
-            unit.views, unit.copies = [], []
+            unit.views, unit.copies, unit.dsts, unit.srcs = [], [], [], []
         self.units = []
 
 
