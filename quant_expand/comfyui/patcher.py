@@ -59,9 +59,15 @@ class BnbModelPatcher(PartialLoad, comfy.model_patcher.ModelPatcher):
     device), removed again by ``unpatch_model``. Other keys (biases, norms, unquantized layers) follow
     ComfyUI's usual merge-with-backup path.
 
-    It is a non-dynamic patcher even when ComfyUI runs with dynamic VRAM: dynamic VRAM streams and
-    requantizes raw weight tensors, which would rewrite quantized bytes; a 4-bit FLUX is small enough
-    to load whole or partially the classic way.
+    It is a non-dynamic patcher even when ComfyUI runs with dynamic VRAM (main.py's default), by choice:
+    ``ModelPatcherDynamic`` sizes and casts raw weight tensors (it would take the logical-shape uint8 bytes
+    for twice the packed size and miss quant state and LoRA factors), and a version that gave each
+    quantized layer a home in comfy-aimdo's VBAR instead was slower at every budget (host work per block)
+    and its capped results were not bitwise equal to uncapped ones (bench/README, "Small GPUs"). Beside
+    dynamic models this patcher is sized the classic way: ``load_models_gpu`` frees memory for it
+    (a non-dynamic model in the list turns ``for_dynamic`` off), a dynamic text encoder or VAE loading
+    later partially unloads it through ``free_memory``, and what does not fit streams through the pack's
+    own slots (:mod:`.partial_load`), which dynamic ComfyUI leaves alone.
 
     It refuses ComfyUI's experimental bypass mode (``LoraLoaderBypass``, ``comfy/weight_adapter/bypass.py``):
     that wraps each adapted module's ``forward`` in a hook adding ``B(Ax)``, which the lazy deltas already do
