@@ -101,8 +101,6 @@ class LayerStreamer:
                  pin: Optional[Callable[[torch.Tensor], bool]] = None,
                  unpin: Optional[Callable[[torch.Tensor], bool]] = None, pinned_copies: bool = True):
         self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
         self.units = units
         self.slots = max(1, min(slots, len(units)))
         self._unpin = unpin
@@ -189,26 +187,12 @@ class LayerStreamer:
         compute = torch.cuda.current_stream(self.device)
         if self.current is not None:
             self._released[self.slot_of[self.current]].record(compute)
-        if torch.cuda.current_device() != self.device.index:  # torch.cuda.stream() also switches devices
-            with torch.cuda.stream(self.stream):
-                self._fetch_from(unit, compute)
-            return
-        # torch.cuda.set_stream rather than the torch.cuda.stream() context manager, whose host time is
-        # more than the rest of a unit change
-        torch.cuda.set_stream(self.stream)
-        try:
-            self._fetch_from(unit, compute)
-        finally:
-            torch.cuda.set_stream(compute)
-
-    def _fetch_from(self, unit: int, compute):
-        """On the side stream: ``unit``'s copy (where it is not there yet), the compute stream made to wait
-        for it, then the units ahead of it."""
-        self._fetch(unit)
-        compute.wait_event(self._copied[self.slot_of[unit]])
-        self.current = unit
-        for ahead in self._ahead[unit]:
-            self._fetch(ahead)
+        with torch.cuda.stream(self.stream):
+            self._fetch(unit)
+            compute.wait_event(self._copied[self.slot_of[unit]])
+            self.current = unit
+            for ahead in self._ahead[unit]:
+                self._fetch(ahead)
 
     def ahead_of(self, unit: int) -> list[int]:
         """The units copied ahead while ``unit`` computes: the next ones, wrapping round, up to the first
@@ -229,7 +213,7 @@ class LayerStreamer:
         u = self.units[unit]
         if self.stream is None:
             torch._foreach_copy_(u.dsts, u.srcs)
-        else:  # on the side stream (set by enter)
+        else:  # on the side stream (enter's context)
             self.stream.wait_event(self._released[slot])  # whatever held the slot is done with it
             torch._foreach_copy_(u.dsts, u.srcs, non_blocking=True)
             self._copied[slot].record(self.stream)
