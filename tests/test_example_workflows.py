@@ -28,6 +28,9 @@ NF4_CHECKPOINT = "Canny Control - NF4 checkpoint.json"
 CANNY = "Canny Control - quantize on load.json"
 DEPTH = "Depth Control - quantize on load.json"
 STYLE = "Style LoRA + Canny Control.json"
+KLEIN = "FLUX.2 klein 4B - text to image.json"
+CHROMA = "Chroma - text to image.json"
+TEXT_TO_IMAGE = {KLEIN, CHROMA}  # no input image
 
 # nodes that live only in the editor: never sent to the server, absent from the API format
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
@@ -51,6 +54,17 @@ WIDGETS = {
     "KSampler": ["seed", CONTROL, "steps", "cfg", "sampler_name", "scheduler", "denoise"],
     "VAEDecode": [],
     "SaveImage": ["filename_prefix"],
+    "CLIPLoader": ["clip_name", "type", "device"],
+    "CFGGuider": ["cfg"],
+    "RandomNoise": ["noise_seed", CONTROL],
+    "KSamplerSelect": ["sampler_name"],
+    "Flux2Scheduler": ["steps", "width", "height"],
+    "BasicScheduler": ["scheduler", "steps", "denoise"],
+    "EmptyFlux2LatentImage": ["width", "height", "batch_size"],
+    "EmptySD3LatentImage": ["width", "height", "batch_size"],
+    "SamplerCustomAdvanced": [],
+    "ModelSamplingAuraFlow": ["shift"],
+    "T5TokenizerOptions": ["min_padding", "min_length"],
 }
 # API inputs that name files: (class_type, input) -> ComfyUI model folder ("input": the input directory)
 FILE_INPUTS = {
@@ -59,6 +73,7 @@ FILE_INPUTS = {
     ("SetLoraScale", "lora_name"): "loras",
     ("DualCLIPLoader", "clip_name1"): "text_encoders",
     ("DualCLIPLoader", "clip_name2"): "text_encoders",
+    ("CLIPLoader", "clip_name"): "text_encoders",
     ("VAELoader", "vae_name"): "vae",
     ("LoadImage", "image"): "input",
 }
@@ -89,7 +104,7 @@ def pair(request):
 
 
 def test_examples_exist_in_both_formats():
-    assert {NF4_CHECKPOINT, CANNY, DEPTH, STYLE} == {os.path.basename(p) for p in UI_FILES}
+    assert {NF4_CHECKPOINT, CANNY, DEPTH, STYLE, KLEIN, CHROMA} == {os.path.basename(p) for p in UI_FILES}
     for ui_file in UI_FILES:
         assert os.path.isfile(api_path(ui_file)), f"{os.path.basename(ui_file)} has no API-format twin in api/"
     for api_file in glob.glob(os.path.join(EXAMPLES, "api", "*.json")):
@@ -327,16 +342,98 @@ def test_control_and_style_workflow_settings():
         assert needed in text, needed
 
 
+def only(api, class_type):
+    """The inputs of the workflow's one node of this type."""
+    (nid,) = api_by_type(api)[class_type]
+    return api[nid]["inputs"]
+
+
+def source(api, ref):
+    """(class_type, inputs) of the node a link comes from."""
+    return api[ref[0]]["class_type"], api[ref[0]]["inputs"]
+
+
+def test_klein_workflow_settings():
+    """ComfyUI's FLUX.2 [klein] 4B graph (Qwen3-4B through Load CLIP type flux2, the FLUX.2 VAE, CFG Guider 5,
+    Flux2Scheduler 20 steps at the image size) on Load BnB Flux, NF4 quantized on load."""
+    ui, api = load(os.path.join(EXAMPLES, KLEIN)), load(api_path(KLEIN))
+    assert only(api, "LoadBnbFlux") == {"unet_name": "flux-2-klein-base-4b.safetensors", "quant_type": "nf4",
+                                        "double_quant": True, "compute_dtype": "auto", "quantize_img_in": False}
+    sampler = only(api, "SamplerCustomAdvanced")
+    guider_type, guider = source(api, sampler["guider"])
+    assert guider_type == "CFGGuider" and guider["cfg"] == 5.0
+    assert source(api, guider["model"])[0] == "LoadBnbFlux"
+    (pos_type, positive), (neg_type, negative) = source(api, guider["positive"]), source(api, guider["negative"])
+    assert pos_type == neg_type == "CLIPTextEncode"
+    assert positive["text"].strip() and negative["text"] == ""
+    assert positive["clip"] == negative["clip"]
+    assert source(api, positive["clip"]) == ("CLIPLoader", {"clip_name": "qwen_3_4b.safetensors", "type": "flux2",
+                                                            "device": "default"})
+    assert source(api, sampler["sampler"]) == ("KSamplerSelect", {"sampler_name": "euler"})
+    assert source(api, sampler["noise"])[0] == "RandomNoise"
+    # the scheduler's shift follows the image size: both nodes get the same one
+    assert source(api, sampler["sigmas"]) == ("Flux2Scheduler", {"steps": 20, "width": 1024, "height": 1024})
+    assert source(api, sampler["latent_image"]) == ("EmptyFlux2LatentImage",
+                                                    {"width": 1024, "height": 1024, "batch_size": 1})
+    decode = only(api, "VAEDecode")
+    assert decode["samples"] == [api_by_type(api)["SamplerCustomAdvanced"][0], 0]
+    assert source(api, decode["vae"]) == ("VAELoader", {"vae_name": "flux2-vae.safetensors"})
+    assert only(api, "SaveImage")["images"] == [api_by_type(api)["VAEDecode"][0], 0]
+    text = note_text(ui)
+    for needed in ("flux-2-klein-base-4b.safetensors", "qwen_3_4b.safetensors", "flux2-vae.safetensors", "flux2",
+                   "VRAM", "computed, not measured", "flux-2-klein-4b.safetensors", "4 steps", "change both"):
+        assert needed in text, needed
+
+
+def test_chroma_workflow_settings():
+    """ComfyUI's Chroma graph (T5-XXL alone through Load CLIP type chroma, Flow Shift 1, CFG Guider 3.5 with a
+    negative prompt, BasicScheduler beta 26 steps, the FLUX.1 VAE) on Load BnB Flux, NF4 quantized on load."""
+    ui, api = load(os.path.join(EXAMPLES, CHROMA)), load(api_path(CHROMA))
+    assert only(api, "LoadBnbFlux") == {"unet_name": "Chroma1-HD.safetensors", "quant_type": "nf4",
+                                        "double_quant": True, "compute_dtype": "auto", "quantize_img_in": False}
+    sampler = only(api, "SamplerCustomAdvanced")
+    guider_type, guider = source(api, sampler["guider"])
+    assert guider_type == "CFGGuider" and guider["cfg"] == 3.5
+    shift_type, shift = source(api, guider["model"])
+    assert shift_type == "ModelSamplingAuraFlow" and shift["shift"] == 1.0
+    assert source(api, shift["model"])[0] == "LoadBnbFlux"
+    sched_type, sched = source(api, sampler["sigmas"])
+    assert sched_type == "BasicScheduler" and sched["model"] == guider["model"]
+    assert (sched["scheduler"], sched["steps"], sched["denoise"]) == ("beta", 26, 1.0)
+    (pos_type, positive), (neg_type, negative) = source(api, guider["positive"]), source(api, guider["negative"])
+    assert pos_type == neg_type == "CLIPTextEncode"
+    assert positive["text"].strip() and negative["text"].strip()  # Chroma is not guidance-distilled: cfg 3.5 uses it
+    assert positive["clip"] == negative["clip"]
+    tok_type, tok = source(api, positive["clip"])
+    assert tok_type == "T5TokenizerOptions"
+    assert source(api, tok["clip"]) == ("CLIPLoader", {"clip_name": "t5xxl_fp8_e4m3fn_scaled.safetensors",
+                                                       "type": "chroma", "device": "default"})
+    assert "DualCLIPLoader" not in api_by_type(api)  # T5 only: Chroma has no CLIP-L input
+    assert source(api, sampler["sampler"]) == ("KSamplerSelect", {"sampler_name": "euler"})
+    assert source(api, sampler["latent_image"]) == ("EmptySD3LatentImage",
+                                                    {"width": 1024, "height": 1024, "batch_size": 1})
+    decode = only(api, "VAEDecode")
+    assert source(api, decode["vae"]) == ("VAELoader", {"vae_name": "ae.safetensors"})
+    assert only(api, "SaveImage")["images"] == [api_by_type(api)["VAEDecode"][0], 0]
+    text = note_text(ui)
+    for needed in ("Chroma1-HD.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors", "ae.safetensors", "chroma",
+                   "no CLIP-L", "VRAM", "computed, not measured"):
+        assert needed in text, needed
+
+
 # ---------------------------------------------------------------------------------------------------
 # model links (what ComfyUI's Missing Models panel offers to download) and shipped media
 
 
 # the loaders whose files a user has to download; each names them in properties.models
-MODEL_LOADERS = {"LoadBnbFlux", "ApplyControlLora", "DualCLIPLoader", "VAELoader"}
+MODEL_LOADERS = {"LoadBnbFlux", "ApplyControlLora", "DualCLIPLoader", "CLIPLoader", "VAELoader"}
 # files no link can be given for: the user's own pick
 USER_PICKED = {"flux_style_lora.safetensors"}
 # links of ours, for files no template bundled with ComfyUI names (so nothing here can check them)
 OWN_LINKS = {"flux1-dev-bnb-nf4-v2.safetensors", "flux1-canny-dev-lora.safetensors", "t5xxl_fp8_e4m3fn.safetensors"}
+# files no bundled template lists as a model, but whose link the note of the template ours follows gives
+# (checked in test_text_to_image_follows_comfyui_template)
+NOTE_LINKS = {"Chroma1-HD.safetensors"}
 THUMBNAIL_MAX_BYTES = 100_000
 
 
@@ -417,7 +514,103 @@ def test_model_links_match_comfyui_templates():
         assert (m["url"], m["directory"]) in bundled[m["name"]], (
             f"{workflow}, node {n['id']}: {m['name']} -> {m['url']} in {m['directory']}; ComfyUI's templates "
             f"give {sorted(bundled[m['name']])}")
-    assert unchecked == OWN_LINKS, "files ComfyUI's templates do not name changed: check their links by hand"
+    assert unchecked == OWN_LINKS | NOTE_LINKS, \
+        "files ComfyUI's templates do not name changed: check their links by hand"
+
+
+# the template of ComfyUI's (comfyui-workflow-templates) each text-to-image workflow follows
+OFFICIAL_TEMPLATES = {KLEIN: "image_flux2_klein_text_to_image", CHROMA: "image_chroma_text_to_image"}
+# the model file ours loads where it is not the official graph's: Chroma's bf16 release (which its template's
+# note links) instead of the fp8 file, so NF4 is made from full precision
+OUR_MODEL_FILE = {CHROMA: ("Chroma1-HD-fp8mixed.safetensors", "Chroma1-HD.safetensors")}
+# values that are ours to choose: prompts, seeds, the output file name
+OWN_VALUES = {"CLIPTextEncode", "RandomNoise", "SaveImage"}
+
+
+def bundled_template_text(name):
+    """The text of ComfyUI's template ``name``.json from the installed comfyui-workflow-templates packages;
+    skips, saying why, when they are not installed."""
+    import importlib.metadata
+
+    for dist in importlib.metadata.distributions():
+        if not (dist.metadata["Name"] or "").lower().replace("_", "-").startswith("comfyui-workflow-templates"):
+            continue
+        for f in dist.files or []:
+            if str(f).endswith(f"/templates/{name}.json"):
+                return f.read_text(encoding="utf-8")
+    msg = f"ComfyUI's template {name} is not installed (comfyui-workflow-templates packages): nothing to compare with"
+    print(msg)
+    pytest.skip(msg)
+
+
+def active_graph(workflow):
+    """(nodes, links as (from node, from slot, to node, to slot)) of what a workflow runs: nodes that are not
+    muted or bypassed, the nodes of an active subgraph in place of the subgraph node; links inside one graph."""
+    subgraphs = {sg["id"]: sg for sg in workflow.get("definitions", {}).get("subgraphs", [])}
+    nodes, links = [], []
+
+    def walk(graph):
+        for n in graph["nodes"]:
+            if n["mode"] != 0:
+                continue
+            if n["type"] in subgraphs:
+                walk(subgraphs[n["type"]])
+            else:
+                nodes.append(n)
+        for link in graph["links"]:
+            if isinstance(link, dict):
+                links.append((link["origin_id"], link["origin_slot"], link["target_id"], link["target_slot"], graph))
+            else:
+                links.append((link[1], link[2], link[3], link[4], graph))
+
+    walk(workflow)
+    return nodes, links
+
+
+def graph_signature(workflow, loader_type):
+    """What the graph does, comparable across files: each node type with its widget values (sorted per type),
+    and each link as (from type, slot, to type, input name). The model loader is called ``loader_type``;
+    editor-only helpers (notes, Primitive* value nodes) and SaveImage's links (across a subgraph's border in
+    ComfyUI's) are left out."""
+    nodes, links = active_graph(workflow)
+    kept = {id(n): n for n in nodes if n["type"] not in FRONTEND_ONLY and not n["type"].startswith("Primitive")}
+
+    def typ(n):
+        return "MODEL LOADER" if n["type"] == loader_type else n["type"]
+
+    widgets = {}
+    for n in kept.values():
+        widgets.setdefault(typ(n), []).append(n["widgets_values"])
+    edges = []
+    for src, src_slot, dst, dst_slot, graph in links:
+        by_id = {n["id"]: n for n in graph["nodes"]}
+        a, b = by_id.get(src), by_id.get(dst)
+        if a is None or b is None or id(a) not in kept or id(b) not in kept or "SaveImage" in (a["type"], b["type"]):
+            continue
+        edges.append((typ(a), src_slot, typ(b), b["inputs"][dst_slot]["name"]))
+    return {t: sorted(v, key=json.dumps) for t, v in widgets.items()}, sorted(edges)
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_TEMPLATES))
+def test_text_to_image_follows_comfyui_template(name):
+    """The same nodes, links and settings as ComfyUI's own template for the model, with Load BnB Flux (NF4) in
+    place of Load Diffusion Model: only prompts, seed and output name are ours (and, for Chroma, the bf16
+    file the official note links first)."""
+    official_text = bundled_template_text(OFFICIAL_TEMPLATES[name])
+    official = json.loads(official_text)
+    theirs, their_links = graph_signature(official, "UNETLoader")
+    ours, our_links = graph_signature(load(os.path.join(EXAMPLES, name)), "LoadBnbFlux")
+    assert our_links == their_links
+    assert sorted(ours) == sorted(theirs)
+    for typ in set(ours) - OWN_VALUES - {"MODEL LOADER"}:
+        assert ours[typ] == theirs[typ], (typ, ours[typ], theirs[typ])
+    (their_loader,), (our_loader,) = theirs["MODEL LOADER"], ours["MODEL LOADER"]
+    their_file, our_file = their_loader[0], our_loader[0]
+    assert (their_file, our_file) == OUR_MODEL_FILE.get(name, (their_file, their_file))
+    if our_file != their_file:  # its link is the one ComfyUI's template gives in its note
+        (url,) = [m["url"] for n in load(os.path.join(EXAMPLES, name))["nodes"]
+                  for m in n.get("properties", {}).get("models", []) if m["name"] == our_file]
+        assert f"({url})" in official_text and our_file in NOTE_LINKS
 
 
 def test_same_file_same_link_everywhere():
@@ -440,11 +633,13 @@ def shipped_inputs():
     return sorted(os.listdir(os.path.join(EXAMPLES, "input")))
 
 
-def test_workflows_use_only_shipped_inputs(pair):
-    ui, api = pair
+@pytest.mark.parametrize("name", [os.path.basename(p) for p in UI_FILES])
+def test_workflows_use_only_shipped_inputs(name):
+    ui, api = load(os.path.join(EXAMPLES, name)), load(api_path(name))
     ui_images = [n["widgets_values"][0] for n in ui["nodes"] if n["type"] == "LoadImage"]
     api_images = [e["inputs"]["image"] for e in api.values() if e["class_type"] == "LoadImage"]
-    assert ui_images == api_images and ui_images
+    assert ui_images == api_images
+    assert bool(ui_images) == (name not in TEXT_TO_IMAGE), ui_images
     assert set(ui_images) <= set(shipped_inputs()), ui_images
 
 
