@@ -4,11 +4,15 @@ Without ComfyUI: every editor (UI-format) workflow has an API-format twin in ``e
 both parse; the UI links are consistent (each link id sits in exactly its from-node's ``outputs[].links``
 and its to-node's ``inputs[].link``, types agree); the API prompt is the same graph (same node ids and
 types, same connections) with the same widget values, matched by name in each node's input order
-(``WIDGETS`` below; UI-only values such as ``control_after_generate`` are skipped).
+(``WIDGETS`` below; UI-only values such as ``control_after_generate`` are skipped). The text-to-image
+workflows have the nodes, links and settings of ComfyUI's own templates for their models (from the
+installed comfyui-workflow-templates packages).
 
 With ComfyUI (``host``): every node type exists, ``WIDGETS`` and the UI sockets match ComfyUI's own node
 definitions, and each API prompt passes ``execution.validate_prompt`` with empty placeholder files under
-the referenced names. Nothing is executed: real FLUX weights are not available here.
+the referenced names. Real weights are not available here: only the text-to-image workflows' sampling
+nodes run, on a small model of their family's layout with test conditioning in place of the text encoder
+(ComfyUI's are fixed at full size).
 """
 from __future__ import annotations
 
@@ -792,6 +796,76 @@ def test_api_prompt_passes_comfyui_validation(host, placeholder_files):
                 broken[nid]["inputs"][name] = "not_there.safetensors"
                 invalid = validate(host, broken)
                 assert not invalid[0] and nid in invalid[3], (nid, name)
+
+
+# A text-to-image template's stand-in model: its family's test model (quant_expand.testing.family_models), of
+# the real layout but small. ComfyUI's Qwen3-4B and T5-XXL text encoders and the VAEs have fixed sizes, so
+# their nodes are replaced by test conditioning of the model's text width, and the latent is captured
+# undecoded.
+# nodes whose work the stand-in replaces
+TEXT_AND_IMAGE_NODES = {"CLIPLoader", "T5TokenizerOptions", "VAELoader", "VAEDecode", "SaveImage"}
+
+
+@pytest.fixture(scope="module")
+def tiny_models(host):
+    from quant_expand.testing.family_models import ChromaConfig, Flux2Config, make_chroma, make_flux2
+    from quant_expand.testing.synthetic import save_safetensors
+
+    klein, chroma = Flux2Config(guidance=False), ChromaConfig()
+    files = {KLEIN: ("tiny_template_klein_bf16.safetensors", lambda: make_flux2(klein, seed=6), klein),
+             CHROMA: ("tiny_template_chroma_bf16.safetensors", lambda: make_chroma(chroma, seed=6), chroma)}
+    for name, make, _ in files.values():
+        path = host.model_path("diffusion_models", name)
+        if not os.path.exists(path):
+            save_safetensors(make(), path)
+    return {workflow: (name, cfg.context_in_dim) for workflow, (name, _, cfg) in files.items()}
+
+
+def tiny_sampler_prompt(workflow, unet_name, text_width, stock_loader=False):
+    """The workflow's API prompt on a tiny model: Load BnB Flux as shipped (or ComfyUI's UNETLoader in its
+    place), the sampler nodes as shipped but for 2 steps at 64 x 64, test conditioning in place of the text
+    encoder, the sampler's latent captured."""
+    from quant_expand.testing.prompts import node, unet_loader
+
+    prompt = {nid: entry for nid, entry in load(api_path(workflow)).items()
+              if entry["class_type"] not in TEXT_AND_IMAGE_NODES}
+    by_type = api_by_type(prompt)
+    (loader,) = by_type["LoadBnbFlux"]
+    if stock_loader:
+        prompt[loader] = unet_loader(unet_name)
+    else:
+        prompt[loader]["inputs"]["unet_name"] = unet_name
+    for k, nid in enumerate(by_type["CLIPTextEncode"]):  # positive and negative differ: cfg mixes them
+        prompt[nid] = node("BnbFluxTestConditioning", seed=1 + k, tokens=8, context_dim=text_width, pooled_dim=0,
+                           guidance=0.0)
+    for entry in prompt.values():
+        inputs = entry["inputs"]
+        if "width" in inputs:
+            inputs.update(width=64, height=64)
+        if "steps" in inputs:
+            inputs["steps"] = 2
+    (sampler,) = by_type["SamplerCustomAdvanced"]
+    prompt["capture"] = node("BnbFluxTestCapture", samples=[sampler, 0], key="latent")
+    return prompt
+
+
+@pytest.mark.parametrize("workflow", sorted(TEXT_TO_IMAGE))
+def test_text_to_image_sampler_runs_on_the_tiny_model(host, tiny_models, workflow):
+    """The template's own sampling nodes (CFG Guider, its scheduler, Flow Shift for Chroma, the empty latent,
+    SamplerCustomAdvanced) run on Load BnB Flux's NF4 model of the family's test model as on ComfyUI's
+    UNETLoader, to 1e-6 (its quantized weights are values NF4 holds exactly)."""
+    from quant_expand.testing.prompts import rel_err
+
+    name, text_width = tiny_models[workflow]
+    quantized = host.run(tiny_sampler_prompt(workflow, name, text_width))["latent"]
+    (loader,) = api_by_type(load(api_path(workflow)))["LoadBnbFlux"]
+    report = host.pack_module("quant_expand.comfyui.report").load_report(host.node_output(loader))
+    assert report.quant.startswith("nf4") and report.quantized_layers > 0, report
+    host.free_models()
+    stock = host.run(tiny_sampler_prompt(workflow, name, text_width, stock_loader=True))["latent"]
+    host.free_models()
+    assert quantized.isfinite().all() and quantized.abs().max() > 0
+    assert rel_err(quantized, stock) < 1e-6
 
 
 def test_canny_finds_the_shipped_image_edges(host):
