@@ -575,7 +575,7 @@ def active_graph(workflow):
 def graph_signature(workflow, loader_type):
     """What the graph does, comparable across files: each node type with its widget values (sorted per type),
     and each link as (from type, slot, to type, input name). The model loader is called ``loader_type``;
-    editor-only helpers (notes, Primitive* value nodes) and SaveImage's links (across a subgraph's border in
+    notes, the Primitive* nodes that only hold a value, and SaveImage's links (across a subgraph's border in
     ComfyUI's) are left out."""
     nodes, links = active_graph(workflow)
     kept = {id(n): n for n in nodes if n["type"] not in FRONTEND_ONLY and not n["type"].startswith("Primitive")}
