@@ -56,7 +56,10 @@ EXAMPLE_MODEL_FILES = (
     ("diffusion_models", "flux1-dev.safetensors"), ("checkpoints", "flux1-dev-bnb-nf4-v2.safetensors"),
     ("loras", "flux1-canny-dev-lora.safetensors"), ("loras", "flux1-depth-dev-lora.safetensors"),
     ("loras", "flux_style_lora.safetensors"), ("text_encoders", "clip_l.safetensors"),
-    ("text_encoders", "t5xxl_fp8_e4m3fn.safetensors"), ("vae", "ae.safetensors"))
+    ("text_encoders", "t5xxl_fp8_e4m3fn.safetensors"), ("vae", "ae.safetensors"),
+    ("diffusion_models", "flux-2-klein-base-4b.safetensors"), ("text_encoders", "qwen_3_4b.safetensors"),
+    ("vae", "flux2-vae.safetensors"), ("diffusion_models", "Chroma1-HD.safetensors"),
+    ("text_encoders", "t5xxl_fp8_e4m3fn_scaled.safetensors"))
 
 
 @contextlib.contextmanager

@@ -4,10 +4,11 @@
   Canny workflows (Canny finds its edges) and a synthetic depth map (near = bright) for the Depth one.
 - ``thumbnails``: ``example_workflows/<workflow name>.jpg``, what the template browser shows for each
   workflow: the graph as ComfyUI's editor draws it (headless Chromium, see ``browser_host``), with the
-  workflow's input image in a corner. Nothing in them is a FLUX output: there are no weights here.
+  workflow's input image in a corner (a text-to-image workflow: its prompt). Nothing in them is a model's
+  output: there are no weights here.
 
 Run with the Python of a ComfyUI install (COMFYUI_PATH set for ``thumbnails``), from the repo root:
-``python tests/make_example_media.py inputs`` or ``... thumbnails``.
+``python tests/make_example_media.py inputs`` or ``... thumbnails [WORKFLOW NAME ...]`` (all by default).
 """
 from __future__ import annotations
 
@@ -109,14 +110,18 @@ def workflow_input_image(workflow: dict) -> str | None:
     return None
 
 
-# the nodes that make a template what it is: the model and the LoRAs on it
+# the nodes that make a template what it is: the model and the LoRAs on it, and for a text-to-image
+# template (no LoRA) the text encoder it needs
 CHAIN = ("LoadBnbFlux", "ApplyControlLora", "SetLoraScale")
+TEXT_TO_IMAGE_CHAIN = ("LoadBnbFlux", "CLIPLoader")
 # what each thumbnail says on top, in words a user choosing a template needs
 CAPTIONS = {
     "Canny Control - NF4 checkpoint": ("Start here: a ready NF4 file", "nothing to quantize, a ~12 GB file"),
     "Canny Control - quantize on load": ("FLUX.1-dev (23.8 GB) quantized", "to NF4 at every start"),
     "Depth Control - quantize on load": ("FLUX.1-dev (23.8 GB) quantized", "to NF4, a depth map as control"),
     "Style LoRA + Canny Control": ("Control LoRA + your style LoRA", "strengths change without reloading"),
+    "FLUX.2 klein 4B - text to image": ("FLUX.2 [klein] 4B in NF4", "quantized on load, Qwen3-4B prompt"),
+    "Chroma - text to image": ("Chroma1-HD in NF4", "quantized on load, T5-only prompt"),
 }
 
 CHAIN_LAYOUT = """([types, gap]) => {
@@ -130,6 +135,37 @@ CHAIN_LAYOUT = """([types, gap]) => {
 }"""
 
 
+def chain_types(workflow: dict) -> tuple[str, ...]:
+    return CHAIN if workflow_input_image(workflow) else TEXT_TO_IMAGE_CHAIN
+
+
+def positive_prompt(workflow: dict) -> str:
+    (text,) = [n["widgets_values"][0] for n in workflow["nodes"]
+               if n["type"] == "CLIPTextEncode" and "Positive" in n.get("title", "")]
+    return text
+
+
+def prompt_panel(text: str, width: int, height: int) -> Image.Image:
+    """The prompt as a text box, where an image-to-image template shows its input image."""
+    panel = Image.new("RGB", (width, height), (24, 24, 24))
+    d = ImageDraw.Draw(panel)
+    font = ImageFont.load_default(size=17)
+    lines, line = [], ""
+    for word in text.split():
+        if line and d.textlength(line + " " + word, font=font) > width - 20:
+            lines.append(line)
+            line = word
+        else:
+            line = (line + " " + word).strip()
+    lines.append(line)
+    fits = (height - 18) // 22
+    if len(lines) > fits:  # a long prompt ends in an ellipsis
+        lines = lines[:fits - 1] + [lines[fits - 1].rstrip(",.") + " ..."]
+    for k, line in enumerate(lines):
+        d.text((10, 10 + 22 * k), line, fill=(210, 210, 210), font=font)
+    return panel
+
+
 def chain_screenshot(page, workflow: dict) -> Image.Image:
     """The workflow's model chain (Load BnB Flux and its LoRA nodes) as the editor draws it, stacked
     top to bottom at a zoom where the widgets read; the rest of the graph is left out of the picture.
@@ -140,7 +176,7 @@ def chain_screenshot(page, workflow: dict) -> Image.Image:
 
     load_workflow(page, workflow)
     close_dialogs(page)
-    width, height = page.evaluate(CHAIN_LAYOUT, [list(CHAIN), 50])
+    width, height = page.evaluate(CHAIN_LAYOUT, [list(chain_types(workflow)), 50])
     data_url = page.evaluate("""([width, height, margin]) => {
       const canvas = window.app.canvas, el = canvas.canvas;
       const scale = Math.min(1.6, (el.height - 2 * margin) / height, (el.width - 2 * margin) / width);
@@ -157,10 +193,11 @@ def chain_screenshot(page, workflow: dict) -> Image.Image:
     return Image.open(io.BytesIO(png)).convert("RGB")
 
 
-def compose_thumbnail(chain: Image.Image, control: Image.Image | None, caption: tuple[str, str]) -> Image.Image:
+def compose_thumbnail(chain: Image.Image, control: Image.Image | None, caption: tuple[str, str],
+                      label: str = "input") -> Image.Image:
     """Square, on the editor's dark grey: the model chain on the left, the input image (the control the
-    workflow starts from) on the right, the caption at the bottom. The top left stays plain: the
-    template browser lays its "Node graph" badge over it."""
+    workflow starts from, or a text-to-image workflow's prompt) on the right, the caption at the bottom.
+    The top left stays plain: the template browser lays its "Node graph" badge over it."""
     bg, fg, dim = (32, 32, 32), (240, 240, 240), (170, 170, 170)
     thumb = Image.new("RGB", (THUMB, THUMB), bg)
     d = ImageDraw.Draw(thumb)
@@ -175,17 +212,22 @@ def compose_thumbnail(chain: Image.Image, control: Image.Image | None, caption: 
         y0 = badge_h + (caption_top - badge_h - pad - 30 - img.height) // 2
         d.rectangle((x0 - 2, y0 - 2, x0 + img.width + 1, y0 + img.height + 1), fill=(90, 90, 90))
         thumb.paste(img, (x0, y0))
-        d.text((x0, y0 + img.height + 6), "input", fill=dim, font=ImageFont.load_default(size=18))
+        d.text((x0, y0 + img.height + 6), label, fill=dim, font=ImageFont.load_default(size=18))
     d.text((16, caption_top + 10), caption[0], fill=fg, font=ImageFont.load_default(size=30))
     d.text((16, caption_top + 50), caption[1], fill=dim, font=ImageFont.load_default(size=22))
     return thumb
 
 
-def write_thumbnails():
+def write_thumbnails(names=()):
     sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), REPO_ROOT]  # as conftest.py does for the tests
     from browser_host import browser_session
 
     workflows = sorted(glob.glob(os.path.join(EXAMPLES, "*.json")))
+    if names:
+        unknown = set(names) - {os.path.splitext(os.path.basename(p))[0] for p in workflows}
+        if unknown:
+            raise SystemExit(f"no example workflow named {sorted(unknown)}")
+        workflows = [p for p in workflows if os.path.splitext(os.path.basename(p))[0] in names]
     with tempfile.TemporaryDirectory() as tmp:
         with browser_session(_TmpFactory(tmp)) as (_, page, _):
             page.set_viewport_size({"width": 1400, "height": 1400})
@@ -194,8 +236,13 @@ def write_thumbnails():
                     workflow = json.load(f)
                 name = os.path.splitext(os.path.basename(path))[0]
                 image = workflow_input_image(workflow)
-                control = Image.open(os.path.join(INPUTS, image)) if image else None
-                thumb = compose_thumbnail(chain_screenshot(page, workflow), control, CAPTIONS[name])
+                chain = chain_screenshot(page, workflow)
+                if image:
+                    thumb = compose_thumbnail(chain, Image.open(os.path.join(INPUTS, image)), CAPTIONS[name])
+                else:
+                    side = THUMB - 3 * 12 - min(chain.width, int(THUMB * 0.6))
+                    panel = prompt_panel(positive_prompt(workflow), side, 220)
+                    thumb = compose_thumbnail(chain, panel, CAPTIONS[name], label="prompt")
                 out = os.path.join(EXAMPLES, name + ".jpg")
                 thumb.save(out, quality=THUMB_QUALITY, optimize=True)
                 print(f"wrote {os.path.relpath(out, REPO_ROOT)} ({os.path.getsize(out) // 1024} KiB)")
@@ -204,8 +251,9 @@ def write_thumbnails():
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["inputs", "thumbnails"])
+    parser.add_argument("names", nargs="*", help="thumbnails: only these workflows (file names without .json)")
     args = parser.parse_args(argv)
-    write_inputs() if args.what == "inputs" else write_thumbnails()
+    write_inputs() if args.what == "inputs" else write_thumbnails(args.names)
 
 
 if __name__ == "__main__":

@@ -4,12 +4,13 @@ driven by the Python ``playwright`` package; no browser is ever downloaded).
 A real ComfyUI server on loopback (``server_host``: the pack in a temporary ``custom_nodes``, plus
 test-only conditioning/latent nodes for the tiny FLUX). The test opens the editor, loads each example
 workflow and checks that no node type is missing (and that a workflow with an unknown node does raise
-the missing-nodes dialog, so the check can fail); then builds small graphs on the tiny FLUX in the
-editor, runs them, and checks what ``web/bnb_flux.js`` shows: every node's badge after a run (whole,
-wrapped inside the node), Apply Control LoRA's strength after a Set LoRA Scale downstream, a failed
-node's badge and the editor's error report, quant_type/double_quant greyed out for a pre-quantized file,
-Set LoRA Scale taking the LoRA applied upstream, and Apply LoRA Stack. Screenshots go to the test's
-output directory (printed; ``BNB_FLUX_SCREENSHOTS=DIR`` to keep them somewhere else).
+the missing-nodes dialog, so the check can fail) and that its API twin is what the editor exports; then
+builds small graphs on the tiny FLUX in the editor, runs them, and checks what ``web/bnb_flux.js`` shows:
+every node's badge after a run (whole, wrapped inside the node), Apply Control LoRA's strength after a Set
+LoRA Scale downstream, a failed node's badge and the editor's error report, quant_type/double_quant greyed
+out for a pre-quantized file, Set LoRA Scale taking the LoRA applied upstream, and Apply LoRA Stack.
+Screenshots go to the test's output directory (printed; ``BNB_FLUX_SCREENSHOTS=DIR`` to keep them
+somewhere else).
 
 Skipped, with the reason printed, without COMFYUI_PATH, without Chromium or without playwright.
 """
@@ -48,6 +49,21 @@ def test_example_workflow_has_no_missing_nodes(browser_server, path):
     assert page.evaluate(UNKNOWN_NODES) == []
     types = page.evaluate("() => window.app.graph._nodes.map(n => n.type)")
     assert sorted(types) == sorted(n["type"] for n in workflow["nodes"])
+    close_dialogs(page)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)
+def test_example_api_twin_is_the_editors_export(browser_server, path):
+    """example_workflows/api/<name>.json is what the editor itself makes of the workflow for the server
+    (graphToPrompt, as Queue and Export (API) do): node ids, class types, titles, links and values."""
+    srv, page, _ = browser_server
+    with open(path, encoding="utf-8") as f:
+        workflow = json.load(f)
+    with open(os.path.join(os.path.dirname(path), "api", os.path.basename(path)), encoding="utf-8") as f:
+        twin = json.load(f)
+    load_workflow(page, workflow)
+    exported = page.evaluate("async () => (await window.app.graphToPrompt()).output")
+    assert exported == twin
     close_dialogs(page)
 
 

@@ -23,6 +23,8 @@ from server_host import PACK_DIR_NAME
 TEMPLATES = [os.path.splitext(os.path.basename(p))[0] for p in EXAMPLES]
 NF4_CHECKPOINT = "Canny Control - NF4 checkpoint"
 STYLE = "Style LoRA + Canny Control"
+# templates whose every file has a link, and how many files each needs
+LINKED_TEMPLATES = {NF4_CHECKPOINT: 5, "FLUX.2 klein 4B - text to image": 3, "Chroma - text to image": 3}
 SECTION_TITLE = "BnB Flux"
 SHIPPED_INPUTS = os.path.join(REPO_ROOT, "example_workflows", "input")
 THUMBNAIL_SIZE = 512  # ours; the frontend's fallback picture for a thumbnail that fails is 224 px wide
@@ -133,15 +135,16 @@ def missing_model_row(page, name: str):
     return label.locator("xpath=ancestor::div[contains(concat(' ', @class, ' '), ' mb-1 ')][1]")
 
 
-def test_nf4_checkpoint_template_missing_models_link_their_downloads(editor):
-    """Each file of the NF4 checkpoint template (the one to try first) is in the Missing Models panel under
-    its folder, and its Download button opens the file's URL from the workflow (not "Unknown", not a bare
-    name)."""
+@pytest.mark.parametrize("name", sorted(LINKED_TEMPLATES))
+def test_template_missing_models_link_their_downloads(editor, name):
+    """Each file of the NF4 checkpoint template (the one to try first) and of the text-to-image templates is
+    in the Missing Models panel under its folder, and its Download button opens the file's URL from the
+    workflow (not "Unknown", not a bare name)."""
     srv, page, shots, opened = editor
-    open_template(page, NF4_CHECKPOINT)
-    page.screenshot(path=os.path.join(shots, "nf4_checkpoint_template_missing_models.png"))
-    links = model_links(NF4_CHECKPOINT)
-    assert len(links) == 5
+    open_template(page, name)
+    page.screenshot(path=os.path.join(shots, f"{name} missing models.png"))
+    links = model_links(name)
+    assert len(links) == LINKED_TEMPLATES[name]
     group = page.locator("[data-testid='error-group-missing-model']")
     assert "Unknown" not in group.inner_text()
     assert group.locator("[data-testid='missing-model-download']").count() == len(links)

@@ -4,11 +4,15 @@ Without ComfyUI: every editor (UI-format) workflow has an API-format twin in ``e
 both parse; the UI links are consistent (each link id sits in exactly its from-node's ``outputs[].links``
 and its to-node's ``inputs[].link``, types agree); the API prompt is the same graph (same node ids and
 types, same connections) with the same widget values, matched by name in each node's input order
-(``WIDGETS`` below; UI-only values such as ``control_after_generate`` are skipped).
+(``WIDGETS`` below; UI-only values such as ``control_after_generate`` are skipped). The text-to-image
+workflows have the nodes, links and settings of ComfyUI's own templates for their models (from the
+installed comfyui-workflow-templates packages).
 
 With ComfyUI (``host``): every node type exists, ``WIDGETS`` and the UI sockets match ComfyUI's own node
 definitions, and each API prompt passes ``execution.validate_prompt`` with empty placeholder files under
-the referenced names. Nothing is executed: real FLUX weights are not available here.
+the referenced names. Real weights are not available here: only the text-to-image workflows' sampling
+nodes run, on a small model of their family's layout with test conditioning in place of the text encoder
+(ComfyUI's are fixed at full size).
 """
 from __future__ import annotations
 
@@ -28,6 +32,9 @@ NF4_CHECKPOINT = "Canny Control - NF4 checkpoint.json"
 CANNY = "Canny Control - quantize on load.json"
 DEPTH = "Depth Control - quantize on load.json"
 STYLE = "Style LoRA + Canny Control.json"
+KLEIN = "FLUX.2 klein 4B - text to image.json"
+CHROMA = "Chroma - text to image.json"
+TEXT_TO_IMAGE = {KLEIN, CHROMA}  # no input image
 
 # nodes that live only in the editor: never sent to the server, absent from the API format
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
@@ -51,6 +58,17 @@ WIDGETS = {
     "KSampler": ["seed", CONTROL, "steps", "cfg", "sampler_name", "scheduler", "denoise"],
     "VAEDecode": [],
     "SaveImage": ["filename_prefix"],
+    "CLIPLoader": ["clip_name", "type", "device"],
+    "CFGGuider": ["cfg"],
+    "RandomNoise": ["noise_seed", CONTROL],
+    "KSamplerSelect": ["sampler_name"],
+    "Flux2Scheduler": ["steps", "width", "height"],
+    "BasicScheduler": ["scheduler", "steps", "denoise"],
+    "EmptyFlux2LatentImage": ["width", "height", "batch_size"],
+    "EmptySD3LatentImage": ["width", "height", "batch_size"],
+    "SamplerCustomAdvanced": [],
+    "ModelSamplingAuraFlow": ["shift"],
+    "T5TokenizerOptions": ["min_padding", "min_length"],
 }
 # API inputs that name files: (class_type, input) -> ComfyUI model folder ("input": the input directory)
 FILE_INPUTS = {
@@ -59,6 +77,7 @@ FILE_INPUTS = {
     ("SetLoraScale", "lora_name"): "loras",
     ("DualCLIPLoader", "clip_name1"): "text_encoders",
     ("DualCLIPLoader", "clip_name2"): "text_encoders",
+    ("CLIPLoader", "clip_name"): "text_encoders",
     ("VAELoader", "vae_name"): "vae",
     ("LoadImage", "image"): "input",
 }
@@ -89,7 +108,7 @@ def pair(request):
 
 
 def test_examples_exist_in_both_formats():
-    assert {NF4_CHECKPOINT, CANNY, DEPTH, STYLE} == {os.path.basename(p) for p in UI_FILES}
+    assert {NF4_CHECKPOINT, CANNY, DEPTH, STYLE, KLEIN, CHROMA} == {os.path.basename(p) for p in UI_FILES}
     for ui_file in UI_FILES:
         assert os.path.isfile(api_path(ui_file)), f"{os.path.basename(ui_file)} has no API-format twin in api/"
     for api_file in glob.glob(os.path.join(EXAMPLES, "api", "*.json")):
@@ -327,16 +346,98 @@ def test_control_and_style_workflow_settings():
         assert needed in text, needed
 
 
+def only(api, class_type):
+    """The inputs of the workflow's one node of this type."""
+    (nid,) = api_by_type(api)[class_type]
+    return api[nid]["inputs"]
+
+
+def source(api, ref):
+    """(class_type, inputs) of the node a link comes from."""
+    return api[ref[0]]["class_type"], api[ref[0]]["inputs"]
+
+
+def test_klein_workflow_settings():
+    """ComfyUI's FLUX.2 [klein] 4B graph (Qwen3-4B through Load CLIP type flux2, the FLUX.2 VAE, CFG Guider 5,
+    Flux2Scheduler 20 steps at the image size) on Load BnB Flux, NF4 quantized on load."""
+    ui, api = load(os.path.join(EXAMPLES, KLEIN)), load(api_path(KLEIN))
+    assert only(api, "LoadBnbFlux") == {"unet_name": "flux-2-klein-base-4b.safetensors", "quant_type": "nf4",
+                                        "double_quant": True, "compute_dtype": "auto", "quantize_img_in": False}
+    sampler = only(api, "SamplerCustomAdvanced")
+    guider_type, guider = source(api, sampler["guider"])
+    assert guider_type == "CFGGuider" and guider["cfg"] == 5.0
+    assert source(api, guider["model"])[0] == "LoadBnbFlux"
+    (pos_type, positive), (neg_type, negative) = source(api, guider["positive"]), source(api, guider["negative"])
+    assert pos_type == neg_type == "CLIPTextEncode"
+    assert positive["text"].strip() and negative["text"] == ""
+    assert positive["clip"] == negative["clip"]
+    assert source(api, positive["clip"]) == ("CLIPLoader", {"clip_name": "qwen_3_4b.safetensors", "type": "flux2",
+                                                            "device": "default"})
+    assert source(api, sampler["sampler"]) == ("KSamplerSelect", {"sampler_name": "euler"})
+    assert source(api, sampler["noise"])[0] == "RandomNoise"
+    # the scheduler's shift follows the image size: both nodes get the same one
+    assert source(api, sampler["sigmas"]) == ("Flux2Scheduler", {"steps": 20, "width": 1024, "height": 1024})
+    assert source(api, sampler["latent_image"]) == ("EmptyFlux2LatentImage",
+                                                    {"width": 1024, "height": 1024, "batch_size": 1})
+    decode = only(api, "VAEDecode")
+    assert decode["samples"] == [api_by_type(api)["SamplerCustomAdvanced"][0], 0]
+    assert source(api, decode["vae"]) == ("VAELoader", {"vae_name": "flux2-vae.safetensors"})
+    assert only(api, "SaveImage")["images"] == [api_by_type(api)["VAEDecode"][0], 0]
+    text = note_text(ui)
+    for needed in ("flux-2-klein-base-4b.safetensors", "qwen_3_4b.safetensors", "flux2-vae.safetensors", "flux2",
+                   "VRAM", "computed, not measured", "flux-2-klein-4b.safetensors", "4 steps", "change both"):
+        assert needed in text, needed
+
+
+def test_chroma_workflow_settings():
+    """ComfyUI's Chroma graph (T5-XXL alone through Load CLIP type chroma, Flow Shift 1, CFG Guider 3.5 with a
+    negative prompt, BasicScheduler beta 26 steps, the FLUX.1 VAE) on Load BnB Flux, NF4 quantized on load."""
+    ui, api = load(os.path.join(EXAMPLES, CHROMA)), load(api_path(CHROMA))
+    assert only(api, "LoadBnbFlux") == {"unet_name": "Chroma1-HD.safetensors", "quant_type": "nf4",
+                                        "double_quant": True, "compute_dtype": "auto", "quantize_img_in": False}
+    sampler = only(api, "SamplerCustomAdvanced")
+    guider_type, guider = source(api, sampler["guider"])
+    assert guider_type == "CFGGuider" and guider["cfg"] == 3.5
+    shift_type, shift = source(api, guider["model"])
+    assert shift_type == "ModelSamplingAuraFlow" and shift["shift"] == 1.0
+    assert source(api, shift["model"])[0] == "LoadBnbFlux"
+    sched_type, sched = source(api, sampler["sigmas"])
+    assert sched_type == "BasicScheduler" and sched["model"] == guider["model"]
+    assert (sched["scheduler"], sched["steps"], sched["denoise"]) == ("beta", 26, 1.0)
+    (pos_type, positive), (neg_type, negative) = source(api, guider["positive"]), source(api, guider["negative"])
+    assert pos_type == neg_type == "CLIPTextEncode"
+    assert positive["text"].strip() and negative["text"].strip()  # Chroma is not guidance-distilled: cfg 3.5 uses it
+    assert positive["clip"] == negative["clip"]
+    tok_type, tok = source(api, positive["clip"])
+    assert tok_type == "T5TokenizerOptions"
+    assert source(api, tok["clip"]) == ("CLIPLoader", {"clip_name": "t5xxl_fp8_e4m3fn_scaled.safetensors",
+                                                       "type": "chroma", "device": "default"})
+    assert "DualCLIPLoader" not in api_by_type(api)  # T5 only: Chroma has no CLIP-L input
+    assert source(api, sampler["sampler"]) == ("KSamplerSelect", {"sampler_name": "euler"})
+    assert source(api, sampler["latent_image"]) == ("EmptySD3LatentImage",
+                                                    {"width": 1024, "height": 1024, "batch_size": 1})
+    decode = only(api, "VAEDecode")
+    assert source(api, decode["vae"]) == ("VAELoader", {"vae_name": "ae.safetensors"})
+    assert only(api, "SaveImage")["images"] == [api_by_type(api)["VAEDecode"][0], 0]
+    text = note_text(ui)
+    for needed in ("Chroma1-HD.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors", "ae.safetensors", "chroma",
+                   "no CLIP-L", "VRAM", "computed, not measured"):
+        assert needed in text, needed
+
+
 # ---------------------------------------------------------------------------------------------------
 # model links (what ComfyUI's Missing Models panel offers to download) and shipped media
 
 
 # the loaders whose files a user has to download; each names them in properties.models
-MODEL_LOADERS = {"LoadBnbFlux", "ApplyControlLora", "DualCLIPLoader", "VAELoader"}
+MODEL_LOADERS = {"LoadBnbFlux", "ApplyControlLora", "DualCLIPLoader", "CLIPLoader", "VAELoader"}
 # files no link can be given for: the user's own pick
 USER_PICKED = {"flux_style_lora.safetensors"}
 # links of ours, for files no template bundled with ComfyUI names (so nothing here can check them)
 OWN_LINKS = {"flux1-dev-bnb-nf4-v2.safetensors", "flux1-canny-dev-lora.safetensors", "t5xxl_fp8_e4m3fn.safetensors"}
+# files no bundled template lists as a model, but whose link the note of the template ours follows gives
+# (checked in test_text_to_image_follows_comfyui_template)
+NOTE_LINKS = {"Chroma1-HD.safetensors"}
 THUMBNAIL_MAX_BYTES = 100_000
 
 
@@ -417,7 +518,104 @@ def test_model_links_match_comfyui_templates():
         assert (m["url"], m["directory"]) in bundled[m["name"]], (
             f"{workflow}, node {n['id']}: {m['name']} -> {m['url']} in {m['directory']}; ComfyUI's templates "
             f"give {sorted(bundled[m['name']])}")
-    assert unchecked == OWN_LINKS, "files ComfyUI's templates do not name changed: check their links by hand"
+    assert unchecked == OWN_LINKS | NOTE_LINKS, \
+        "files ComfyUI's templates do not name changed: check their links by hand"
+
+
+# the template of ComfyUI's (comfyui-workflow-templates) each text-to-image workflow follows
+OFFICIAL_TEMPLATES = {KLEIN: "image_flux2_klein_text_to_image", CHROMA: "image_chroma_text_to_image"}
+# the model file ours loads where it is not the official graph's: Chroma's bf16 release (which its template's
+# note links) instead of the fp8 file, which Load BnB Flux does not read for Chroma yet (and NF4 is best made
+# from full precision)
+OUR_MODEL_FILE = {CHROMA: ("Chroma1-HD-fp8mixed.safetensors", "Chroma1-HD.safetensors")}
+# values that are ours to choose: prompts, seeds, the output file name
+OWN_VALUES = {"CLIPTextEncode", "RandomNoise", "SaveImage"}
+
+
+def bundled_template_text(name):
+    """The text of ComfyUI's template ``name``.json from the installed comfyui-workflow-templates packages;
+    skips, saying why, when they are not installed."""
+    import importlib.metadata
+
+    for dist in importlib.metadata.distributions():
+        if not (dist.metadata["Name"] or "").lower().replace("_", "-").startswith("comfyui-workflow-templates"):
+            continue
+        for f in dist.files or []:
+            if str(f).endswith(f"/templates/{name}.json"):
+                return f.read_text(encoding="utf-8")
+    msg = f"ComfyUI's template {name} is not installed (comfyui-workflow-templates packages): nothing to compare with"
+    print(msg)
+    pytest.skip(msg)
+
+
+def active_graph(workflow):
+    """(nodes, links as (from node, from slot, to node, to slot)) of what a workflow runs: nodes that are not
+    muted or bypassed, the nodes of an active subgraph in place of the subgraph node; links inside one graph."""
+    subgraphs = {sg["id"]: sg for sg in workflow.get("definitions", {}).get("subgraphs", [])}
+    nodes, links = [], []
+
+    def walk(graph):
+        for n in graph["nodes"]:
+            if n["mode"] != 0:
+                continue
+            if n["type"] in subgraphs:
+                walk(subgraphs[n["type"]])
+            else:
+                nodes.append(n)
+        for link in graph["links"]:
+            if isinstance(link, dict):
+                links.append((link["origin_id"], link["origin_slot"], link["target_id"], link["target_slot"], graph))
+            else:
+                links.append((link[1], link[2], link[3], link[4], graph))
+
+    walk(workflow)
+    return nodes, links
+
+
+def graph_signature(workflow, loader_type):
+    """What the graph does, comparable across files: each node type with its widget values (sorted per type),
+    and each link as (from type, slot, to type, input name). The model loader is called ``loader_type``;
+    notes, the Primitive* nodes that only hold a value, and SaveImage's links (across a subgraph's border in
+    ComfyUI's) are left out."""
+    nodes, links = active_graph(workflow)
+    kept = {id(n): n for n in nodes if n["type"] not in FRONTEND_ONLY and not n["type"].startswith("Primitive")}
+
+    def typ(n):
+        return "MODEL LOADER" if n["type"] == loader_type else n["type"]
+
+    widgets = {}
+    for n in kept.values():
+        widgets.setdefault(typ(n), []).append(n["widgets_values"])
+    edges = []
+    for src, src_slot, dst, dst_slot, graph in links:
+        by_id = {n["id"]: n for n in graph["nodes"]}
+        a, b = by_id.get(src), by_id.get(dst)
+        if a is None or b is None or id(a) not in kept or id(b) not in kept or "SaveImage" in (a["type"], b["type"]):
+            continue
+        edges.append((typ(a), src_slot, typ(b), b["inputs"][dst_slot]["name"]))
+    return {t: sorted(v, key=json.dumps) for t, v in widgets.items()}, sorted(edges)
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_TEMPLATES))
+def test_text_to_image_follows_comfyui_template(name):
+    """The same nodes, links and settings as ComfyUI's own template for the model, with Load BnB Flux (NF4) in
+    place of Load Diffusion Model: only prompts, seed and output name are ours (and, for Chroma, the bf16
+    file the official note links first)."""
+    official_text = bundled_template_text(OFFICIAL_TEMPLATES[name])
+    official = json.loads(official_text)
+    theirs, their_links = graph_signature(official, "UNETLoader")
+    ours, our_links = graph_signature(load(os.path.join(EXAMPLES, name)), "LoadBnbFlux")
+    assert our_links == their_links
+    assert sorted(ours) == sorted(theirs)
+    for typ in set(ours) - OWN_VALUES - {"MODEL LOADER"}:
+        assert ours[typ] == theirs[typ], (typ, ours[typ], theirs[typ])
+    (their_loader,), (our_loader,) = theirs["MODEL LOADER"], ours["MODEL LOADER"]
+    their_file, our_file = their_loader[0], our_loader[0]
+    assert (their_file, our_file) == OUR_MODEL_FILE.get(name, (their_file, their_file))
+    if our_file != their_file:  # its link is the one ComfyUI's template gives in its note
+        (url,) = [m["url"] for n in load(os.path.join(EXAMPLES, name))["nodes"]
+                  for m in n.get("properties", {}).get("models", []) if m["name"] == our_file]
+        assert f"({url})" in official_text and our_file in NOTE_LINKS
 
 
 def test_same_file_same_link_everywhere():
@@ -440,11 +638,13 @@ def shipped_inputs():
     return sorted(os.listdir(os.path.join(EXAMPLES, "input")))
 
 
-def test_workflows_use_only_shipped_inputs(pair):
-    ui, api = pair
+@pytest.mark.parametrize("name", [os.path.basename(p) for p in UI_FILES])
+def test_workflows_use_only_shipped_inputs(name):
+    ui, api = load(os.path.join(EXAMPLES, name)), load(api_path(name))
     ui_images = [n["widgets_values"][0] for n in ui["nodes"] if n["type"] == "LoadImage"]
     api_images = [e["inputs"]["image"] for e in api.values() if e["class_type"] == "LoadImage"]
-    assert ui_images == api_images and ui_images
+    assert ui_images == api_images
+    assert bool(ui_images) == (name not in TEXT_TO_IMAGE), ui_images
     assert set(ui_images) <= set(shipped_inputs()), ui_images
 
 
@@ -596,6 +796,76 @@ def test_api_prompt_passes_comfyui_validation(host, placeholder_files):
                 broken[nid]["inputs"][name] = "not_there.safetensors"
                 invalid = validate(host, broken)
                 assert not invalid[0] and nid in invalid[3], (nid, name)
+
+
+# A text-to-image template's stand-in model: its family's test model (quant_expand.testing.family_models), of
+# the real layout but small. ComfyUI's Qwen3-4B and T5-XXL text encoders and the VAEs have fixed sizes, so
+# their nodes are replaced by test conditioning of the model's text width, and the latent is captured
+# undecoded.
+# nodes whose work the stand-in replaces
+TEXT_AND_IMAGE_NODES = {"CLIPLoader", "T5TokenizerOptions", "VAELoader", "VAEDecode", "SaveImage"}
+
+
+@pytest.fixture(scope="module")
+def tiny_models(host):
+    from quant_expand.testing.family_models import ChromaConfig, Flux2Config, make_chroma, make_flux2
+    from quant_expand.testing.synthetic import save_safetensors
+
+    klein, chroma = Flux2Config(guidance=False), ChromaConfig()
+    files = {KLEIN: ("tiny_template_klein_bf16.safetensors", lambda: make_flux2(klein, seed=6), klein),
+             CHROMA: ("tiny_template_chroma_bf16.safetensors", lambda: make_chroma(chroma, seed=6), chroma)}
+    for name, make, _ in files.values():
+        path = host.model_path("diffusion_models", name)
+        if not os.path.exists(path):
+            save_safetensors(make(), path)
+    return {workflow: (name, cfg.context_in_dim) for workflow, (name, _, cfg) in files.items()}
+
+
+def tiny_sampler_prompt(workflow, unet_name, text_width, stock_loader=False):
+    """The workflow's API prompt on a tiny model: Load BnB Flux as shipped (or ComfyUI's UNETLoader in its
+    place), the sampler nodes as shipped but for 2 steps at 64 x 64, test conditioning in place of the text
+    encoder, the sampler's latent captured."""
+    from quant_expand.testing.prompts import node, unet_loader
+
+    prompt = {nid: entry for nid, entry in load(api_path(workflow)).items()
+              if entry["class_type"] not in TEXT_AND_IMAGE_NODES}
+    by_type = api_by_type(prompt)
+    (loader,) = by_type["LoadBnbFlux"]
+    if stock_loader:
+        prompt[loader] = unet_loader(unet_name)
+    else:
+        prompt[loader]["inputs"]["unet_name"] = unet_name
+    for k, nid in enumerate(by_type["CLIPTextEncode"]):  # positive and negative differ: cfg mixes them
+        prompt[nid] = node("BnbFluxTestConditioning", seed=1 + k, tokens=8, context_dim=text_width, pooled_dim=0,
+                           guidance=0.0)
+    for entry in prompt.values():
+        inputs = entry["inputs"]
+        if "width" in inputs:
+            inputs.update(width=64, height=64)
+        if "steps" in inputs:
+            inputs["steps"] = 2
+    (sampler,) = by_type["SamplerCustomAdvanced"]
+    prompt["capture"] = node("BnbFluxTestCapture", samples=[sampler, 0], key="latent")
+    return prompt
+
+
+@pytest.mark.parametrize("workflow", sorted(TEXT_TO_IMAGE))
+def test_text_to_image_sampler_runs_on_the_tiny_model(host, tiny_models, workflow):
+    """The template's own sampling nodes (CFG Guider, its scheduler, Flow Shift for Chroma, the empty latent,
+    SamplerCustomAdvanced) run on Load BnB Flux's NF4 model of the family's test model as on ComfyUI's
+    UNETLoader, to 1e-6 (its quantized weights are values NF4 holds exactly)."""
+    from quant_expand.testing.prompts import rel_err
+
+    name, text_width = tiny_models[workflow]
+    quantized = host.run(tiny_sampler_prompt(workflow, name, text_width))["latent"]
+    (loader,) = api_by_type(load(api_path(workflow)))["LoadBnbFlux"]
+    report = host.pack_module("quant_expand.comfyui.report").load_report(host.node_output(loader))
+    assert report.quant.startswith("nf4") and report.quantized_layers > 0, report
+    host.free_models()
+    stock = host.run(tiny_sampler_prompt(workflow, name, text_width, stock_loader=True))["latent"]
+    host.free_models()
+    assert quantized.isfinite().all() and quantized.abs().max() > 0
+    assert rel_err(quantized, stock) < 1e-6
 
 
 def test_canny_finds_the_shipped_image_edges(host):
