@@ -89,6 +89,7 @@ CHROMA = Family(
                   "final_layer.linear"),
     double_linears=_DOUBLE, single_linears=("linear1", "linear2"))
 
+# what each kept group buys, measured per family: bench/unquantized_choice.py, table in bench/README.md
 FAMILIES = (FLUX2, CHROMA, FLUX1)  # the ones with markers first: FLUX.1 is what a FLUX layout is otherwise
 BY_KEY = {f.key: f for f in FAMILIES}
 TITLES = "FLUX.1 dev/schnell, FLUX.2 dev/klein and Chroma"
