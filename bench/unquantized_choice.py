@@ -136,7 +136,6 @@ def measure(label: str, family_key: str, sd: dict, inputs) -> dict:
         row["groups"][prefix] = {"rel_err_if_quantized": err(default | names),
                                  "bf16_mib": round(nbytes(names, 16) / 2**20, 1),
                                  "nf4_mib": round(nbytes(names, 4) / 2**20, 1)}
-    del patcher, dm
     return row
 
 
