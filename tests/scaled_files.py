@@ -50,16 +50,24 @@ def comfy_quant_flux(fmt: str, cfg: TinyFluxConfig, seed: int = 0, pre_quant_sca
     file's tensors and the float32 weights the layers compute with (ComfyUI's dequantized weight; with
     ``pre_quant_scale``, ModelOpt's AWQ input scale per column — powers of two, constant per 64 columns,
     which ComfyUI multiplies into the input — folded into its columns)."""
+    sd = make_tiny_flux(cfg, seed=seed, exact_for="nf4")  # the Linears left unquantized survive NF4 too
+    # ComfyUI's model detection reads txt_in's packed width as the context width: nvfp4 files keep it bf16
+    return comfy_quant_linears(sd, quantized_linears(sd, txt_in=fmt != "nvfp4"), fmt, seed, pre_quant_scale)
+
+
+def comfy_quant_linears(sd: dict, names, fmt: str, seed: int = 0, pre_quant_scale: bool = False) -> tuple[dict, dict]:
+    """``sd`` (any FLUX family, BFL names) with the Linears ``names`` stored in ComfyUI format ``fmt`` by
+    ComfyUI's own writer, the others as they are (Comfy-Org's "fp8mixed" files are this with
+    ``float8_e4m3fn``); returns the tensors and the float32 weights the quantized layers compute with."""
     import comfy.ops
     from comfy.quant_ops import QUANT_ALGOS, QuantizedTensor
 
-    sd = make_tiny_flux(cfg, seed=seed, exact_for="nf4")  # the Linears left unquantized survive NF4 too
+    sd = dict(sd)
     g = torch.Generator().manual_seed(seed + 100)
     ops = comfy.ops.mixed_precision_ops({}, torch.float32)
     layout = QUANT_ALGOS[fmt]["comfy_tensor_layout"]
     out, expected = {}, {}
-    # ComfyUI's model detection reads txt_in's packed width as the context width: nvfp4 files keep it bf16
-    for name in quantized_linears(sd, txt_in=fmt != "nvfp4"):
+    for name in names:
         w = sd.pop(f"{name}.weight")
         rows, cols = w.shape
         t = ternary(rows, cols, g)
@@ -98,12 +106,18 @@ def comfy_quant_flux(fmt: str, cfg: TinyFluxConfig, seed: int = 0, pre_quant_sca
 def scaled_fp8_flux(cfg: TinyFluxConfig, seed: int = 0) -> tuple[dict, dict]:
     """Comfy-Org's scaled fp8 layout: fp8 weight + ``scale_weight`` per Linear + ``scaled_fp8`` marker
     (two elements: ComfyUI then runs float matmuls on the dequantized weight)."""
+    sd = make_tiny_flux(cfg, seed=seed)
+    return scaled_fp8_linears(sd, quantized_linears(sd), seed)
+
+
+def scaled_fp8_linears(sd: dict, names, seed: int = 0) -> tuple[dict, dict]:
+    """``sd`` (any FLUX family) in the scaled fp8 layout: the Linears ``names`` fp8 with ``scale_weight``."""
     from comfy.quant_ops import TensorCoreFP8E4M3Layout
 
-    sd = make_tiny_flux(cfg, seed=seed)
+    sd = dict(sd)
     g = torch.Generator().manual_seed(seed + 200)
     expected = {}
-    for i, name in enumerate(quantized_linears(sd)):
+    for i, name in enumerate(names):
         w = sd[f"{name}.weight"]
         scale = torch.tensor(0.0091 + 0.0007 * i, dtype=torch.float32)
         target = ternary(*w.shape, g) * (1.25 * scale)
