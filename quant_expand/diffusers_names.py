@@ -15,20 +15,20 @@ from typing import Iterable, Mapping, Optional
 
 FUSED_SLICES = ("q", "k", "v", "mlp")  # the row slices of a fused BFL layer, in row order
 
-I = "{i}"  # noqa: E741  (the index placeholder of a template)
+IDX = "{i}"  # where a name holds the index of a repeated module
 
 
 def _pattern(template: str) -> re.Pattern:
-    return re.compile(r"(\d+)".join(re.escape(part) for part in template.split(I)))
+    return re.compile(r"(\d+)".join(re.escape(part) for part in template.split(IDX)))
 
 
 def _fill(template: str, match: re.Match) -> str:
-    return template.replace(I, match.group(1)) if match.groups() else template
+    return template.replace(IDX, match.group(1)) if match.groups() else template
 
 
-def _indices(keys: list[str], template: str) -> list[int]:
-    """The indices ``keys`` hold for a template's repeated module (``transformer_blocks.{i}.…``)."""
-    pattern = re.compile(rf"^{re.escape(template.split(I)[0])}(\d+)\.")
+def _indices(keys: list[str], root: str) -> list[int]:
+    """The indices ``keys`` hold under a repeated module's ``root`` (``transformer_blocks.``)."""
+    pattern = re.compile(rf"^{re.escape(root)}(\d+)\.")
     return sorted({int(m.group(1)) for k in keys if (m := pattern.match(k))})
 
 
@@ -45,27 +45,35 @@ class DiffusersNames:
     # BFL Linears whose two row halves diffusers stores the other way round: BFL's final adaLN emits
     # (shift, scale), diffusers' norm_out.linear (scale, shift)
     swapped: tuple[str, ...] = ()
-    # the tables read from either side, compiled once
-    _from_bfl: list = field(init=False, repr=False, compare=False)
-    _from_diffusers: list = field(init=False, repr=False, compare=False)
+    # the tables compiled once: (diffusers pattern, diffusers name, BFL pattern, BFL name, row slice) per
+    # diffusers Linear name; (BFL pattern, diffusers names) per BFL Linear; (BFL pattern, diffusers
+    # pattern, BFL key, diffusers key) per tensor
+    _pieces: list = field(init=False, repr=False)
+    _linears: list = field(init=False, repr=False)
+    _tensors: list = field(init=False, repr=False)
 
     def __post_init__(self):
         pieces = [(d, bfl, FUSED_SLICES[i] if len(ds) > 1 else None)
                   for bfl, ds in self.linears.items() for i, d in enumerate(ds)]
         pieces += [(d, bfl, None) for d, bfl in self.aliases.items()]
-        object.__setattr__(self, "_from_diffusers", [(_pattern(d), d, bfl, part) for d, bfl, part in pieces])
-        object.__setattr__(self, "_from_bfl", [(_pattern(bfl), bfl, ds) for bfl, ds in self.linears.items()])
+        object.__setattr__(self, "_pieces", [(_pattern(d), d, _pattern(bfl), bfl, part) for d, bfl, part in pieces])
+        object.__setattr__(self, "_linears", [(_pattern(bfl), ds) for bfl, ds in self.linears.items()])
+        object.__setattr__(self, "_tensors", [(_pattern(bfl), _pattern(d), bfl, d) for bfl, d in self.tensors.items()])
 
     # -- a model file ------------------------------------------------------------------------------
     def layout(self, keys: Iterable[str]) -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
         """For a file's diffusers keys (no prefix): BFL Linear -> the diffusers modules it stacks in row
         order, and BFL tensor key -> diffusers tensor key, for every index the file holds."""
         keys = list(keys)
+        indices: dict[str, list[int]] = {}  # by root
 
         def expand(bfl: str, ds: tuple[str, ...]):
-            if I not in bfl:
+            if IDX not in bfl:
                 return [(bfl, ds)]
-            return [(bfl.replace(I, str(i)), tuple(d.replace(I, str(i)) for d in ds)) for i in _indices(keys, ds[0])]
+            root = ds[0].split(IDX)[0]
+            if root not in indices:
+                indices[root] = _indices(keys, root)
+            return [(bfl.replace(IDX, str(i)), tuple(d.replace(IDX, str(i)) for d in ds)) for i in indices[root]]
 
         linears = dict(pair for bfl, ds in self.linears.items() for pair in expand(bfl, ds))
         tensors = {}
@@ -75,12 +83,12 @@ class DiffusersNames:
 
     def key(self, bfl_key: str) -> Optional[str]:
         """The diffusers key of a BFL key: a tensor's, or a Linear's weight/bias (its first piece's)."""
-        for bfl, d in self.tensors.items():
-            m = _pattern(bfl).fullmatch(bfl_key)
+        for pattern, _, _, d in self._tensors:
+            m = pattern.fullmatch(bfl_key)
             if m:
                 return _fill(d, m)
         module, _, end = bfl_key.rpartition(".")
-        for pattern, _, ds in self._from_bfl:
+        for pattern, ds in self._linears:
             m = pattern.fullmatch(module)
             if m:
                 return f"{_fill(ds[0], m)}.{end}"
@@ -90,7 +98,7 @@ class DiffusersNames:
     def linear_of(self, name: str) -> Optional[tuple[str, Optional[str]]]:
         """``(BFL Linear, the row slice it is of a fused one, or None)`` of a diffusers Linear name; None
         if the table has no such name."""
-        for pattern, _, bfl, part in self._from_diffusers:
+        for pattern, _, _, bfl, part in self._pieces:
             m = pattern.fullmatch(name)
             if m:
                 return _fill(bfl, m), part
@@ -98,8 +106,8 @@ class DiffusersNames:
 
     def tensor_of(self, key: str) -> Optional[str]:
         """The BFL key of a diffusers tensor key (a norm scale), or None."""
-        for bfl, d in self.tensors.items():
-            m = _pattern(d).fullmatch(key)
+        for _, pattern, bfl, _ in self._tensors:
+            m = pattern.fullmatch(key)
             if m:
                 return _fill(bfl, m)
         return None
@@ -109,8 +117,7 @@ class DiffusersNames:
         :meth:`linear_of` reads it."""
         bfl_linears = list(bfl_linears)
         out = {}
-        for _, d, bfl, part in self._from_diffusers:
-            pattern = _pattern(bfl)
+        for _, d, pattern, _, part in self._pieces:
             for name in bfl_linears:
                 m = pattern.fullmatch(name)
                 if m:
@@ -132,8 +139,8 @@ def _in_blocks(double: Mapping, single: Mapping) -> dict:
     value is a tuple of diffusers names or one name."""
     def under(bfl_root, d_root, table):
         def name(d):
-            return f"{d_root}.{I}.{d}"
-        return {f"{bfl_root}.{I}.{bfl}": (tuple(map(name, ds)) if isinstance(ds, tuple) else name(ds))
+            return f"{d_root}.{IDX}.{d}"
+        return {f"{bfl_root}.{IDX}.{bfl}": (tuple(map(name, ds)) if isinstance(ds, tuple) else name(ds))
                 for bfl, ds in table.items()}
     return {**under("double_blocks", "transformer_blocks", double),
             **under("single_blocks", "single_transformer_blocks", single)}
@@ -217,12 +224,12 @@ CHROMA_NAMES = DiffusersNames(
         "img_in": ("x_embedder",),
         "txt_in": ("context_embedder",),
         "distilled_guidance_layer.in_proj": ("distilled_guidance_layer.in_proj",),
-        f"distilled_guidance_layer.layers.{I}.in_layer": (f"distilled_guidance_layer.layers.{I}.linear_1",),
-        f"distilled_guidance_layer.layers.{I}.out_layer": (f"distilled_guidance_layer.layers.{I}.linear_2",),
+        f"distilled_guidance_layer.layers.{IDX}.in_layer": (f"distilled_guidance_layer.layers.{IDX}.linear_1",),
+        f"distilled_guidance_layer.layers.{IDX}.out_layer": (f"distilled_guidance_layer.layers.{IDX}.linear_2",),
         "distilled_guidance_layer.out_proj": ("distilled_guidance_layer.out_proj",),
         "final_layer.linear": ("proj_out",),
         **_in_blocks({k: v for k, v in _FLUX1_DOUBLE.items() if "_mod." not in k},
                      {k: v for k, v in _FLUX1_SINGLE.items() if k != "modulation.lin"}),
     },
-    tensors={**_QK_NORMS, f"distilled_guidance_layer.norms.{I}.scale": f"distilled_guidance_layer.norms.{I}.weight"},
+    tensors={**_QK_NORMS, f"distilled_guidance_layer.norms.{IDX}.scale": f"distilled_guidance_layer.norms.{IDX}.weight"},
     aliases=FLUX1_NAMES.aliases)

@@ -1,8 +1,8 @@
 """The FLUX families Load BnB Flux reads, one table: how a file shows which family it is, what ComfyUI
 calls the model, and which Linears stay in the compute dtype (with why).
 
-A new family is one :class:`Family` here plus, where it needs one, its test model in
-``testing/``; the reader, loader and command line ask this table instead of naming a family.
+A new family is one :class:`Family` here, its diffusers names in ``diffusers_names.py`` and, where it
+needs one, its test model in ``testing/``; the reader, loader and command line ask this table instead of naming a family.
 Detection looks at key names without the file's prefix, after the reader found the FLUX layout
 (``double_blocks.0.img_attn.norm.key_norm``, which every family here has, or its diffusers name): a
 family's markers, in BFL names or translated by its diffusers table.
