@@ -1,15 +1,18 @@
 """The FLUX families Load BnB Flux reads, one table: how a file shows which family it is, what ComfyUI
 calls the model, and which Linears stay in the compute dtype (with why).
 
-A new family is one :class:`Family` here plus, where it needs one, its test model in
-``testing/``; the reader, loader and command line ask this table instead of naming a family.
-Detection looks at BFL key names without the file's prefix, after the reader found the FLUX layout
-(``double_blocks.0.img_attn.norm.key_norm``, which every family here has).
+A new family is one :class:`Family` here, its diffusers names in ``diffusers_names.py`` and, where it
+needs one, its test model in ``testing/``; the reader, loader and command line ask this table instead of naming a family.
+Detection looks at key names without the file's prefix, after the reader found the FLUX layout
+(``double_blocks.0.img_attn.norm.key_norm``, which every family here has, or its diffusers name): a
+family's markers, in BFL names or translated by its diffusers table.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Iterable, Optional
+
+from .diffusers_names import CHROMA_NAMES, FLUX1_NAMES, FLUX2_NAMES, DiffusersNames
 
 
 @dataclass(frozen=True)
@@ -23,8 +26,8 @@ class Family:
     core_linears: tuple[str, ...]  # Linears every model of the family has outside its blocks
     double_linears: tuple[str, ...]  # Linears of each double block (under double_blocks.<i>.)
     single_linears: tuple[str, ...]  # Linears of each single block (under single_blocks.<i>.)
+    diffusers: DiffusersNames     # its diffusers names (model files and LoRAs), diffusers_names.py
     block_roots: tuple[str, ...] = ("double_blocks", "single_blocks")
-    diffusers_names: bool = False  # whether files with diffusers names are read (FLUX.1's table in flux.py)
     control_loras: bool = False    # BFL Control LoRAs (Canny/Depth) exist for it
     # how a user's name for the model follows from its Linears: (Linear name prefix, name with one, name without)
     variants: Optional[tuple[str, str, str]] = None
@@ -35,6 +38,10 @@ class Family:
         out += [f"double_blocks.{i}.{n}" for i in range(doubles) for n in self.double_linears]
         out += [f"single_blocks.{i}.{n}" for i in range(singles) for n in self.single_linears]
         return out
+
+    def diffusers_markers(self) -> tuple[str, ...]:
+        """The markers in diffusers names."""
+        return tuple(k for k in map(self.diffusers.key, self.markers) if k is not None)
 
     def keeps_float(self, name: str) -> bool:
         return name.startswith(self.unquantized)
@@ -60,7 +67,7 @@ FLUX1 = Family(
     unquantized_why="embedders and output layer: ~0.4 % of the parameters, where 4-bit error shows most",
     core_linears=("img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "final_layer.linear"),
     double_linears=_DOUBLE + ("img_mod.lin", "txt_mod.lin"), single_linears=("linear1", "linear2", "modulation.lin"),
-    diffusers_names=True, control_loras=True,
+    diffusers=FLUX1_NAMES, control_loras=True,
     variants=("guidance_in.", "FLUX.1 dev (guidance_in)", "FLUX.1 schnell (no guidance_in)"))
 
 FLUX2 = Family(
@@ -74,7 +81,7 @@ FLUX2 = Family(
     core_linears=("img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "double_stream_modulation_img.lin",
                   "double_stream_modulation_txt.lin", "single_stream_modulation.lin", "final_layer.linear",
                   "final_layer.adaLN_modulation.1"),
-    double_linears=_DOUBLE, single_linears=("linear1", "linear2"),
+    double_linears=_DOUBLE, single_linears=("linear1", "linear2"), diffusers=FLUX2_NAMES,
     variants=("guidance_in.in_layer", "FLUX.2 [dev]", "FLUX.2 [klein]"))
 
 CHROMA = Family(
@@ -87,7 +94,7 @@ CHROMA = Family(
     unquantized_why="image embedder, output layer and the modulation approximator every block reads",
     core_linears=("img_in", "txt_in", "distilled_guidance_layer.in_proj", "distilled_guidance_layer.out_proj",
                   "final_layer.linear"),
-    double_linears=_DOUBLE, single_linears=("linear1", "linear2"))
+    double_linears=_DOUBLE, single_linears=("linear1", "linear2"), diffusers=CHROMA_NAMES)
 
 # what each kept group buys, measured per family: bench/unquantized_choice.py, table in bench/README.md
 FAMILIES = (FLUX2, CHROMA, FLUX1)  # the ones with markers first: FLUX.1 is what a FLUX layout is otherwise
@@ -95,13 +102,22 @@ BY_KEY = {f.key: f for f in FAMILIES}
 TITLES = "FLUX.1 dev/schnell, FLUX.2 dev/klein and Chroma"
 
 
-def family_of(bare_keys: Iterable[str]) -> Family:
-    """The family of a file that has the FLUX layout; ``bare_keys``: its BFL keys without prefix."""
+def family_of(bare_keys: Iterable[str], diffusers_names: bool = False) -> Family:
+    """The family of a file that has the FLUX layout; ``bare_keys``: its keys without prefix, BFL names
+    or (``diffusers_names``) diffusers names."""
     keys = set(bare_keys)
     for family in FAMILIES:
-        if not family.markers or any(m in keys for m in family.markers):
+        markers = family.diffusers_markers() if diffusers_names else family.markers
+        if not markers or any(m in keys for m in markers):
             return family
     return FLUX1
+
+
+def family_of_linears(names: Iterable[str]) -> Family:
+    """The family of a model from its Linears' BFL names (what a LoRA is read against): the first whose
+    Linears outside the blocks it all has, FLUX.1 otherwise."""
+    names = set(names)
+    return next((f for f in FAMILIES if f.markers and set(f.core_linears) <= names), FLUX1)
 
 
 def family_by_comfy_model(image_model: Optional[str]) -> Optional[Family]:

@@ -176,8 +176,8 @@ def test_inspect_refuses_what_is_no_flux_model(host, files, capsys):
     assert rc == 1 and out == ""
     line = one_error_line(err)
     assert line.startswith(f"{name}: not a FLUX diffusion model (no double_blocks.0.img_attn.norm")
-    assert line.endswith("Load BnB Flux reads FLUX.1 dev/schnell, FLUX.2 dev/klein and Chroma safetensors (FLUX.1 "
-                         "also with diffusers key names)")
+    assert line.endswith("Load BnB Flux reads FLUX.1 dev/schnell, FLUX.2 dev/klein and Chroma safetensors, with "
+                         "BFL/ComfyUI or diffusers key names")
     assert loader_error(host, name).startswith(f"{name}: not a FLUX diffusion model")
 
 

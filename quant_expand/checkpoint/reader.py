@@ -15,12 +15,7 @@ from bitsandbytes.functional import QuantState
 
 from ..errors import BnbFluxError, shown_name
 from ..families import FLUX1, Family, family_of
-from ..flux import (
-    FLUX_BFL_MARKERS,
-    FLUX_DIFFUSERS_MARKER,
-    SWAPPED_HALVES,
-    diffusers_layout,
-)
+from ..flux import FLUX_BFL_MARKERS, FLUX_DIFFUSERS_MARKER
 from ..spec import FLOAT16_MAX
 from . import scaled_formats
 from .fusion import PieceInfo, RowMethod, RowPlan, assemble_rows, plan_rows
@@ -69,10 +64,7 @@ class FluxCheckpoint:
             self._others = {k: k for k in keys}
             self._plans = {}
             return
-        if self.layout == "bfl":
-            self.family = family_of(k[len(self.prefix):] for k in under)
-        else:
-            _refuse_other_diffusers_family(self.name, under, self.prefix)
+        self.family = family_of((k[len(self.prefix):] for k in under), diffusers_names=self.layout == "diffusers")
         # another tool's quantization (ComfyUI scaled fp8, comfy_quant): read as float32, quantized like bf16
         self.scaled = scaled_formats.scaled_layers(tensors, under, self.prefix, self.name)
         if self.scaled:
@@ -104,8 +96,8 @@ class FluxCheckpoint:
     # -- layout --------------------------------------------------------------------------------
     def _map_diffusers(self, under, modules, consumed):
         p = len(self.prefix)
-        bare = [k[p:] for k in under]
-        linears, norms = diffusers_layout(bare)
+        names = self.family.diffusers
+        linears, others = names.layout(k[p:] for k in under)
         used = set()
         for bfl, ds in linears.items():
             files = [self.prefix + d for d in ds]
@@ -116,20 +108,21 @@ class FluxCheckpoint:
                 missing = [d for d, ok in zip(ds, present) if not ok]
                 raise BnbFluxError(f"{self.name}: {bfl} needs {', '.join(ds)}; {', '.join(missing)} "
                                    f"missing; the file is incomplete (a shard missing?)")
-            if bfl == SWAPPED_HALVES:
+            if bfl in names.swapped:
                 rows = self._pieces[files[0]].shape[0] // 2
                 self._linears[bfl] = [(files[0], rows, rows), (files[0], 0, rows)]
             else:
                 self._linears[bfl] = [(f, 0, None) for f in files]
             used.update(files)
-        for bfl, d in norms.items():
+        for bfl, d in others.items():
             if self.prefix + d in self.tensors:
                 self._others[bfl] = self.prefix + d
                 used.add(self.prefix + d)
         unknown = [m for m in modules if m not in used]
         unknown += [k for k in under if k not in consumed and k not in used and k not in self._others.values()]
         if unknown:
-            self.notes.append(f"{len(unknown)} tensor(s) with no FLUX.1 counterpart ignored, e.g. {unknown[0]}")
+            self.notes.append(f"{len(unknown)} tensor(s) with no {self.family.title} counterpart ignored, e.g. "
+                              f"{unknown[0]}")
 
     def _piece_info(self, module: str, kind: StoredKind) -> PieceInfo:
         t = self.tensors
@@ -461,21 +454,6 @@ def _find_layout(keys: list[str]) -> tuple[Optional[str], str]:
             if prefix == "" or prefix.endswith("."):  # not single_transformer_blocks.*
                 return "diffusers", prefix
     return None, ""
-
-
-# diffusers' names for the parts FLUX.1 lacks: FLUX.2's global modulation, Chroma's approximator
-_OTHER_DIFFUSERS_FAMILIES = {"double_stream_modulation_img.": "FLUX.2", "distilled_guidance_layer.": "Chroma"}
-
-
-def _refuse_other_diffusers_family(name: str, keys: list[str], prefix: str):
-    """Only FLUX.1 is read in diffusers names (as ComfyUI's own loader): another family's diffusers file
-    would lose the layers FLUX.1 has no name for, so it is refused, saying which file to get."""
-    for k in keys:
-        for root, title in _OTHER_DIFFUSERS_FAMILIES.items():
-            if k[len(prefix):].startswith(root):
-                raise BnbFluxError(f"{name}: a {title} model with diffusers names ({k}); Load BnB Flux (as "
-                                   f"ComfyUI's own loader) reads {title} only with BFL/ComfyUI names: use the "
-                                   f"single-file release (e.g. Comfy-Org's) instead of the diffusers folder")
 
 
 _AUX_RE = re.compile(r"^(.*)\.weight\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\.bitsandbytes__\w+)$")

@@ -78,7 +78,7 @@ def detect_flux(ckpt: FluxCheckpoint):
     if not ckpt.is_flux or image_model != ckpt.family.comfy_model:
         found = f"a {image_model} model" if image_model else "no diffusion model ComfyUI recognises"
         raise BnbFluxError(f"{ckpt.name}: not a FLUX diffusion model Load BnB Flux reads (found {found}); it reads "
-                           f"{TITLES} safetensors (FLUX.1 also with diffusers key names)")
+                           f"{TITLES} safetensors, with BFL/ComfyUI or diffusers key names")
     return config, keys, stripped
 
 

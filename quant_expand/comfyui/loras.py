@@ -143,7 +143,7 @@ def apply_lora(model, parsed, strength: float, lora_name: str, node_id: Optional
     missing = [k if isinstance(k, str) else k[0] for k in patches if k not in accepted]
     if missing:
         raise BnbFluxError(f"{lora_name}: the model has no {missing[0].removeprefix('diffusion_model.')} "
-                           f"({len(missing)} layer(s) not found); is this LoRA for FLUX.1?")
+                           f"({len(missing)} layer(s) not found); is this LoRA for {model_family(model).title}?")
     record = AppliedLoras.of(m)  # the clone's own copy (ModelPatcher.clone calls on_model_patcher_clone)
     record.entries[lora_name] = AppliedLora(frozenset(id(v) for v in patches.values()), parsed.is_control,
                                             strength, node_id)

@@ -86,8 +86,10 @@ def layer_name(target: LoraTarget, source: str) -> str:
     return where if source in ("", target.module) else f"{where} ({source})"
 
 
-def check_inputs(name: str, what: str, module: str, width: int, modules: dict[str, tuple[int, int]]) -> Optional[int]:
-    """Accept ``width`` inputs for ``module``; returns the width the module must be widened to, if any."""
+def check_inputs(name: str, what: str, module: str, width: int, modules: dict[str, tuple[int, int]],
+                 model: str) -> Optional[int]:
+    """Accept ``width`` inputs for ``module``; returns the width the module must be widened to, if any.
+    ``model``: the family's name, for the message."""
     current = modules[module][1]
     if width == current:
         return None
@@ -106,9 +108,9 @@ def check_inputs(name: str, what: str, module: str, width: int, modules: dict[st
         else:
             hint = str(current)
         raise LoraFormatError(f"{name}: lora for {what} has {width} inputs, model has {hint}; "
-                              f"use a LoRA made for this FLUX.1 model")
+                              f"use a LoRA made for this {model} model")
     raise LoraFormatError(f"{name}: lora for {what} has {width} inputs, model has {current}; "
-                          f"use a LoRA made for this FLUX.1 model")
+                          f"use a LoRA made for this {model} model")
 
 
 def check_missing(name: str, missing: list[str]):
@@ -117,8 +119,8 @@ def check_missing(name: str, missing: list[str]):
                               f"the LoRA was made for a larger or different FLUX model: use one made for this model")
 
 
-def check_vector(name: str, what: str, entry: tuple[str, torch.Tensor], rows: int):
+def check_vector(name: str, what: str, entry: tuple[str, torch.Tensor], rows: int, model: str):
     key, t = entry
     if tuple(t.shape) != (rows,):
         raise LoraFormatError(f"{name}: bias {key} for {what} has shape {tuple(t.shape)}, expected ({rows},); "
-                              f"use a LoRA made for this FLUX.1 model")
+                              f"use a LoRA made for this {model} model")

@@ -5,27 +5,14 @@ import re
 from typing import Optional
 
 from ..errors import LoraFormatError
-from ..flux import (
-    DIFFUSERS_ALIASES_DOUBLE,
-    DIFFUSERS_ALIASES_SINGLE,
-    DIFFUSERS_DOUBLE,
-    DIFFUSERS_NORMS_DOUBLE,
-    DIFFUSERS_NORMS_SINGLE,
-    DIFFUSERS_SINGLE,
-    DIFFUSERS_TOP,
-    SWAPPED_HALVES,
-    diffusers_to_bfl,
-)
+from ..families import FAMILIES, FLUX1, Family, family_of_linears
 from .canonical import LoraTarget
 
-# the top-level modules of every FLUX family (FLUX.1; FLUX.2's global modulation; Chroma's approximator)
-_BFL_ROOTS = ("double_blocks.", "single_blocks.", "img_in.", "txt_in.", "time_in.", "vector_in.",
-              "guidance_in.", "final_layer.", "double_stream_modulation_img.", "double_stream_modulation_txt.",
-              "single_stream_modulation.", "distilled_guidance_layer.")
-
-
-_DIFFUSERS_ROOTS = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "context_embedder.",
-                    "time_text_embed.", "norm_out.", "proj_out.")
+# the top-level modules of every FLUX family in BFL and in diffusers names; some are both (FLUX.2's global
+# modulation, Chroma's approximator): a bare key under one of those reads as the rest of its file does
+_BFL_ROOTS = tuple(sorted(set().union(*(f.diffusers.roots()[0] for f in FAMILIES))))
+_DIFFUSERS_ROOTS = tuple(sorted(set().union(*(f.diffusers.roots()[1] for f in FAMILIES))))
+_EITHER = "bfl or diffusers"
 
 
 _TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "text_encoders.", "te1.", "te2.", "t5xxl.", "clip_l.")
@@ -33,17 +20,6 @@ _TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "text_encoders.", "te1.", "
 
 # SD1/SDXL UNet block names (sgm and diffusers spelling); SD3/FLUX never use them
 _SD_UNET_MARKERS = ("input_blocks", "output_blocks", "middle_block", "down_blocks", "up_blocks", "mid_block")
-
-
-# diffusers name inside (single_)transformer_blocks.<i> -> (BFL name inside the block, slice of fused rows)
-_DIFFUSERS_DOUBLE = diffusers_to_bfl(DIFFUSERS_DOUBLE, DIFFUSERS_ALIASES_DOUBLE)
-_DIFFUSERS_SINGLE = diffusers_to_bfl(DIFFUSERS_SINGLE, DIFFUSERS_ALIASES_SINGLE)
-_DIFFUSERS_TOP = {d: bfl for bfl, d in DIFFUSERS_TOP.items()}
-_DIFFUSERS_NORMS_DOUBLE = {d: bfl for bfl, d in DIFFUSERS_NORMS_DOUBLE.items()}
-_DIFFUSERS_NORMS_SINGLE = {d: bfl for bfl, d in DIFFUSERS_NORMS_SINGLE.items()}
-
-
-_BLOCK_RE = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
 
 
 def _slice_target(module: str, part: Optional[str], modules: dict[str, tuple[int, int]]) -> LoraTarget:
@@ -57,49 +33,25 @@ def _slice_target(module: str, part: Optional[str], modules: dict[str, tuple[int
     return LoraTarget(module, start, rows)
 
 
-def _in_block(name: str, double: dict, single: dict) -> Optional[tuple[str, object]]:
-    """``(BFL block name, table entry)`` for a name inside a diffusers (single_)transformer block that the
-    block's table knows, else None."""
-    m = _BLOCK_RE.match(name)
-    if m is None:
-        return None
-    kind, index, inner = m.groups()
-    table, bfl_block = (double, "double_blocks") if kind == "transformer_blocks" else (single, "single_blocks")
-    return (f"{bfl_block}.{index}", table[inner]) if inner in table else None
+def _target(found: tuple[str, Optional[str]], modules: dict[str, tuple[int, int]], model: Family) -> LoraTarget:
+    """The BFL target of a diffusers name the family's table read as ``found`` (BFL Linear, row slice)."""
+    module, part = found
+    if part is None:
+        return LoraTarget(module, swap_halves=module in model.diffusers.swapped)
+    return _slice_target(module, part, modules)
 
 
-def _diffusers_target(name: str, modules: dict[str, tuple[int, int]]) -> Optional[LoraTarget]:
-    """BFL target of a diffusers Linear name (no prefix, no suffix); None if the name is not a FLUX Linear."""
-    if name in _DIFFUSERS_TOP:
-        return LoraTarget(_DIFFUSERS_TOP[name], swap_halves=(_DIFFUSERS_TOP[name] == SWAPPED_HALVES))
-    found = _in_block(name, _DIFFUSERS_DOUBLE, _DIFFUSERS_SINGLE)
-    if found is None:
-        return None
-    block, (bfl_inner, part) = found
-    return _slice_target(f"{block}.{bfl_inner}", part, modules)
-
-
-def _diffusers_norm_key(name: str) -> Optional[str]:
-    """BFL norm scale key of a diffusers QK-norm name (``transformer_blocks.0.attn.norm_q``), or None."""
-    found = _in_block(name, _DIFFUSERS_NORMS_DOUBLE, _DIFFUSERS_NORMS_SINGLE)
-    return f"{found[0]}.{found[1]}.scale" if found is not None else None
-
-
-def _block_indices(modules, bfl_block: str) -> list[int]:
-    return sorted({int(n.split(".")[1]) for n in modules if n.startswith(bfl_block + ".")})
+def _diffusers_target(name: str, modules: dict[str, tuple[int, int]], model: Family) -> Optional[LoraTarget]:
+    """BFL target of a diffusers Linear name (no prefix, no suffix); None if the name is not one of the
+    family's Linears."""
+    found = model.diffusers.linear_of(name)
+    return None if found is None else _target(found, modules, model)
 
 
 def diffusers_linear_map(modules: dict[str, tuple[int, int]]) -> dict[str, LoraTarget]:
-    """Every diffusers Linear name of this model -> its BFL target (module, rows, order)."""
-    out: dict[str, LoraTarget] = {}
-    names = list(_DIFFUSERS_TOP)
-    names += [f"transformer_blocks.{i}.{n}" for i in _block_indices(modules, "double_blocks") for n in _DIFFUSERS_DOUBLE]
-    names += [f"single_transformer_blocks.{i}.{n}" for i in _block_indices(modules, "single_blocks") for n in _DIFFUSERS_SINGLE]
-    for name in names:
-        target = _diffusers_target(name, modules)
-        if target is not None and target.module in modules:
-            out[name] = target
-    return out
+    """Every diffusers Linear name of this model (its family's names) -> its BFL target (module, rows, order)."""
+    model = family_of_linears(modules)
+    return {d: _target(found, modules, model) for d, found in model.diffusers.linear_names(modules).items()}
 
 
 def norm_scale_keys(modules: dict[str, tuple[int, int]]) -> list[str]:
@@ -118,11 +70,8 @@ def norm_scale_keys(modules: dict[str, tuple[int, int]]) -> list[str]:
 
 def diffusers_norm_map(modules: dict[str, tuple[int, int]]) -> dict[str, str]:
     """Every diffusers QK-norm name of this model -> BFL norm scale key."""
-    names = [f"transformer_blocks.{i}.{n}" for i in _block_indices(modules, "double_blocks") for n in _DIFFUSERS_NORMS_DOUBLE]
-    names += [f"single_transformer_blocks.{i}.{n}" for i in _block_indices(modules, "single_blocks")
-              for n in _DIFFUSERS_NORMS_SINGLE]
-    have = set(norm_scale_keys(modules))
-    return {n: k for n in names if (k := _diffusers_norm_key(n)) in have}
+    names = family_of_linears(modules).diffusers
+    return {names.key(k)[: -len(".weight")]: k for k in norm_scale_keys(modules)}
 
 
 # kohya underscores every dot; these FLUX name parts contain an underscore of their own
@@ -181,11 +130,25 @@ def _strip_diffusers_prefix(key: str) -> Optional[str]:
 def _family_of(key: str) -> Optional[str]:
     if key.startswith("lora_unet_"):
         return "kohya"
-    if _strip_diffusers_prefix(key) is not None:
-        return "diffusers"
-    if _strip_bfl_prefix(key) is not None:
-        return "bfl"
-    return None
+    diffusers, bfl = _strip_diffusers_prefix(key) is not None, _strip_bfl_prefix(key) is not None
+    if diffusers and bfl:  # a bare key under a root both namings share
+        return _EITHER
+    return "diffusers" if diffusers else "bfl" if bfl else None
+
+
+def _shared_roots_format(keys) -> str:
+    """The format of a file whose keys all lie under roots BFL and diffusers names share: diffusers if one
+    of its modules is a diffusers Linear name that no family's BFL names have (``…layers.0.linear_1``,
+    ``…modulation_img.linear``), else BFL."""
+    for key in keys:
+        found = module_and_role(key, "diffusers")
+        if found is None:
+            continue
+        module = found[0]
+        if any(f.diffusers.linear_of(module) is not None and f.diffusers.key(f"{module}.weight") is None
+               for f in FAMILIES):
+            return "diffusers"
+    return "bfl"
 
 
 def other_adapter(key: str) -> Optional[str]:
@@ -201,15 +164,16 @@ def preview_keys(keys, n: int = 3) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def detect_lora_format(name: str, keys) -> tuple[str, list[str]]:
-    """(format, text-encoder keys) of a file's keys; raises LoraFormatError for anything not a FLUX LoRA."""
+def detect_lora_format(name: str, keys, model: Family = FLUX1) -> tuple[str, list[str]]:
+    """(format, text-encoder keys) of a file's keys; raises LoraFormatError for anything not a FLUX LoRA
+    (naming ``model``'s family, the model the LoRA is for)."""
     keys = list(keys)
     te_keys = [k for k in keys if k.startswith(_TEXT_ENCODER_PREFIXES)]
     model_keys = [k for k in keys if not k.startswith(_TEXT_ENCODER_PREFIXES)]
     sd_keys = [k for k in model_keys if any(m in k for m in _SD_UNET_MARKERS)]
     if sd_keys:
         raise LoraFormatError(f"{name}: not a FLUX LoRA (keys look like SDXL/SD1 UNet: {preview_keys(sd_keys)}); "
-                              f"use a LoRA made for FLUX.1")
+                              f"use a LoRA made for {model.title}")
     if any(k.startswith("lora_transformer_") for k in model_keys):
         raise LoraFormatError(f"{name}: OneTrainer key names (lora_transformer_...) are not supported; "
                               f"save the LoRA from OneTrainer in diffusers or kohya format")
@@ -218,19 +182,21 @@ def detect_lora_format(name: str, keys) -> tuple[str, list[str]]:
         raise LoraFormatError(f"{name}: no LoRA for the FLUX diffusion model ({detail}); "
                               f"this loader applies LoRAs to the diffusion model only")
     families = {k: _family_of(k) for k in model_keys}
-    found = sorted({f for f in families.values() if f is not None})
+    found = sorted({f for f in families.values() if f not in (None, _EITHER)})
+    if not found and _EITHER in families.values():
+        found = [_shared_roots_format(k for k, f in families.items() if f == _EITHER)]
     if not found:
-        raise LoraFormatError(f"{name}: not a FLUX LoRA (no key names a FLUX.1 layer: {preview_keys(model_keys)}); "
-                              f"use a LoRA made for FLUX.1")
+        raise LoraFormatError(f"{name}: not a FLUX LoRA (no key names a {model.title} layer: "
+                              f"{preview_keys(model_keys)}); use a LoRA made for {model.title}")
     if len(found) > 1:
         examples = "; ".join(f"{f}: {next(k for k, g in families.items() if g == f)}" for f in found)
         raise LoraFormatError(f"{name}: mixes LoRA key formats ({examples}); "
                               f"re-save it in one format (BFL, diffusers or kohya)")
-    strays = [k for k, f in families.items() if f is None]
-    if strays:
-        raise LoraFormatError(f"{name}: keys that name no FLUX.1 layer: {preview_keys(strays)}; "
-                              f"the file may be damaged or made for another model")
     family = found[0]
+    strays = [k for k, f in families.items() if f is None or (f == _EITHER and family not in ("bfl", "diffusers"))]
+    if strays:
+        raise LoraFormatError(f"{name}: keys that name no {model.title} layer: {preview_keys(strays)}; "
+                              f"the file may be damaged or made for another model")
     if family == "bfl" and any(k.endswith(_COMFY_ONLY) for k in model_keys):
         family = "comfy"
     return family, te_keys
@@ -263,20 +229,25 @@ def targets_kohya(modules_in_file, modules) -> dict[str, LoraTarget]:
 
 
 def targets_diffusers(modules_in_file, modules, name) -> dict[str, LoraTarget]:
+    """The targets of diffusers names, read with the diffusers names of the family ``modules`` (the
+    model's Linears) is."""
+    model = family_of_linears(modules)
     out = {}
     for m in modules_in_file:
-        target = _diffusers_target(m, modules)
+        target = _diffusers_target(m, modules, model)
         if target is None:
-            raise LoraFormatError(f"{name}: {m} is not a FLUX.1 diffusers layer name; "
-                                  f"the LoRA was made for another model: use a LoRA made for FLUX.1")
+            raise LoraFormatError(f"{name}: {m} is not a {model.title} diffusers layer name; "
+                                  f"the LoRA was made for another model: use a LoRA made for {model.title}")
         out[m] = target
     return out
 
 
-def norm_key(module: str, family: str, name: str) -> str:
+def norm_key(module: str, family: str, name: str, model: Family = FLUX1) -> str:
+    """The BFL key of a norm scale a LoRA sets (``module`` in the file's spelling; diffusers names read
+    with ``model``'s table)."""
     if family != "diffusers":
         return module
-    key = _diffusers_norm_key(module)
+    key = model.diffusers.tensor_of(f"{module}.weight")
     if key is None:
         raise LoraFormatError(f"{name}: {module}.weight is a full weight, not a LoRA; "
                               f"only QK-norm scales may ship as full tensors in a FLUX LoRA")

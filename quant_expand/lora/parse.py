@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 
 from ..errors import LoraFormatError
+from ..families import Family, family_of_linears
 from ..flux import HEAD_DIM, swap_halves
 from .canonical import LoraLayer, ParsedLora
 from .checks import (
@@ -40,8 +41,9 @@ def parse_lora(tensors, name: str, modules: dict[str, tuple[int, int]]) -> Parse
     The file is checked in the order a user fixes it: format, targets, shapes, magnitudes, norms.
     """
     keys = list(tensors.keys())
-    family, te_keys = detect_lora_format(name, keys)
-    groups = _KeyGroups.read(tensors, name, keys, family, set(te_keys))
+    model = family_of_linears(modules)
+    family, te_keys = detect_lora_format(name, keys, model)
+    groups = _KeyGroups.read(tensors, name, keys, family, set(te_keys), model)
     if family == "kohya":
         targets = targets_kohya(groups.layers, modules)
     elif family == "diffusers":
@@ -52,7 +54,7 @@ def parse_lora(tensors, name: str, modules: dict[str, tuple[int, int]]) -> Parse
     check_missing(name, sorted(set(groups.reshapes) - set(modules)))
     check_missing(name, sorted(set(groups.norms) - set(norm_scale_keys(modules))))
 
-    out = _Canonical(name, family, modules, peft_scaling(getattr(tensors, "metadata", None), name))
+    out = _Canonical(name, family, modules, model, peft_scaling(getattr(tensors, "metadata", None), name))
     for module, group in groups.layers.items():
         out.add_layer(module, group, targets[module])
     for module, (key, value) in groups.reshapes.items():
@@ -72,7 +74,7 @@ class _KeyGroups:
         self.reshapes: dict[str, tuple[str, torch.Tensor]] = {}
 
     @classmethod
-    def read(cls, tensors, name: str, keys: list[str], family: str, te_keys: set[str]) -> "_KeyGroups":
+    def read(cls, tensors, name: str, keys: list[str], family: str, te_keys: set[str], model: Family) -> "_KeyGroups":
         groups, unknown = cls(), []
         for key in keys:
             if key in te_keys:
@@ -83,7 +85,7 @@ class _KeyGroups:
                 continue
             module, role = parsed
             if role == "norm":
-                norm = norm_key(module, family, name)
+                norm = norm_key(module, family, name, model)
                 if norm in groups.norms:
                     raise LoraFormatError(f"{name}: {groups.norms[norm][0]} and {key} both set {norm}; "
                                           f"re-save the LoRA in one format")
@@ -108,8 +110,8 @@ class _KeyGroups:
 class _Canonical:
     """The canonical form of one file, built group by group, each checked against the model's ``modules``."""
 
-    def __init__(self, name: str, family: str, modules: dict[str, tuple[int, int]], config):
-        self.name, self.family, self.modules, self.config = name, family, modules, config
+    def __init__(self, name: str, family: str, modules: dict[str, tuple[int, int]], model: Family, config):
+        self.name, self.family, self.modules, self.model, self.config = name, family, modules, model, config
         self.layers: list[LoraLayer] = []
         self.bias_diffs: dict[str, torch.Tensor] = {}
         self.widened: dict[str, int] = {}
@@ -127,20 +129,20 @@ class _Canonical:
         rows = self.modules[target.module][0] if target.rows is None else target.rows
         if "down" not in group and "up" not in group:
             if family == "comfy" and set(group) == {"bias"}:
-                check_vector(name, what, group["bias"], rows)
+                check_vector(name, what, group["bias"], rows, self.model.title)
                 self.bias_diffs[target.module] = group["bias"][1]
                 return
             present = ", ".join(k for k, _ in group.values())
             raise LoraFormatError(f"{name}: {what} has {present} but no lora_A/lora_B (lora_down/lora_up) pair; "
                                   f"the file is incomplete: download it again")
         down, up = self._factors(what, group, rows)
-        self._widen(target.module, check_inputs(name, what, target.module, down.shape[1], self.modules))
+        self._widen(target.module, check_inputs(name, what, target.module, down.shape[1], self.modules, self.model.title))
         alpha = self._alpha(module, group, down.shape[0])
         scale = 1.0 if alpha is None else alpha / down.shape[0]
         check_magnitude(name, what, down, up, scale)
         bias = None
         if "bias" in group:
-            check_vector(name, what, group["bias"], rows)
+            check_vector(name, what, group["bias"], rows, self.model.title)
             bias_key, bias = group["bias"]
             if not bias_key.endswith(".diff_b") and scale != 1.0:
                 bias = bias * scale  # PEFT: lora_B's output, its bias included, times alpha / r
@@ -173,7 +175,7 @@ class _Canonical:
                                   f"rank of {up_key} ({up.shape[1]}); the file is damaged: download it again")
         if up.shape[0] != rows:
             raise LoraFormatError(f"{name}: lora for {what} has {up.shape[0]} outputs, model has {rows}; "
-                                  f"use a LoRA made for this FLUX.1 model")
+                                  f"use a LoRA made for this {self.model.title} model")
         return down, up
 
     def _alpha(self, module: str, group: dict, rank: int) -> Optional[float]:
@@ -202,7 +204,8 @@ class _Canonical:
         if len(shape) != 2 or shape[0] != self.modules["img_in"][0]:
             raise LoraFormatError(f"{name}: {key} asks for img_in shape {shape}, model's img_in has "
                                   f"{self.modules['img_in'][0]} outputs; use a Control LoRA made for this FLUX.1 model")
-        self._widen("img_in", check_inputs(name, "img_in (reshape_weight)", "img_in", shape[1], self.modules))
+        self._widen("img_in", check_inputs(name, "img_in (reshape_weight)", "img_in", shape[1], self.modules,
+                                           self.model.title))
 
     def add_norm_set(self, key: str, file_key: str, value: torch.Tensor):
         if tuple(value.shape) != (HEAD_DIM,):

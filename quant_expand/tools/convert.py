@@ -19,7 +19,7 @@ from ..spec import QuantSpec
 from .lora_info import describe_lora_file, looks_like_lora
 
 NOT_FLUX = ("not a FLUX diffusion model (no double_blocks.0.img_attn.norm / transformer_blocks.0.attn.norm_k "
-            f"tensors); Load BnB Flux reads {TITLES} safetensors (FLUX.1 also with diffusers key names)")
+            f"tensors); Load BnB Flux reads {TITLES} safetensors, with BFL/ComfyUI or diffusers key names")
 
 
 def _open_file(path: str):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from collections import Counter
 
-from ..flux import DIFFUSERS_DOUBLE, DIFFUSERS_SINGLE, block_count
+from ..families import FLUX1
+from ..flux import block_count
 from ..lora.naming import (detect_lora_format, module_and_role, norm_key, other_adapter, targets_bfl,
                            targets_diffusers, targets_kohya)
 from ..lora.parse import parse_lora
@@ -45,10 +46,10 @@ def flux1_linear_shapes(hidden: int, doubles: int, singles: int, img_in: int = F
     double = {"attn.qkv": (3 * h, h), "attn.proj": (h, h), "mlp.0": (m, h), "mlp.2": (h, m), "mod.lin": (6 * h, h)}
     single = {"linear1": (3 * h + m, h), "linear2": (h, h + m), "modulation.lin": (3 * h, h)}
     for i in range(doubles):
-        for inner in DIFFUSERS_DOUBLE:  # the BFL names inside a double block: img_attn.qkv, txt_mlp.0, ...
+        for inner in FLUX1.double_linears:  # the BFL names inside a double block: img_attn.qkv, txt_mlp.0, ...
             out[f"double_blocks.{i}.{inner}"] = double[inner.split("_", 1)[1]]
     for i in range(singles):
-        for inner in DIFFUSERS_SINGLE:
+        for inner in FLUX1.single_linears:
             out[f"single_blocks.{i}.{inner}"] = single[inner]
     out["final_layer.linear"] = (FLUX1_LATENT, h)
     out["final_layer.adaLN_modulation.1"] = (2 * h, h)
