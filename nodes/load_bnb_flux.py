@@ -1,4 +1,4 @@
-"""Load BnB Flux: a FLUX.1 diffusion model quantized with bitsandbytes while it streams from disk, or a
+"""Load BnB Flux: a FLUX diffusion model (FLUX.1, FLUX.2, Chroma) quantized with bitsandbytes while it streams from disk, or a
 pre-quantized one (lllyasviel/Forge NF4/FP4, diffusers-bnb, LLM.int8, Save BnB Flux) used as stored."""
 from __future__ import annotations
 
@@ -56,12 +56,12 @@ class LoadBnbFlux(io.ComfyNode):
                             "8-bit", "flux", "flux nf4", "load flux", "flux loader", "low vram", "forge nf4",
                             "flux1-dev-bnb-nf4", "diffusers bnb"],
             description=(
-                "Loads a FLUX.1 dev or schnell model quantized with bitsandbytes: NF4 or FP4 (4-bit, about a "
-                "quarter of bf16's memory) or int8. Pre-quantized NF4/FP4/int8 files (Forge, diffusers) load as "
-                "they are."),
+                "Loads a FLUX diffusion model (FLUX.1 dev or schnell, FLUX.2 [dev] or [klein], Chroma) quantized "
+                "with bitsandbytes: NF4 or FP4 (4-bit, about a quarter of bf16's memory) or int8. Pre-quantized "
+                "NF4/FP4/int8 files (Forge, diffusers) load as they are."),
             inputs=[
                 io.Combo.Input("unet_name", options=model_files(),
-                               tooltip="The FLUX.1 model file, from models/diffusion_models (or an all-in-one "
+                               tooltip="The FLUX.1, FLUX.2 or Chroma model file, from models/diffusion_models (or an all-in-one "
                                        "checkpoint from models/checkpoints): full precision (bf16, fp16, fp8) or "
                                        "already quantized. For a sharded diffusers model pick any shard."),
                 io.Combo.Input("quant_type", options=["nf4", "fp4", "int8"], default="nf4",
