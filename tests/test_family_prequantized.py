@@ -1,0 +1,100 @@
+"""Pre-quantized FLUX.2 and Chroma files from other tools through Load BnB Flux: the Forge layout (BFL
+names under ``model.diffusion_model.``, bitsandbytes' own ``Linear4bit`` state per Linear) and diffusers +
+bitsandbytes (what ``Flux2Transformer2DModel`` with a ``BitsAndBytesConfig`` saves: diffusers names,
+q/k/v split, every Linear but the skipped ones in bitsandbytes' layout, sharded as diffusers shards).
+
+diffusers' own converter gives the names and bitsandbytes' own modules give the quantized tensors
+(``tests/diffusers_family_files.py``, ``tests/prequantized_files.py``). The test models' quantized Linears
+hold values NF4 keeps exactly (no double quant), so the file used as stored must sample what ComfyUI's
+UNETLoader samples on the bf16 BFL file: within 1e-6 (float32 on CPU).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from diffusers_family_files import linear_names, to_diffusers
+from prequantized_files import bnb_linear_state, forge_state_dict, save_sharded
+from quant_expand.testing.family_models import (
+    ChromaConfig,
+    Flux2Config,
+    chroma_quantized_linears,
+    flux2_quantized_linears,
+    make_chroma,
+    make_flux2,
+)
+from quant_expand.testing.prompts import load_bnb_flux, rel_err, sampling_graph, unet_loader
+from quant_expand.testing.synthetic import save_safetensors
+
+DEV = Flux2Config(guidance=True)
+CHROMA = ChromaConfig()
+
+
+def diffusers_bnb(cfg, bfl: dict, quant: str) -> dict:
+    """``bfl`` in diffusers' names (its converter), the block Linears and the text projection in bitsandbytes'
+    layout, the rest as they are (``llm_int8_skip_modules`` for the layers the family keeps in bf16)."""
+    sd = to_diffusers(cfg, bfl)
+    out = dict(sd)
+    for name in linear_names(cfg):
+        if not (name.startswith(("transformer_blocks.", "single_transformer_blocks.")) or name == "context_embedder"):
+            continue
+        weight, bias = out.pop(f"{name}.weight"), out.pop(f"{name}.bias", None)
+        out.update({f"{name}.{k}": v for k, v in bnb_linear_state(weight.float(), bias, quant, False).items()})
+    return out
+
+
+def sample_both(host, name: str, reference: str, cfg, steps: int, expected: set) -> dict:
+    """The pre-quantized file (asked for fp4 with double quant: the file's own nf4 must win), its layers
+    checked, then ComfyUI's UNETLoader on the bf16 file: one model at a time (Chroma's is ~0.6 B)."""
+    common = dict(steps=steps, size=4, pooled_dim=0, channels=cfg.in_channels, context_dim=cfg.context_in_dim)
+    out = host.run(sampling_graph({"q": load_bnb_flux(name, "fp4", True)}, ["q", 0], key="q", **common))
+    used_as_stored(host, "q", expected)
+    host.free_models()
+    out.update(host.run(sampling_graph({"ref": unet_loader(reference)}, ["ref", 0], key="ref", **common)))
+    host.free_models()
+    return out
+
+
+def used_as_stored(host, key: str, expected: set) -> None:
+    """Every quantized layer kept the file's nf4 (the node asked for fp4: a pre-quantized file wins)."""
+    layers = host.pack_module("quant_expand.layers")
+    dm = host.node_output(key).model.diffusion_model
+    quantized = {n: m for n, m in dm.named_modules() if layers.is_quantized_linear(m)}
+    assert set(quantized) == expected
+    assert {m.weight.quant_state.quant_type for m in quantized.values()} == {"nf4"}
+
+
+@pytest.mark.parametrize("layout", ["forge", "diffusers sharded"])
+def test_flux2_dev_prequantized_nf4_is_used_as_stored(host, layout):
+    bfl = make_flux2(DEV, seed=6)
+    reference = "tiny_flux2_dev_for_prequantized_bf16.safetensors"
+    save_safetensors(bfl, host.model_path("diffusion_models", reference))
+    quantized = flux2_quantized_linears(DEV)
+    if layout == "forge":
+        name = "tiny_flux2_dev_forge_nf4.safetensors"
+        save_safetensors(forge_state_dict(bfl, "nf4", False, quantize=quantized.__contains__, all_in_one=False),
+                         host.model_path("diffusion_models", name))
+    else:
+        folder = os.path.join(host.models_dir, "diffusion_models", "tiny_flux2_dev_diffusers_bnb")
+        os.makedirs(folder, exist_ok=True)
+        save_sharded(diffusers_bnb(DEV, bfl, "nf4"), folder, shards=2)
+        name = "tiny_flux2_dev_diffusers_bnb/diffusion_pytorch_model-00001-of-00002.safetensors"
+    out = sample_both(host, name, reference, DEV, steps=2, expected=quantized)
+    assert torch.isfinite(out["q"]).all() and out["q"].abs().max() > 0
+    assert rel_err(out["q"], out["ref"]) < 1e-6
+
+
+def test_chroma_forge_nf4_is_used_as_stored(host):
+    bfl = make_chroma(CHROMA, seed=0)
+    reference = "tiny_chroma_for_prequantized_bf16.safetensors"
+    save_safetensors(bfl, host.model_path("diffusion_models", reference))
+    quantized = chroma_quantized_linears(CHROMA)
+    name = "tiny_chroma_forge_nf4.safetensors"
+    save_safetensors(forge_state_dict(bfl, "nf4", False, quantize=quantized.__contains__, all_in_one=False),
+                     host.model_path("diffusion_models", name))
+    del bfl
+    out = sample_both(host, name, reference, CHROMA, steps=1, expected=quantized)
+    assert torch.isfinite(out["q"]).all() and out["q"].abs().max() > 0
+    assert rel_err(out["q"], out["ref"]) < 1e-6
