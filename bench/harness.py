@@ -112,10 +112,14 @@ class Bench:
 
         torch = self.torch
         res = res or self.res
-        lat = torch.zeros(1, 16, res // 8, res // 8)
-        extra_cond = {"pooled_output": self.pooled, "guidance": 3.5}
+        latent = patcher.model.latent_format  # FLUX.1: 16 channels at 1/8; FLUX.2: 128 at 1/16
+        side = res // latent.spacial_downscale_ratio
+        lat = torch.zeros(1, latent.latent_channels, side, side)
+        extra_cond = {"guidance": 3.5}
+        if self.pooled is not None:  # FLUX.2's text encoders give no pooled vector
+            extra_cond["pooled_output"] = self.pooled
         if control:
-            extra_cond["concat_latent_image"] = torch.randn(1, 16, res // 8, res // 8, generator=torch.Generator().manual_seed(2))
+            extra_cond["concat_latent_image"] = torch.randn(lat.shape, generator=torch.Generator().manual_seed(2))
         pos = [[self.ctx, extra_cond]]
         neg = [[self.ctx, dict(extra_cond)]]
         noise = comfy.sample.prepare_noise(lat, 0)
@@ -225,14 +229,23 @@ def comfyui_version(comfyui) -> str:
     return open(os.path.join(comfyui, "comfyui_version.py")).read().split('"')[1]
 
 
+def families_folder(workdir) -> str:
+    """ComfyUI's models folder of ``--phase families``: its FLUX.2 files, named by model and shape."""
+    folder = os.path.join(workdir, "flux2")
+    os.makedirs(os.path.join(folder, "diffusion_models"), exist_ok=True)
+    return folder
+
+
 class BenchRun:
     """One benchmark command: the generated files, ComfyUI started on them, the ``Bench`` that samples,
     the log (kept for the results), the results (``info``, written by ``save``) and the pack's nodes as
-    calls. ``args`` carries --comfyui, --workdir, --out, --steps and --cpu."""
+    calls. ``args`` carries --comfyui, --workdir, --out, --steps and --cpu. ``models``: ComfyUI's models
+    folder when the phase writes its own files there (default: the FLUX.1 files of ``cfg``, written now)."""
 
-    def __init__(self, args, cfg, res, dynamic_vram=False):
+    def __init__(self, args, cfg, res, dynamic_vram=False, models=None):
         self.args, self.log_lines, self.info = args, [], {}
-        models = write_inputs(args.workdir, cfg, "cpu" if args.cpu else "cuda", self.log)
+        if models is None:
+            models = write_inputs(args.workdir, cfg, "cpu" if args.cpu else "cuda", self.log)
         self.model_path = os.path.join(models, "diffusion_models", MODEL_FILE)
         self.host = start_host(args.comfyui, models, args.cpu, dynamic_vram)
         self.bench = Bench(self.host, cfg, res, args.steps, self.log)
@@ -249,11 +262,11 @@ class BenchRun:
         with open(self.args.out, "w") as f:
             f.write(scrub_paths(json.dumps(self.info, indent=1), self.args.comfyui, self.args.workdir))
 
-    def load_bnb(self, quant):
+    def load_bnb(self, quant, name=MODEL_FILE):
         import torch
 
         with torch.inference_mode():
-            return self.load_node.execute(MODEL_FILE, quant, True, "auto").result[0]
+            return self.load_node.execute(name, quant, True, "auto").result[0]
 
     def apply(self, model, name, strength):
         import torch
@@ -265,12 +278,12 @@ class BenchRun:
         """``model`` + the two rank-32 style LoRAs (0.8, 0.6): every "+2style" row."""
         return self.apply(self.apply(model, "style1.safetensors", 0.8), "style2.safetensors", 0.6)
 
-    def bf16_model(self):
+    def bf16_model(self, name=MODEL_FILE):
         import nodes as comfy_nodes
         import torch
 
         with torch.inference_mode():
-            return comfy_nodes.UNETLoader().load_unet(MODEL_FILE, "default")[0]
+            return comfy_nodes.UNETLoader().load_unet(name, "default")[0]
 
     def bf16_row(self):
         """Stock bf16 (UNETLoader), the baseline of the rows' ratio_to_bf16, unloaded after."""
@@ -283,7 +296,8 @@ class BenchRun:
 class PhaseRun(BenchRun):
     """The set-up every phase of bench_gpu.py shares: the model's shape (--small, --blocks), dynamic VRAM
     (--phase dynamic, --dynamic-vram), the run's header and Triton tiles (--tiles) in ``info``, and every
-    row saved as it is measured."""
+    row saved as it is measured. ``--phase families`` writes its FLUX.2 files itself, into
+    ``families_folder``: ComfyUI starts on that folder and no FLUX.1 file is written."""
 
     def __init__(self, args):
         cfg = SMALL if args.small else FULL
@@ -291,11 +305,13 @@ class PhaseRun(BenchRun):
             cfg = flux_width(*(int(v) for v in args.blocks.split(",")))
         res = 64 if args.small else 1024
         dynamic = (args.phase == "dynamic" or args.dynamic_vram) and not args.cpu
-        super().__init__(args, cfg, res, dynamic)
+        families = args.phase == "families"
+        super().__init__(args, cfg, res, dynamic, models=families_folder(args.workdir) if families else None)
         self.info = {"phase": args.phase, **machine_info(args.cpu), "comfyui": comfyui_version(args.comfyui),
                      "dynamic_vram": bool(getattr(self.host, "dynamic_vram", False)), "res": res,
-                     "timed_steps": args.steps,
-                     "params_billion": round(sum(math.prod(s) for s in flux_shapes(cfg).values()) / 1e9, 3)}
+                     "timed_steps": args.steps}
+        if not families:  # the families phase gives each model's own
+            self.info["params_billion"] = round(sum(math.prod(s) for s in flux_shapes(cfg).values()) / 1e9, 3)
         tuning = self.host.pack_module("quant_expand.tuning").TUNING
         if args.tiles:  # tile shapes picked by bench/dequant_kernels.py on this machine
             best = json.load(open(args.tiles))["best_tiles"]
