@@ -58,12 +58,22 @@ def made_for(model: ImpliedModel) -> str:
     return line
 
 
-# ComfyUI 0.33's LoRA key map has FLUX.1's diffusers names for every FLUX model (comfy.utils.flux_to_diffusers)
-def comfyui_skips(parsed) -> list[str]:
-    """The diffusers names of a LoRA's layers that ComfyUI's own Load LoRA leaves out."""
+PEFT_PREFIX = "base_model.model."
+
+
+def comfyui_leaves_out(parsed, keys) -> str:
+    """What ComfyUI's own Load LoRA leaves out of a diffusers LoRA, said as a phrase ("" when nothing): its LoRA
+    key map (ComfyUI 0.33, comfy/lora.py) has, for every FLUX model, FLUX.1's diffusers names
+    (comfy.utils.flux_to_diffusers), as ``transformer.<name>`` or bare, never under PEFT's prefix."""
     if parsed.source_format != "diffusers":
-        return []
-    return sorted({layer.source for layer in parsed.layers if FLUX1.diffusers.linear_of(layer.source) is None})
+        return ""
+    if any(k.startswith(PEFT_PREFIX) for k in keys):
+        return f"ComfyUI's Load LoRA does not read {PEFT_PREFIX} keys: it would leave out all {len(parsed.layers)} layers"
+    names = sorted({layer.source for layer in parsed.layers if FLUX1.diffusers.linear_of(layer.source) is None})
+    if not names:
+        return ""
+    return (f"ComfyUI's Load LoRA reads {FLUX1.title}'s diffusers names only and would leave out {len(names)} of its "
+            f"layers: {preview_keys(names)}")
 
 
 def describe_lora_file(path: str, tensors) -> str:
@@ -100,10 +110,7 @@ def describe_lora_file(path: str, tensors) -> str:
                      "FLUX loader); feed the control image (e.g. its Canny edges) through "
                      "InstructPixToPixConditioning to KSampler")
     else:
-        skipped = comfyui_skips(parsed)
-        stock = ("ComfyUI's Load LoRA works too" if not skipped else
-                 f"ComfyUI's Load LoRA reads {FLUX1.title}'s diffusers names only and would leave out "
-                 f"{len(skipped)} of its layers: {preview_keys(skipped)}")
+        stock = comfyui_leaves_out(parsed, tensors.keys()) or "ComfyUI's Load LoRA works too"
         lines.append(f"use: put it in models/loras and pick it in Apply Control LoRA after Load BnB Flux (the "
                      f"quantized weights stay untouched; {stock}); Set LoRA Scale changes its strength later")
     return "\n".join(lines)
