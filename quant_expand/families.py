@@ -1,8 +1,9 @@
 """The FLUX families Load BnB Flux reads, one table: how a file shows which family it is, what ComfyUI
 calls the model, and which Linears stay in the compute dtype (with why).
 
-A new family is one :class:`Family` here, its diffusers names in ``diffusers_names.py`` and, where it
-needs one, its test model in ``testing/``; the reader, loader and command line ask this table instead of naming a family.
+A new family is one :class:`Family` here (its Linears' shapes and released sizes included), its diffusers
+names in ``diffusers_names.py`` and, where it needs one, its test model in ``testing/``; the reader, loader,
+LoRA inspection (``lora/implied_model.py``) and command line ask this table instead of naming a family.
 Detection looks at key names without the file's prefix, after the reader found the FLUX layout
 (``double_blocks.0.img_attn.norm.key_norm``, which every family here has, or its diffusers name): a
 family's markers, in BFL names or translated by its diffusers table.
@@ -10,9 +11,31 @@ family's markers, in BFL names or translated by its diffusers table.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 from .diffusers_names import CHROMA_NAMES, FLUX1_NAMES, FLUX2_NAMES, DiffusersNames
+
+
+TIME_EMBED = 256  # time_in's and guidance_in's inputs: the sinusoidal timestep embedding
+# the Linears whose input width does not follow from the hidden size (latent, text encoder, pooled vector):
+# a model's shapes take them from its file where the file shows them
+FREE_INPUTS = ("img_in", "txt_in", "vector_in.in_layer")
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """The size of released models of a family: what ``cli inspect`` tells a LoRA's widths fit."""
+
+    name: str        # what users call the models of this size, family title first: "FLUX.2 [klein] 4B"
+    hidden: int
+    doubles: int     # double and single blocks
+    singles: int
+    text: int        # txt_in's inputs: the text encoder's width
+    absent: tuple[str, ...] = ()  # Linear name prefixes these models lack (FLUX.2 [klein]: no guidance embedder)
+
+    def variant(self, title: str) -> str:
+        """The name without the family's title ("[klein] 4B"), as a phrase about the family uses it."""
+        return self.name[len(title) + 1:] if self.name.startswith(title + " ") else self.name
 
 
 @dataclass(frozen=True)
@@ -31,6 +54,12 @@ class Family:
     control_loras: bool = False    # BFL Control LoRAs (Canny/Depth) exist for it
     # how a user's name for the model follows from its Linears: (Linear name prefix, name with one, name without)
     variants: Optional[tuple[str, str, str]] = None
+    # the Linears' shapes, as ComfyUI 0.33 builds the model (comfy/ldm/flux, comfy/ldm/chroma, model_detection.py):
+    latent: int = 64                        # img_in's inputs and final_layer.linear's outputs
+    mlp_widths: tuple[int, int] = (4, 4)    # a block MLP's first Linear's outputs and second's inputs, in hidden sizes
+    # (hidden, latent, input widths) -> (out, in) of each Linear outside the blocks, in module order (see linear_shapes)
+    outer_linears: Optional[Callable[[int, int, Mapping[str, int]], dict[str, tuple[int, int]]]] = None
+    sizes: tuple[ModelSize, ...] = ()       # the released models' sizes, the most common first
 
     def expected_linears(self, doubles: int, singles: int) -> list[str]:
         """Every Linear a model of this family with these block counts must have (optional ones aside)."""
@@ -46,6 +75,28 @@ class Family:
     def keeps_float(self, name: str) -> bool:
         return name.startswith(self.unquantized)
 
+    def linear_shapes(self, hidden: int, doubles: int, singles: int,
+                      inputs: Mapping[str, int] = {}) -> dict[str, tuple[int, int]]:
+        """BFL name -> (out, in) of every Linear of a model of this family and size. ``inputs``: widths of
+        :data:`FREE_INPUTS` where known; otherwise the latent width and the first released size's text width."""
+        h = hidden
+        first, second = (r * h for r in self.mlp_widths)
+        block = {"attn.qkv": (3 * h, h), "attn.proj": (h, h), "mlp.0": (first, h), "mlp.2": (h, second),
+                 "mod.lin": (6 * h, h), "linear1": (3 * h + first, h), "linear2": (h, h + second),
+                 "modulation.lin": (3 * h, h)}
+        outer = self.outer_linears(h, self.latent, {"img_in": self.latent, "txt_in": self.sizes[0].text, **inputs})
+        names = list(outer)
+        tail = names.index("final_layer.linear")  # in module order: the output layer (and on) follows the blocks
+        out = {n: outer[n] for n in names[:tail]}
+        for i in range(doubles):
+            for inner in self.double_linears:  # img_attn.qkv, txt_mlp.0, ...: the stream, then the Linear
+                out[f"double_blocks.{i}.{inner}"] = block[inner.split("_", 1)[1]]
+        for i in range(singles):
+            for inner in self.single_linears:
+                out[f"single_blocks.{i}.{inner}"] = block[inner]
+        out.update((n, outer[n]) for n in names[tail:])
+        return out
+
     def variant(self, linears: Iterable[str]) -> str:
         """The name a user knows the model by, from its Linears' names (as ComfyUI tells FLUX.1 dev from
         schnell and FLUX.2 [dev] from [klein]: guidance_embed, i.e. a guidance embedder)."""
@@ -58,6 +109,44 @@ class Family:
 # the attention and MLP Linears of a double block, img and txt streams (FLUX.1 adds a modulation per stream)
 _DOUBLE = tuple(f"{s}_{m}" for s in ("img", "txt") for m in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2"))
 
+
+def _embedder(name: str, h: int, inputs: int) -> dict[str, tuple[int, int]]:
+    """ComfyUI's MLPEmbedder: in_layer, then out_layer on the hidden size."""
+    return {f"{name}.in_layer": (h, inputs), f"{name}.out_layer": (h, h)}
+
+
+def _flux1_outer(h: int, latent: int, inputs: Mapping[str, int]) -> dict[str, tuple[int, int]]:
+    return {"img_in": (h, inputs["img_in"]), **_embedder("time_in", h, TIME_EMBED),
+            **_embedder("vector_in", h, inputs.get("vector_in.in_layer", 768)),  # CLIP-L's pooled output
+            **_embedder("guidance_in", h, TIME_EMBED), "txt_in": (h, inputs["txt_in"]),
+            "final_layer.linear": (latent, h), "final_layer.adaLN_modulation.1": (2 * h, h)}
+
+
+def _flux2_outer(h: int, latent: int, inputs: Mapping[str, int]) -> dict[str, tuple[int, int]]:
+    # no vector_in; the global modulation Linears emit (shift, scale, gate) per stream for every block of
+    # their kind: 6 x hidden for a double block's stream, 3 x hidden for a single block
+    return {"img_in": (h, inputs["img_in"]), **_embedder("time_in", h, TIME_EMBED),
+            **_embedder("guidance_in", h, TIME_EMBED), "txt_in": (h, inputs["txt_in"]),
+            "final_layer.linear": (latent, h), "final_layer.adaLN_modulation.1": (2 * h, h),
+            "double_stream_modulation_img.lin": (6 * h, h), "double_stream_modulation_txt.lin": (6 * h, h),
+            "single_stream_modulation.lin": (3 * h, h)}
+
+
+# ComfyUI fixes Chroma's approximator: 64 inputs, 5 layers of 5120, 3072 outputs (every block's modulation)
+CHROMA_APPROXIMATOR = (64, 5120, 5, 3072)
+
+
+def _chroma_outer(h: int, latent: int, inputs: Mapping[str, int]) -> dict[str, tuple[int, int]]:
+    a_in, a_hidden, a_layers, a_out = CHROMA_APPROXIMATOR
+    out = {"img_in": (h, inputs["img_in"]), "txt_in": (h, inputs["txt_in"]),
+           "distilled_guidance_layer.in_proj": (a_hidden, a_in)}
+    for i in range(a_layers):
+        out.update(_embedder(f"distilled_guidance_layer.layers.{i}", a_hidden, a_hidden))
+    out["distilled_guidance_layer.out_proj"] = (a_out, a_hidden)
+    out["final_layer.linear"] = (latent, h)  # no adaLN_modulation: the approximator gives its shift and scale
+    return out
+
+
 FLUX1 = Family(
     key="flux1", title="FLUX.1", comfy_model="flux", markers=(),
     # the embedders and the output layer hold ~0.4 % of FLUX.1's parameters and see raw inputs/outputs,
@@ -68,7 +157,9 @@ FLUX1 = Family(
     core_linears=("img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "final_layer.linear"),
     double_linears=_DOUBLE + ("img_mod.lin", "txt_mod.lin"), single_linears=("linear1", "linear2", "modulation.lin"),
     diffusers=FLUX1_NAMES, control_loras=True,
-    variants=("guidance_in.", "FLUX.1 dev (guidance_in)", "FLUX.1 schnell (no guidance_in)"))
+    variants=("guidance_in.", "FLUX.1 dev (guidance_in)", "FLUX.1 schnell (no guidance_in)"),
+    latent=64, mlp_widths=(4, 4), outer_linears=_flux1_outer,  # latent: 16 channels x 2 x 2 patch
+    sizes=(ModelSize("FLUX.1 dev and schnell", 3072, 19, 38, 4096),))  # text: T5-XXL
 
 FLUX2 = Family(
     key="flux2", title="FLUX.2", comfy_model="flux2", markers=("double_stream_modulation_img.lin.weight",),
@@ -82,7 +173,13 @@ FLUX2 = Family(
                   "double_stream_modulation_txt.lin", "single_stream_modulation.lin", "final_layer.linear",
                   "final_layer.adaLN_modulation.1"),
     double_linears=_DOUBLE, single_linears=("linear1", "linear2"), diffusers=FLUX2_NAMES,
-    variants=("guidance_in.in_layer", "FLUX.2 [dev]", "FLUX.2 [klein]"))
+    variants=("guidance_in.in_layer", "FLUX.2 [dev]", "FLUX.2 [klein]"),
+    # 128 latent channels, patch 1; gated SiLU MLP with ratio 3: its first Linear emits gate and value
+    latent=128, mlp_widths=(6, 3), outer_linears=_flux2_outer,
+    # text: three hidden layers of the LLM side by side (Mistral Small 3.1 5120, Qwen3-4B 2560, Qwen3-8B 4096)
+    sizes=(ModelSize("FLUX.2 [dev]", 6144, 8, 48, 15360),
+           ModelSize("FLUX.2 [klein] 4B", 3072, 5, 20, 7680, absent=("guidance_in.",)),
+           ModelSize("FLUX.2 [klein] 9B", 4096, 8, 24, 12288, absent=("guidance_in.",))))
 
 CHROMA = Family(
     key="chroma", title="Chroma", comfy_model="chroma",
@@ -94,7 +191,10 @@ CHROMA = Family(
     unquantized_why="image embedder, output layer and the modulation approximator every block reads",
     core_linears=("img_in", "txt_in", "distilled_guidance_layer.in_proj", "distilled_guidance_layer.out_proj",
                   "final_layer.linear"),
-    double_linears=_DOUBLE, single_linears=("linear1", "linear2"), diffusers=CHROMA_NAMES)
+    double_linears=_DOUBLE, single_linears=("linear1", "linear2"), diffusers=CHROMA_NAMES,
+    latent=64, mlp_widths=(4, 4), outer_linears=_chroma_outer,
+    # the hidden size is the approximator's output width (the blocks read its modulation); text: T5-XXL
+    sizes=(ModelSize("Chroma1-HD and Chroma1-Base", CHROMA_APPROXIMATOR[3], 19, 38, 4096),))
 
 # what each kept group buys, measured per family: bench/unquantized_choice.py, table in bench/README.md
 FAMILIES = (FLUX2, CHROMA, FLUX1)  # the ones with markers first: FLUX.1 is what a FLUX layout is otherwise

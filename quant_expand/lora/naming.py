@@ -242,6 +242,15 @@ def targets_diffusers(modules_in_file, modules, name) -> dict[str, LoraTarget]:
     return out
 
 
+def targets_of(family: str, modules_in_file, modules, name) -> dict[str, LoraTarget]:
+    """The BFL targets of a file's modules (``family``: its format) on a model with the Linears ``modules``."""
+    if family == "kohya":
+        return targets_kohya(modules_in_file, modules)
+    if family == "diffusers":
+        return targets_diffusers(modules_in_file, modules, name)
+    return targets_bfl(modules_in_file)
+
+
 def norm_key(module: str, family: str, name: str, model: Family = FLUX1) -> str:
     """The BFL key of a norm scale a LoRA sets (``module`` in the file's spelling; diffusers names read
     with ``model``'s table)."""

@@ -24,9 +24,7 @@ from .naming import (
     norm_scale_keys,
     other_adapter,
     preview_keys,
-    targets_bfl,
-    targets_diffusers,
-    targets_kohya,
+    targets_of,
 )
 from .peft import ADAPTER_METADATA, peft_scaling
 
@@ -44,12 +42,7 @@ def parse_lora(tensors, name: str, modules: dict[str, tuple[int, int]]) -> Parse
     model = family_of_linears(modules)
     family, te_keys = detect_lora_format(name, keys, model)
     groups = _KeyGroups.read(tensors, name, keys, family, set(te_keys), model)
-    if family == "kohya":
-        targets = targets_kohya(groups.layers, modules)
-    elif family == "diffusers":
-        targets = targets_diffusers(groups.layers, modules, name)
-    else:
-        targets = targets_bfl(groups.layers)
+    targets = targets_of(family, groups.layers, modules, name)
     check_missing(name, sorted({t.module for t in targets.values() if t.module not in modules}))
     check_missing(name, sorted(set(groups.reshapes) - set(modules)))
     check_missing(name, sorted(set(groups.norms) - set(norm_scale_keys(modules))))
