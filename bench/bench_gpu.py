@@ -45,7 +45,7 @@ def main():
     ap = bench_parser()
     ap.add_argument("--phase", choices=list(PHASES), default="legacy")
     ap.add_argument("--family", choices=["klein9b", "dev", "both"], default="both",
-                    help="--phase families: which FLUX.2 model (each fits a 10-minute command alone)")
+                    help="--phase families: which FLUX.2 model (bench/README: run each alone)")
     ap.add_argument("--dynamic-vram", action="store_true", help="--phase lowvram: with ComfyUI's dynamic VRAM")
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds of --phase paired and --phase families, and per budget of --phase lowvram")

@@ -15,7 +15,7 @@ Where each full-size number comes from (ComfyUI 0.33 reads none of them from a t
   num_attention_heads, joint_attention_dim, guidance_embeds), which are [dev]'s release config.
 - [klein] 9B: hidden 4096 (32 heads), 8 double + 24 single blocks, no guidance embedder: the released
   transformer config (``FLUX.2-klein-9B/transformer/config.json``) as other ports of it spell it out;
-  neither ComfyUI nor diffusers in this environment fixes these. With them the model has 9.1 B
+  neither ComfyUI 0.33 nor diffusers 0.42 fixes these. With them the model has 9.1 B
   parameters (``params_billion`` in the results), the size in its name.
 
 Weights are N(0, 0.02^2) in bf16 and the QK-norm scales are ones, as bench/inputs.py makes FLUX.1. Each
@@ -197,7 +197,7 @@ def build_bf16_model(cfg: Flux2Config, log):
     where UNETLoader's model would run) with uninitialised weights (ComfyUI's layers skip weight init),
     then each parameter is filled in place from its seed. So the bf16 weights exist once, on the GPU: no
     state dict beside them, no copy in host memory (the stock path, ``load_diffusion_model_state_dict``
-    on a GPU state dict, would copy it into a model built in host memory: 64 GB twice).
+    on a GPU state dict, would copy it into a model built in host memory: the whole model twice).
 
     The patcher's offload device is that device too (what ComfyUI's --highvram gives every model): ComfyUI
     never moves these weights to the host, and dropping the patcher frees them. Dtype and manual cast

@@ -3,21 +3,18 @@ bench/flux2_inputs.py), NF4 through Load BnB Flux against ComfyUI's bf16, at 102
 patcher. Per model: a row of each alone (resident GiB, s/step, load time), then paired rounds (bf16
 sampled again in each round right before NF4; ratio = that round's NF4 median step over its bf16).
 
-- ``--family klein9b``: the bf16 file (9.08 B parameters, 18.2 GB, written into --workdir once and
-  reused), bf16 through UNETLoader and NF4 quantized on load by Load BnB Flux, each read from a dropped
-  page cache. Fits an 80 GB card.
-- ``--family dev``: its bf16 file (32.2 B parameters, 64.4 GB) would not fit the GPU machine's disk, so
-  the NF4 file (~17.7 GB) is written directly (each Linear generated and quantized on the GPU) and read
+- ``--family klein9b``: the bf16 file (written into --workdir once and reused), bf16 through UNETLoader
+  and NF4 quantized on load by Load BnB Flux, each read from a dropped page cache.
+- ``--family dev``: its bf16 file is too large to write beside the others, so the NF4 file is written
+  directly (each Linear generated and quantized on the GPU) and read
   by Load BnB Flux as a pre-quantized file; the bf16 reference is ComfyUI's own model built on the GPU
   without a file (``build_bf16_model``: one copy of the weights, never in host memory). The NF4 row
   runs first and NF4 then waits in host memory, so the bf16 row's resident is its own; in the rounds
-  both are on the GPU (60.0 + 16.5 GiB of weights): an H200, not an 80 GB card.
+  both are on the GPU together (bench/README says how much memory that takes).
 - ``--family both`` (default): klein first, each model unloaded and freed before the next family
   (``after_release`` in the results: what the process still holds).
 
-Expected on an H200, estimated from the FLUX.1 phases' load and step times (not measured): klein ~2.5
-min with its file to write (~2 min reusing it), dev ~3 min with its file to write (~2.5 min reusing it).
-Give each its own command: both in one is ~5.5 min, close to a 10-minute limit with a slow disk.
+Sizes, expected durations and the GPU each family needs: bench/README.md.
 """
 from __future__ import annotations
 

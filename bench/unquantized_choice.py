@@ -68,6 +68,8 @@ def models():
     yield "Chroma (hidden 3072)", "chroma", gaussian_weights(make_chroma(chroma), _chroma_gain), chroma_inputs
 
 
+# the weights' scale per Linear, as the test models use (quant_expand/testing): modulation feeds (1 + scale),
+# shifts and gates, and Chroma's approximator output is every block's modulation; smaller keeps activations bounded
 def _flux1_gain(name):
     return 0.5 if "mod" in name else 1.0
 

@@ -54,7 +54,7 @@ class LoadBnbFlux(io.ComfyNode):
             category=LOADERS,
             search_aliases=["nf4", "fp4", "int8", "bitsandbytes", "bnb", "quantized", "quantize", "4-bit", "4bit",
                             "8-bit", "flux", "flux nf4", "load flux", "flux loader", "low vram", "forge nf4",
-                            "flux1-dev-bnb-nf4", "diffusers bnb"],
+                            "flux1-dev-bnb-nf4", "diffusers bnb", "flux2", "flux.2", "klein", "chroma"],
             description=(
                 "Loads a FLUX diffusion model (FLUX.1 dev or schnell, FLUX.2 [dev] or [klein], Chroma) quantized "
                 "with bitsandbytes: NF4 or FP4 (4-bit, about a quarter of bf16's memory) or int8. Pre-quantized "

@@ -525,8 +525,8 @@ def test_model_links_match_comfyui_templates():
 # the template of ComfyUI's (comfyui-workflow-templates) each text-to-image workflow follows
 OFFICIAL_TEMPLATES = {KLEIN: "image_flux2_klein_text_to_image", CHROMA: "image_chroma_text_to_image"}
 # the model file ours loads where it is not the official graph's: Chroma's bf16 release (which its template's
-# note links) instead of the fp8 file, which Load BnB Flux does not read for Chroma yet (and NF4 is best made
-# from full precision)
+# note links) instead of its fp8mixed file, which Load BnB Flux reads too: NF4 made from bf16 stays closer to
+# the original
 OUR_MODEL_FILE = {CHROMA: ("Chroma1-HD-fp8mixed.safetensors", "Chroma1-HD.safetensors")}
 # values that are ours to choose: prompts, seeds, the output file name
 OWN_VALUES = {"CLIPTextEncode", "RandomNoise", "SaveImage"}

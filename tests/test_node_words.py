@@ -76,7 +76,7 @@ def test_aliases_carry_what_users_type(infos):
     """The words a user searching for quantized FLUX or Control LoRAs types (the frontend matches
     search_aliases, display_name and the node id)."""
     aliases = {node_id: set(info["search_aliases"]) for node_id, info in infos.items()}
-    assert {"nf4", "fp4", "int8", "bitsandbytes", "bnb", "quantized", "4-bit", "flux"} <= aliases["LoadBnbFlux"]
+    assert {"nf4", "fp4", "int8", "bitsandbytes", "bnb", "quantized", "4-bit", "flux", "flux2", "klein", "chroma"} <= aliases["LoadBnbFlux"]
     assert {"lora", "control lora", "canny", "depth", "controlnet"} <= aliases["ApplyControlLora"]
     assert {"lora strength", "lora weight"} <= aliases["SetLoraScale"]
     assert {"lora stack", "multiple loras", "stacker", "lora toggle", "lora loader"} <= aliases["ApplyLoraStack"]

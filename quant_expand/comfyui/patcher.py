@@ -62,8 +62,8 @@ class BnbModelPatcher(PartialLoad, comfy.model_patcher.ModelPatcher):
     It is a non-dynamic patcher even when ComfyUI runs with dynamic VRAM (main.py's default), by choice:
     ``ModelPatcherDynamic`` sizes and casts raw weight tensors (it would take the logical-shape uint8 bytes
     for twice the packed size and miss quant state and LoRA factors), and a version that gave each
-    quantized layer a home in comfy-aimdo's VBAR instead was slower at every budget (host work per block)
-    and its capped results were not bitwise equal to uncapped ones (bench/README, "Small GPUs"). Beside
+    quantized layer a home in comfy-aimdo's VBAR instead ran slower with all VRAM (host work per block), and
+    its capped results were not bitwise equal to uncapped ones (bench/README, "Small GPUs"). Beside
     dynamic models this patcher is sized the classic way: ``load_models_gpu`` frees memory for it
     (a non-dynamic model in the list turns ``for_dynamic`` off), a dynamic text encoder or VAE loading
     later partially unloads it through ``free_memory``, and what does not fit streams through the pack's
