@@ -59,7 +59,8 @@ class _Reading:
 def implied_model_of(tensors, name: str) -> ImpliedModel:
     """The model the LoRA ``tensors`` (a file named ``name``) is for; LoraFormatError where no FLUX model
     has its layers, with the message Apply Control LoRA gives on a FLUX.1 model."""
-    fmt, te_keys = detect_lora_format(name, tensors.keys())
+    # no model yet (it is what this works out): a file that is no FLUX LoRA at all is named against FLUX.1
+    fmt, te_keys = detect_lora_format(name, tensors.keys(), FLUX1)
     widths, norms = _factor_widths(tensors, fmt, set(te_keys))
     readings = []
     for family in _ORDER:

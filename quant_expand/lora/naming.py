@@ -5,7 +5,7 @@ import re
 from typing import Optional
 
 from ..errors import LoraFormatError
-from ..families import FAMILIES, FLUX1, Family, family_of_linears
+from ..families import FAMILIES, Family, family_of_linears
 from .canonical import LoraTarget
 
 # the top-level modules of every FLUX family in BFL and in diffusers names; some are both (FLUX.2's global
@@ -164,7 +164,7 @@ def preview_keys(keys, n: int = 3) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def detect_lora_format(name: str, keys, model: Family = FLUX1) -> tuple[str, list[str]]:
+def detect_lora_format(name: str, keys, model: Family) -> tuple[str, list[str]]:
     """(format, text-encoder keys) of a file's keys; raises LoraFormatError for anything not a FLUX LoRA
     (naming ``model``'s family, the model the LoRA is for)."""
     keys = list(keys)
@@ -251,7 +251,7 @@ def targets_of(family: str, modules_in_file, modules, name) -> dict[str, LoraTar
     return targets_bfl(modules_in_file)
 
 
-def norm_key(module: str, family: str, name: str, model: Family = FLUX1) -> str:
+def norm_key(module: str, family: str, name: str, model: Family) -> str:
     """The BFL key of a norm scale a LoRA sets (``module`` in the file's spelling; diffusers names read
     with ``model``'s table)."""
     if family != "diffusers":
