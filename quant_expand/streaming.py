@@ -85,8 +85,8 @@ class StreamUnit:
             size += _aligned(sizes[i])
         self.nbytes = size
         self.views: list[torch.Tensor] = []
-        self.copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (device bytes, host bytes) per copy
-        self.dsts: list[torch.Tensor] = []   # the copies as _foreach_copy_ takes them, built once at placement
+        # one copy per (device bytes, host bytes) pair, as _foreach_copy_ takes them: built once at placement
+        self.dsts: list[torch.Tensor] = []
         self.srcs: list[torch.Tensor] = []
 
 
@@ -159,7 +159,6 @@ class LayerStreamer:
                 host[at:at + t.numel() * t.element_size()].copy_(_raw(t))
             copies.append((buf[unit.small_start:unit.nbytes], host))
             self.pinned_copy_bytes += span
-        unit.copies = copies
         unit.dsts, unit.srcs = [d for d, _ in copies], [h for _, h in copies]
 
     def _pinned(self, t: torch.Tensor, pin) -> torch.Tensor:
@@ -230,7 +229,7 @@ class LayerStreamer:
         self._pinned_here = []
         self.buffers = []
         for unit in self.units:
-            unit.views, unit.copies, unit.dsts, unit.srcs = [], [], [], []
+            unit.views, unit.dsts, unit.srcs = [], [], []
         self.units = []
 
 

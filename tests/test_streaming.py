@@ -56,7 +56,7 @@ def test_views_hold_their_units_sources_in_any_order_on_cuda(order, slots):
     streamer = LayerStreamer(torch.device("cuda"), units, slots=slots, pin=lambda t: False)
     # the small sources of a unit cross in one copy from a pinned buffer; the large one (pinning refused
     # here) on its own
-    assert all(len(u.copies) == 1 + (i % 2) and u.copies[-1][1].is_pinned() for i, u in enumerate(units))
+    assert all(len(u.srcs) == 1 + (i % 2) and u.srcs[-1].is_pinned() for i, u in enumerate(units))
     assert streamer.pageable_bytes == sum(u.sources[1].nbytes for i, u in enumerate(units) if i % 2)
     check(streamer, units, order, torch.device("cuda"))
     streamer.close()
