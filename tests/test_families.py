@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from family_sampling import assert_same_latents, quantized_layer_names, sample_against_unet_loader
 from quant_expand.testing.family_models import (
     ChromaConfig,
     Flux2Config,
@@ -18,7 +19,7 @@ from quant_expand.testing.family_models import (
     make_chroma,
     make_flux2,
 )
-from quant_expand.testing.prompts import apply_lora, load_bnb_flux, rel_err, sampling_graph, unet_loader
+from quant_expand.testing.prompts import apply_lora, load_bnb_flux, sampling_graph
 from quant_expand.testing.synthetic import save_safetensors
 
 CHROMA = ChromaConfig()
@@ -44,31 +45,24 @@ class TestChroma:
         assert (cfg["in_dim"], cfg["hidden_dim"], cfg["out_dim"], cfg["n_layers"]) == (64, 5120, 3072, 5)
 
     def test_nf4_sampling_equals_unet_loader(self, host, chroma_file):
-        # one model at a time: the quantized graph, its checks, then ComfyUI's float32 copy
-        out = host.run(sampling_graph({"q": load_bnb_flux(chroma_file, "nf4", False)}, ["q", 0], key="q",
-                                      steps=1, pooled_dim=0))
-        patcher = host.node_output("q")
-        layers = host.pack_module("quant_expand.layers")
-        dm = patcher.model.diffusion_model
-        quantized = {n for n, m in dm.named_modules() if layers.is_quantized_linear(m)}
-        assert quantized == chroma_quantized_linears(CHROMA)
-        assert set(chroma_linears(CHROMA)) - quantized <= {n for n, m in dm.named_modules()
-                                                           if isinstance(m, torch.nn.Linear)}
-        report = host.pack_module("quant_expand.comfyui.report").load_report(patcher)
-        assert "(Chroma)" in report.source
-        # the quantized layers hold the file's values exactly
-        from safetensors import safe_open
-        with safe_open(host.model_path("diffusion_models", chroma_file), "pt") as f:
-            for name in ("txt_in", "double_blocks.0.img_attn.qkv", "single_blocks.0.linear2"):
-                deq = dm.get_submodule(name).dequantize(torch.device("cpu"), torch.float32)
-                assert torch.equal(deq, f.get_tensor(f"{name}.weight").float()), name
-        del patcher, dm
-        host.free_models()
-        out.update(host.run(sampling_graph({"ref": unet_loader(chroma_file)}, ["ref", 0], key="ref", steps=1,
-                                           pooled_dim=0)))
-        host.free_models()
-        assert torch.isfinite(out["q"]).all() and out["q"].abs().max() > 0
-        assert rel_err(out["q"], out["ref"]) < 1e-6
+        def check(patcher):
+            dm = patcher.model.diffusion_model
+            quantized = quantized_layer_names(patcher, host)
+            assert quantized == chroma_quantized_linears(CHROMA)
+            assert set(chroma_linears(CHROMA)) - quantized <= {n for n, m in dm.named_modules()
+                                                               if isinstance(m, torch.nn.Linear)}
+            report = host.pack_module("quant_expand.comfyui.report").load_report(patcher)
+            assert "(Chroma)" in report.source
+            # the quantized layers hold the file's values exactly
+            from safetensors import safe_open
+            with safe_open(host.model_path("diffusion_models", chroma_file), "pt") as f:
+                for name in ("txt_in", "double_blocks.0.img_attn.qkv", "single_blocks.0.linear2"):
+                    deq = dm.get_submodule(name).dequantize(torch.device("cpu"), torch.float32)
+                    assert torch.equal(deq, f.get_tensor(f"{name}.weight").float()), name
+
+        out = sample_against_unet_loader(host, load_bnb_flux(chroma_file, "nf4", False), chroma_file, CHROMA,
+                                         steps=1, check=check)
+        assert_same_latents(out)
 
 
 FLUX2 = {"dev": Flux2Config(guidance=True), "klein": Flux2Config(guidance=False)}
@@ -99,18 +93,14 @@ class TestFlux2:
     @pytest.mark.parametrize("variant", list(FLUX2))
     def test_sampling_equals_unet_loader(self, host, flux2_files, variant, quant):
         cfg, name = FLUX2[variant], flux2_files[variant]
-        common = dict(steps=2, size=4, pooled_dim=0, channels=cfg.in_channels, context_dim=cfg.context_in_dim)
-        g = sampling_graph({"q": load_bnb_flux(name, quant, False)}, ["q", 0], key="q", prefix="a", **common)
-        g = sampling_graph({**g, "ref": unet_loader(name)}, ["ref", 0], key="ref", prefix="b", **common)
-        out = host.run(g)
-        patcher = host.node_output("q")
-        layers = host.pack_module("quant_expand.layers")
-        quantized = {n for n, m in patcher.model.diffusion_model.named_modules() if layers.is_quantized_linear(m)}
-        assert quantized == flux2_quantized_linears(cfg)
-        report = host.pack_module("quant_expand.comfyui.report").load_report(patcher)
-        assert f"(FLUX.2 [{variant}])" in report.source
-        assert torch.isfinite(out["q"]).all() and out["q"].abs().max() > 0
-        assert rel_err(out["q"], out["ref"]) < 1e-6
+
+        def check(patcher):
+            assert quantized_layer_names(patcher, host) == flux2_quantized_linears(cfg)
+            report = host.pack_module("quant_expand.comfyui.report").load_report(patcher)
+            assert f"(FLUX.2 [{variant}])" in report.source
+
+        assert_same_latents(sample_against_unet_loader(host, load_bnb_flux(name, quant, False), name, cfg, steps=2,
+                                                       check=check))
 
 
 def test_flux1_control_lora_on_flux2_names_the_family(host, flux2_files):

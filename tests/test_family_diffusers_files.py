@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from diffusers_family_files import save_pretrained, to_diffusers
+from family_sampling import assert_same_latents, quantized_layer_names, sample_against_unet_loader
 from quant_expand.checkpoint.reader import open_flux_checkpoint
 from quant_expand.testing.family_models import (
     ChromaConfig,
@@ -24,7 +25,7 @@ from quant_expand.testing.family_models import (
     make_chroma,
     make_flux2,
 )
-from quant_expand.testing.prompts import load_bnb_flux, rel_err, sampling_graph, unet_loader
+from quant_expand.testing.prompts import load_bnb_flux
 from quant_expand.testing.synthetic import save_safetensors
 
 FLUX2 = {"dev": Flux2Config(guidance=True), "klein": Flux2Config(guidance=False)}
@@ -111,18 +112,14 @@ class TestFlux2:
     @pytest.mark.parametrize("variant", list(FLUX2))
     def test_sampling_equals_unet_loader_on_bfl_names(self, host, flux2_files, variant, layout):
         cfg, files = FLUX2[variant], flux2_files[variant]
-        common = dict(steps=2, size=4, pooled_dim=0, channels=cfg.in_channels, context_dim=cfg.context_in_dim)
-        g = sampling_graph({"q": load_bnb_flux(files[layout], "nf4", False)}, ["q", 0], key="q", prefix="a", **common)
-        g = sampling_graph({**g, "ref": unet_loader(files["bfl"])}, ["ref", 0], key="ref", prefix="b", **common)
-        out = host.run(g)
-        patcher = host.node_output("q")
-        layers = host.pack_module("quant_expand.layers")
-        quantized = {n for n, m in patcher.model.diffusion_model.named_modules() if layers.is_quantized_linear(m)}
-        assert quantized == flux2_quantized_linears(cfg)
-        report = host.pack_module("quant_expand.comfyui.report").load_report(patcher)
-        assert f"(FLUX.2 [{variant}]): full precision (full precision, diffusers names)" in report.source
-        assert torch.isfinite(out["q"]).all() and out["q"].abs().max() > 0
-        assert rel_err(out["q"], out["ref"]) < 1e-6
+
+        def check(patcher):
+            assert quantized_layer_names(patcher, host) == flux2_quantized_linears(cfg)
+            report = host.pack_module("quant_expand.comfyui.report").load_report(patcher)
+            assert f"(FLUX.2 [{variant}]): full precision (full precision, diffusers names)" in report.source
+
+        assert_same_latents(sample_against_unet_loader(host, load_bnb_flux(files[layout], "nf4", False), files["bfl"],
+                                                       cfg, steps=2, check=check))
 
 
 class TestChroma:
@@ -130,21 +127,11 @@ class TestChroma:
         _assert_reads_as_bfl(host, chroma_files["sharded"], chroma_files["bfl"], "chroma")
 
     def test_sharded_sampling_equals_unet_loader_on_bfl_names(self, host, chroma_files):
-        # one model at a time: the quantized graph, its checks, then ComfyUI's float32 copy
-        common = dict(steps=1, size=4, pooled_dim=0)
-        out = host.run(sampling_graph({"q": load_bnb_flux(chroma_files["sharded"], "nf4", False)}, ["q", 0],
-                                      key="q", **common))
-        patcher = host.node_output("q")
-        layers = host.pack_module("quant_expand.layers")
-        quantized = {n for n, m in patcher.model.diffusion_model.named_modules() if layers.is_quantized_linear(m)}
-        assert quantized == chroma_quantized_linears(CHROMA)
-        report = host.pack_module("quant_expand.comfyui.report").load_report(patcher)
-        assert "(Chroma): full precision (full precision, diffusers names)" in report.source
-        assert "a shard of diffusion_pytorch_model.safetensors.index.json" in report.source
-        del patcher
-        host.free_models()
-        out.update(host.run(sampling_graph({"ref": unet_loader(chroma_files["bfl"])}, ["ref", 0], key="ref",
-                                           **common)))
-        host.free_models()
-        assert torch.isfinite(out["q"]).all() and out["q"].abs().max() > 0
-        assert rel_err(out["q"], out["ref"]) < 1e-6
+        def check(patcher):
+            assert quantized_layer_names(patcher, host) == chroma_quantized_linears(CHROMA)
+            report = host.pack_module("quant_expand.comfyui.report").load_report(patcher)
+            assert "(Chroma): full precision (full precision, diffusers names)" in report.source
+            assert "a shard of diffusion_pytorch_model.safetensors.index.json" in report.source
+
+        assert_same_latents(sample_against_unet_loader(host, load_bnb_flux(chroma_files["sharded"], "nf4", False),
+                                                       chroma_files["bfl"], CHROMA, steps=1, check=check))

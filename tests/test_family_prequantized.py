@@ -18,6 +18,7 @@ import torch
 
 from diffusers_family_files import linear_names, to_diffusers
 from prequantized_files import bnb_linear_state, forge_state_dict, save_sharded
+from family_sampling import assert_same_latents, quantized_layer_names, sample_against_unet_loader
 from quant_expand.testing.family_models import (
     ChromaConfig,
     Flux2Config,
@@ -28,7 +29,7 @@ from quant_expand.testing.family_models import (
     make_chroma,
     make_flux2,
 )
-from quant_expand.testing.prompts import load_bnb_flux, rel_err, sampling_graph, unet_loader
+from quant_expand.testing.prompts import load_bnb_flux
 from quant_expand.testing.synthetic import save_safetensors
 
 DEV = Flux2Config(guidance=True)
@@ -52,24 +53,16 @@ def diffusers_bnb(cfg, bfl: dict, quant: str, every_linear: bool = False) -> dic
 
 
 def sample_both(host, name: str, reference: str, cfg, steps: int, expected: set) -> dict:
-    """The pre-quantized file (asked for fp4 with double quant: the file's own nf4 must win), its layers
-    checked, then ComfyUI's UNETLoader on the bf16 file: one model at a time (Chroma's is ~0.6 B)."""
-    common = dict(steps=steps, size=4, pooled_dim=0, channels=cfg.in_channels, context_dim=cfg.context_in_dim)
-    out = host.run(sampling_graph({"q": load_bnb_flux(name, "fp4", True)}, ["q", 0], key="q", **common))
-    used_as_stored(host, "q", expected)
-    host.free_models()
-    out.update(host.run(sampling_graph({"ref": unet_loader(reference)}, ["ref", 0], key="ref", **common)))
-    host.free_models()
-    return out
+    """The pre-quantized file, asked for fp4 with double quant: every quantized layer must keep the file's
+    own nf4 (a pre-quantized file wins); then ComfyUI's UNETLoader on the bf16 file."""
+    def used_as_stored(patcher):
+        dm = patcher.model.diffusion_model
+        names = quantized_layer_names(patcher, host)
+        assert names == expected
+        assert {dm.get_submodule(n).weight.quant_state.quant_type for n in names} == {"nf4"}
 
-
-def used_as_stored(host, key: str, expected: set) -> None:
-    """Every quantized layer kept the file's nf4 (the node asked for fp4: a pre-quantized file wins)."""
-    layers = host.pack_module("quant_expand.layers")
-    dm = host.node_output(key).model.diffusion_model
-    quantized = {n: m for n, m in dm.named_modules() if layers.is_quantized_linear(m)}
-    assert set(quantized) == expected
-    assert {m.weight.quant_state.quant_type for m in quantized.values()} == {"nf4"}
+    return sample_against_unet_loader(host, load_bnb_flux(name, "fp4", True), reference, cfg, steps,
+                                      check=used_as_stored)
 
 
 def nf4_exact_everywhere(cfg, bfl: dict) -> dict:
@@ -104,8 +97,7 @@ def test_flux2_dev_prequantized_nf4_is_used_as_stored(host, layout):
         save_sharded(diffusers_bnb(DEV, bfl, "nf4", every_linear=every), folder, shards=2)
         name = f"{stem}/diffusion_pytorch_model-00001-of-00002.safetensors"
     out = sample_both(host, name, reference, DEV, steps=2, expected=quantized)
-    assert torch.isfinite(out["q"]).all() and out["q"].abs().max() > 0
-    assert rel_err(out["q"], out["ref"]) < 1e-6
+    assert_same_latents(out)
 
 
 def test_chroma_forge_nf4_is_used_as_stored(host):
@@ -118,5 +110,4 @@ def test_chroma_forge_nf4_is_used_as_stored(host):
                      host.model_path("diffusion_models", name))
     del bfl
     out = sample_both(host, name, reference, CHROMA, steps=1, expected=quantized)
-    assert torch.isfinite(out["q"]).all() and out["q"].abs().max() > 0
-    assert rel_err(out["q"], out["ref"]) < 1e-6
+    assert_same_latents(out)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from family_sampling import assert_same_latents, quantized_layer_names, sample_against_unet_loader
 from quant_expand.testing.family_models import (
     ChromaConfig,
     Flux2Config,
@@ -19,7 +20,7 @@ from quant_expand.testing.family_models import (
     make_chroma,
     make_flux2,
 )
-from quant_expand.testing.prompts import load_bnb_flux, rel_err, sampling_graph, unet_loader
+from quant_expand.testing.prompts import load_bnb_flux
 from quant_expand.testing.synthetic import save_safetensors
 from scaled_files import comfy_quant_linears, scaled_fp8_linears
 
@@ -53,26 +54,18 @@ def flux2_files(host):
     }
 
 
-def quantized_layers(host, key: str) -> set[str]:
-    layers = host.pack_module("quant_expand.layers")
-    return {n for n, m in host.node_output(key).model.diffusion_model.named_modules()
-            if layers.is_quantized_linear(m)}
-
-
 @pytest.mark.parametrize("case", ["klein plain fp8", "klein scaled fp8", "klein fp8mixed", "dev fp8mixed"])
 def test_flux2_fp8_files_sample_like_unet_loader(host, flux2_files, case):
     cfg = DEV if case.startswith("dev") else KLEIN
     name = flux2_files[case]
-    common = dict(steps=2, size=4, pooled_dim=0, channels=cfg.in_channels, context_dim=cfg.context_in_dim)
-    g = sampling_graph({"q": load_bnb_flux(name, "nf4", False)}, ["q", 0], key="q", prefix="a", **common)
-    g = sampling_graph({**g, "ref": unet_loader(name)}, ["ref", 0], key="ref", prefix="b", **common)
-    out = host.run(g)
-    assert quantized_layers(host, "q") == flux2_quantized_linears(cfg)
-    report = host.pack_module("quant_expand.comfyui.report").load_report(host.node_output("q"))
-    assert "(FLUX.2 [dev])" in report.source if cfg is DEV else "(FLUX.2 [klein])" in report.source
-    host.free_models()
-    assert torch.isfinite(out["q"]).all() and out["q"].abs().max() > 0
-    assert rel_err(out["q"], out["ref"]) < 1e-6
+
+    def check(patcher):
+        assert quantized_layer_names(patcher, host) == flux2_quantized_linears(cfg)
+        report = host.pack_module("quant_expand.comfyui.report").load_report(patcher)
+        assert f"(FLUX.2 [{case.split()[0]}])" in report.source
+
+    assert_same_latents(sample_against_unet_loader(host, load_bnb_flux(name, "nf4", False), name, cfg, steps=2,
+                                                   check=check))
 
 
 def test_chroma_fp8mixed_file_samples_like_unet_loader(host):
@@ -80,12 +73,9 @@ def test_chroma_fp8mixed_file_samples_like_unet_loader(host):
     name = write(host, "tiny_chroma_fp8mixed.safetensors",
                  comfy_quant_linears(sd, sorted(chroma_quantized_linears(CHROMA)), "float8_e4m3fn")[0])
     del sd
-    # one model at a time (each is ~0.6 B parameters in float32)
-    out = host.run(sampling_graph({"q": load_bnb_flux(name, "nf4", False)}, ["q", 0], key="q", steps=1,
-                                  pooled_dim=0))
-    assert quantized_layers(host, "q") == chroma_quantized_linears(CHROMA)
-    host.free_models()
-    out.update(host.run(sampling_graph({"ref": unet_loader(name)}, ["ref", 0], key="ref", steps=1, pooled_dim=0)))
-    host.free_models()
-    assert torch.isfinite(out["q"]).all() and out["q"].abs().max() > 0
-    assert rel_err(out["q"], out["ref"]) < 1e-6
+
+    def check(patcher):
+        assert quantized_layer_names(patcher, host) == chroma_quantized_linears(CHROMA)
+
+    assert_same_latents(sample_against_unet_loader(host, load_bnb_flux(name, "nf4", False), name, CHROMA, steps=1,
+                                                   check=check))
