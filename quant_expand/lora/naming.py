@@ -33,25 +33,25 @@ def _slice_target(module: str, part: Optional[str], modules: dict[str, tuple[int
     return LoraTarget(module, start, rows)
 
 
-def _target(found: tuple[str, Optional[str]], modules: dict[str, tuple[int, int]], model: Family) -> LoraTarget:
+def _target(found: tuple[str, Optional[str]], modules: dict[str, tuple[int, int]], family: Family) -> LoraTarget:
     """The BFL target of a diffusers name the family's table read as ``found`` (BFL Linear, row slice)."""
     module, part = found
     if part is None:
-        return LoraTarget(module, swap_halves=module in model.diffusers.swapped)
+        return LoraTarget(module, swap_halves=module in family.diffusers.swapped)
     return _slice_target(module, part, modules)
 
 
-def _diffusers_target(name: str, modules: dict[str, tuple[int, int]], model: Family) -> Optional[LoraTarget]:
+def _diffusers_target(name: str, modules: dict[str, tuple[int, int]], family: Family) -> Optional[LoraTarget]:
     """BFL target of a diffusers Linear name (no prefix, no suffix); None if the name is not one of the
     family's Linears."""
-    found = model.diffusers.linear_of(name)
-    return None if found is None else _target(found, modules, model)
+    found = family.diffusers.linear_of(name)
+    return None if found is None else _target(found, modules, family)
 
 
 def diffusers_linear_map(modules: dict[str, tuple[int, int]]) -> dict[str, LoraTarget]:
     """Every diffusers Linear name of this model (its family's names) -> its BFL target (module, rows, order)."""
-    model = family_of_linears(modules)
-    return {d: _target(found, modules, model) for d, found in model.diffusers.linear_names(modules).items()}
+    family = family_of_linears(modules)
+    return {d: _target(found, modules, family) for d, found in family.diffusers.linear_names(modules).items()}
 
 
 def norm_scale_keys(modules: dict[str, tuple[int, int]]) -> list[str]:
@@ -88,7 +88,7 @@ def _kohya_guess(underscored: str) -> str:
     return name
 
 
-# family -> [(key suffix, role)], longest suffixes first where one ends another
+# LoRA key format -> [(key suffix, role)], longest suffixes first where one ends another
 _SUFFIXES = {
     "bfl": [(".lora_A.weight", "down"), (".lora_B.weight", "up"), (".lora_B.bias", "bias"), (".alpha", "alpha"),
             ("_norm.scale", "norm")],
@@ -127,7 +127,7 @@ def _strip_diffusers_prefix(key: str) -> Optional[str]:
     return rest if rest.startswith(_DIFFUSERS_ROOTS) else None
 
 
-def _family_of(key: str) -> Optional[str]:
+def _format_of(key: str) -> Optional[str]:
     if key.startswith("lora_unet_"):
         return "kohya"
     diffusers, bfl = _strip_diffusers_prefix(key) is not None, _strip_bfl_prefix(key) is not None
@@ -164,16 +164,16 @@ def preview_keys(keys, n: int = 3) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def detect_lora_format(name: str, keys, model: Family) -> tuple[str, list[str]]:
+def detect_lora_format(name: str, keys, family: Family) -> tuple[str, list[str]]:
     """(format, text-encoder keys) of a file's keys; raises LoraFormatError for anything not a FLUX LoRA
-    (naming ``model``'s family, the model the LoRA is for)."""
+    (naming ``family``, the family of the model the LoRA is for)."""
     keys = list(keys)
     te_keys = [k for k in keys if k.startswith(_TEXT_ENCODER_PREFIXES)]
     model_keys = [k for k in keys if not k.startswith(_TEXT_ENCODER_PREFIXES)]
     sd_keys = [k for k in model_keys if any(m in k for m in _SD_UNET_MARKERS)]
     if sd_keys:
         raise LoraFormatError(f"{name}: not a FLUX LoRA (keys look like SDXL/SD1 UNet: {preview_keys(sd_keys)}); "
-                              f"use a LoRA made for {model.title}")
+                              f"use a LoRA made for {family.title}")
     if any(k.startswith("lora_transformer_") for k in model_keys):
         raise LoraFormatError(f"{name}: OneTrainer key names (lora_transformer_...) are not supported; "
                               f"save the LoRA from OneTrainer in diffusers or kohya format")
@@ -181,39 +181,40 @@ def detect_lora_format(name: str, keys, model: Family) -> tuple[str, list[str]]:
         detail = f"only text-encoder keys: {preview_keys(te_keys)}" if te_keys else "the file has no tensors"
         raise LoraFormatError(f"{name}: no LoRA for the FLUX diffusion model ({detail}); "
                               f"this loader applies LoRAs to the diffusion model only")
-    families = {k: _family_of(k) for k in model_keys}
-    found = sorted({f for f in families.values() if f not in (None, _EITHER)})
-    if not found and _EITHER in families.values():
-        found = [_shared_roots_format(k for k, f in families.items() if f == _EITHER)]
+    formats = {k: _format_of(k) for k in model_keys}
+    found = sorted({f for f in formats.values() if f not in (None, _EITHER)})
+    if not found and _EITHER in formats.values():
+        found = [_shared_roots_format(k for k, f in formats.items() if f == _EITHER)]
     if not found:
-        raise LoraFormatError(f"{name}: not a FLUX LoRA (no key names a {model.title} layer: "
-                              f"{preview_keys(model_keys)}); use a LoRA made for {model.title}")
+        raise LoraFormatError(f"{name}: not a FLUX LoRA (no key names a {family.title} layer: "
+                              f"{preview_keys(model_keys)}); use a LoRA made for {family.title}")
     if len(found) > 1:
-        examples = "; ".join(f"{f}: {next(k for k, g in families.items() if g == f)}" for f in found)
+        examples = "; ".join(f"{f}: {next(k for k, g in formats.items() if g == f)}" for f in found)
         raise LoraFormatError(f"{name}: mixes LoRA key formats ({examples}); "
                               f"re-save it in one format (BFL, diffusers or kohya)")
-    family = found[0]
-    strays = [k for k, f in families.items() if f is None or (f == _EITHER and family not in ("bfl", "diffusers"))]
+    lora_format = found[0]
+    strays = [k for k, f in formats.items()
+              if f is None or (f == _EITHER and lora_format not in ("bfl", "diffusers"))]
     if strays:
-        raise LoraFormatError(f"{name}: keys that name no {model.title} layer: {preview_keys(strays)}; "
+        raise LoraFormatError(f"{name}: keys that name no {family.title} layer: {preview_keys(strays)}; "
                               f"the file may be damaged or made for another model")
-    if family == "bfl" and any(k.endswith(_COMFY_ONLY) for k in model_keys):
-        family = "comfy"
-    return family, te_keys
+    if lora_format == "bfl" and any(k.endswith(_COMFY_ONLY) for k in model_keys):
+        lora_format = "comfy"
+    return lora_format, te_keys
 
 
-def module_and_role(key: str, family: str) -> Optional[tuple[str, str]]:
+def module_and_role(key: str, lora_format: str) -> Optional[tuple[str, str]]:
     """(module name in the file's own spelling, role) of one key; None if the suffix is not understood."""
-    if family == "kohya":
+    if lora_format == "kohya":
         stem = key[len("lora_unet_"):]
-    elif family == "diffusers":
+    elif lora_format == "diffusers":
         stem = _strip_diffusers_prefix(key)
     else:
         stem = _strip_bfl_prefix(key)
-    for suffix, role in _SUFFIXES[family]:
+    for suffix, role in _SUFFIXES[lora_format]:
         if stem.endswith(suffix):
             module = stem[: -len(suffix)]
-            if role == "norm" and family != "diffusers":
+            if role == "norm" and lora_format != "diffusers":
                 module = module + "_norm.scale"  # the BFL key of the norm scale
             return module, role
     return None
@@ -231,32 +232,33 @@ def targets_kohya(modules_in_file, modules) -> dict[str, LoraTarget]:
 def targets_diffusers(modules_in_file, modules, name) -> dict[str, LoraTarget]:
     """The targets of diffusers names, read with the diffusers names of the family ``modules`` (the
     model's Linears) is."""
-    model = family_of_linears(modules)
+    family = family_of_linears(modules)
     out = {}
     for m in modules_in_file:
-        target = _diffusers_target(m, modules, model)
+        target = _diffusers_target(m, modules, family)
         if target is None:
-            raise LoraFormatError(f"{name}: {m} is not a {model.title} diffusers layer name; "
-                                  f"the LoRA was made for another model: use a LoRA made for {model.title}")
+            raise LoraFormatError(f"{name}: {m} is not a {family.title} diffusers layer name; "
+                                  f"the LoRA was made for another model: use a LoRA made for {family.title}")
         out[m] = target
     return out
 
 
-def targets_of(family: str, modules_in_file, modules, name) -> dict[str, LoraTarget]:
-    """The BFL targets of a file's modules (``family``: its format) on a model with the Linears ``modules``."""
-    if family == "kohya":
+def targets_of(lora_format: str, modules_in_file, modules, name) -> dict[str, LoraTarget]:
+    """The BFL targets of a file's modules (``lora_format``: the file's key format) on a model with the
+    Linears ``modules``."""
+    if lora_format == "kohya":
         return targets_kohya(modules_in_file, modules)
-    if family == "diffusers":
+    if lora_format == "diffusers":
         return targets_diffusers(modules_in_file, modules, name)
     return targets_bfl(modules_in_file)
 
 
-def norm_key(module: str, family: str, name: str, model: Family) -> str:
+def norm_key(module: str, lora_format: str, name: str, family: Family) -> str:
     """The BFL key of a norm scale a LoRA sets (``module`` in the file's spelling; diffusers names read
-    with ``model``'s table)."""
-    if family != "diffusers":
+    with ``family``'s table)."""
+    if lora_format != "diffusers":
         return module
-    key = model.diffusers.tensor_of(f"{module}.weight")
+    key = family.diffusers.tensor_of(f"{module}.weight")
     if key is None:
         raise LoraFormatError(f"{name}: {module}.weight is a full weight, not a LoRA; "
                               f"only QK-norm scales may ship as full tensors in a FLUX LoRA")

@@ -39,15 +39,15 @@ def parse_lora(tensors, name: str, modules: dict[str, tuple[int, int]]) -> Parse
     The file is checked in the order a user fixes it: format, targets, shapes, magnitudes, norms.
     """
     keys = list(tensors.keys())
-    model = family_of_linears(modules)
-    family, te_keys = detect_lora_format(name, keys, model)
-    groups = _KeyGroups.read(tensors, name, keys, family, set(te_keys), model)
-    targets = targets_of(family, groups.layers, modules, name)
+    family = family_of_linears(modules)
+    lora_format, te_keys = detect_lora_format(name, keys, family)
+    groups = _KeyGroups.read(tensors, name, keys, lora_format, set(te_keys), family)
+    targets = targets_of(lora_format, groups.layers, modules, name)
     check_missing(name, sorted({t.module for t in targets.values() if t.module not in modules}))
     check_missing(name, sorted(set(groups.reshapes) - set(modules)))
     check_missing(name, sorted(set(groups.norms) - set(norm_scale_keys(modules))))
 
-    out = _Canonical(name, family, modules, model, peft_scaling(getattr(tensors, "metadata", None), name))
+    out = _Canonical(name, lora_format, modules, family, peft_scaling(getattr(tensors, "metadata", None), name))
     for module, group in groups.layers.items():
         out.add_layer(module, group, targets[module])
     for module, (key, value) in groups.reshapes.items():
@@ -67,18 +67,19 @@ class _KeyGroups:
         self.reshapes: dict[str, tuple[str, torch.Tensor]] = {}
 
     @classmethod
-    def read(cls, tensors, name: str, keys: list[str], family: str, te_keys: set[str], model: Family) -> "_KeyGroups":
+    def read(cls, tensors, name: str, keys: list[str], lora_format: str, te_keys: set[str],
+             family: Family) -> "_KeyGroups":
         groups, unknown = cls(), []
         for key in keys:
             if key in te_keys:
                 continue
-            parsed = None if other_adapter(key) else module_and_role(key, family)
+            parsed = None if other_adapter(key) else module_and_role(key, lora_format)
             if parsed is None:
                 unknown.append(key)
                 continue
             module, role = parsed
             if role == "norm":
-                norm = norm_key(module, family, name, model)
+                norm = norm_key(module, lora_format, name, family)
                 if norm in groups.norms:
                     raise LoraFormatError(f"{name}: {groups.norms[norm][0]} and {key} both set {norm}; "
                                           f"re-save the LoRA in one format")
@@ -103,8 +104,9 @@ class _KeyGroups:
 class _Canonical:
     """The canonical form of one file, built group by group, each checked against the model's ``modules``."""
 
-    def __init__(self, name: str, family: str, modules: dict[str, tuple[int, int]], model: Family, config):
-        self.name, self.family, self.modules, self.model, self.config = name, family, modules, model, config
+    def __init__(self, name: str, lora_format: str, modules: dict[str, tuple[int, int]], family: Family, config):
+        self.name, self.lora_format, self.modules, self.family = name, lora_format, modules, family
+        self.config = config
         self.layers: list[LoraLayer] = []
         self.bias_diffs: dict[str, torch.Tensor] = {}
         self.widened: dict[str, int] = {}
@@ -116,26 +118,28 @@ class _Canonical:
             self.widened[module] = max(width, self.widened.get(module, 0))
 
     def add_layer(self, module: str, group: dict, target):
-        name, family = self.name, self.family
-        source = "" if family in ("bfl", "comfy") else (module if family == "diffusers" else "lora_unet_" + module)
+        name, lora_format = self.name, self.lora_format
+        source = ("" if lora_format in ("bfl", "comfy") else module if lora_format == "diffusers"
+                  else "lora_unet_" + module)
         what = layer_name(target, source)
         rows = self.modules[target.module][0] if target.rows is None else target.rows
         if "down" not in group and "up" not in group:
-            if family == "comfy" and set(group) == {"bias"}:
-                check_vector(name, what, group["bias"], rows, self.model.title)
+            if lora_format == "comfy" and set(group) == {"bias"}:
+                check_vector(name, what, group["bias"], rows, self.family.title)
                 self.bias_diffs[target.module] = group["bias"][1]
                 return
             present = ", ".join(k for k, _ in group.values())
             raise LoraFormatError(f"{name}: {what} has {present} but no lora_A/lora_B (lora_down/lora_up) pair; "
                                   f"the file is incomplete: download it again")
         down, up = self._factors(what, group, rows)
-        self._widen(target.module, check_inputs(name, what, target.module, down.shape[1], self.modules, self.model.title))
+        self._widen(target.module, check_inputs(name, what, target.module, down.shape[1], self.modules,
+                                                self.family.title))
         alpha = self._alpha(module, group, down.shape[0])
         scale = 1.0 if alpha is None else alpha / down.shape[0]
         check_magnitude(name, what, down, up, scale)
         bias = None
         if "bias" in group:
-            check_vector(name, what, group["bias"], rows, self.model.title)
+            check_vector(name, what, group["bias"], rows, self.family.title)
             bias_key, bias = group["bias"]
             if not bias_key.endswith(".diff_b") and scale != 1.0:
                 bias = bias * scale  # PEFT: lora_B's output, its bias included, times alpha / r
@@ -168,7 +172,7 @@ class _Canonical:
                                   f"rank of {up_key} ({up.shape[1]}); the file is damaged: download it again")
         if up.shape[0] != rows:
             raise LoraFormatError(f"{name}: lora for {what} has {up.shape[0]} outputs, model has {rows}; "
-                                  f"use a LoRA made for this {self.model.title} model")
+                                  f"use a LoRA made for this {self.family.title} model")
         return down, up
 
     def _alpha(self, module: str, group: dict, rank: int) -> Optional[float]:
@@ -198,7 +202,7 @@ class _Canonical:
             raise LoraFormatError(f"{name}: {key} asks for img_in shape {shape}, model's img_in has "
                                   f"{self.modules['img_in'][0]} outputs; use a Control LoRA made for this FLUX.1 model")
         self._widen("img_in", check_inputs(name, "img_in (reshape_weight)", "img_in", shape[1], self.modules,
-                                           self.model.title))
+                                           self.family.title))
 
     def add_norm_set(self, key: str, file_key: str, value: torch.Tensor):
         if tuple(value.shape) != (HEAD_DIM,):
@@ -217,7 +221,7 @@ class _Canonical:
                           f"{' (rsLoRA)' if config.use_rslora else ''}"
                           f"{' with alpha_pattern' if config.alpha_pattern else ''}: scale {scales}")
         norm_sets = {k: self.norm_sets[k] for k in sorted(self.norm_sets, key=_norm_order(self.modules))}
-        return ParsedLora(name=self.name, source_format=self.family, layers=self.layers, norm_sets=norm_sets,
+        return ParsedLora(name=self.name, source_format=self.lora_format, layers=self.layers, norm_sets=norm_sets,
                           widened=self.widened, bias_diffs=self.bias_diffs, text_encoder_keys=te_keys,
                           alpha_note=alpha_note)
 
